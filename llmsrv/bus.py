@@ -1,0 +1,234 @@
+"""The NATS bridge: the only module that touches nats-py and trio-asyncio.
+
+Theory of operation
+-------------------
+nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside trio, but every
+``aio_as_trio`` crossing costs ~40 us, so the hot path never crosses per message:
+
+* inbound: a subscription callback (asyncio side) calls a plain sync handler and returns at
+  once; handlers only do ``trio.MemorySendChannel.send_nowait`` or other non-blocking work
+  (same thread, so this is safe). nats-py delivers callback messages in order, one at a time.
+* outbound: trio code calls ``publish_nowait`` which is ``asyncio.Queue.put_nowait`` (no
+  crossing); one asyncio "pump" task drains the queue into ``nc.publish``, which only appends
+  to nats-py's write buffer. ``flush()`` waits until everything queued so far is handed over.
+* connection events (disconnect, reconnect, errors) are logged; nats-py restores every
+  subscription, queue groups included, after a reconnect. An asyncio exception handler is
+  installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
+
+Secrets (passwords, tokens, credentials in URLs) are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import nats
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.subscription import Subscription
+from trio_asyncio import aio_as_trio
+
+from .config import NatsConfig
+
+log = logging.getLogger("llmsrv.bus")
+
+
+class Incoming(Protocol):
+    """What handlers see of a NATS message (nats-py's ``Msg`` has these attributes)."""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
+
+Handler = Callable[[Incoming], None]
+
+
+class BusError(Exception):
+    """The NATS connection could not be made or used (message is safe to log)."""
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _connect_options(cfg: NatsConfig, url: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "servers": [url],
+        "name": cfg.name,
+        "connect_timeout": cfg.connect_timeout_s,
+        "reconnect_time_wait": cfg.reconnect_time_wait_s,
+        "max_reconnect_attempts": cfg.max_reconnect_attempts,
+        "allow_reconnect": True,
+    }
+    if cfg.user is not None:
+        opts["user"] = cfg.user
+        opts["password"] = cfg.password or ""
+    if cfg.token is not None:
+        opts["token"] = cfg.token
+    if cfg.creds_file is not None:
+        opts["user_credentials"] = cfg.creds_file
+    if cfg.nkey_seed_file is not None:
+        opts["nkeys_seed"] = cfg.nkey_seed_file
+    if cfg.tls_ca_file or cfg.tls_cert_file or url.startswith("tls://"):
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca_file)
+        if cfg.tls_cert_file:
+            ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+        opts["tls"] = ctx
+    return opts
+
+
+class Bus:
+    def __init__(self, nc: NatsClient, url: str) -> None:
+        self._nc = nc
+        self.url = url
+        self._queue: asyncio.Queue[tuple[str, bytes, str, dict[str, str] | None] | asyncio.Future[None]]
+        self._queue = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+        self.reconnects = 0
+        self.closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, cfg: NatsConfig, url: str) -> AsyncIterator[Bus]:
+        """Connect and yield a ``Bus``; opens a trio-asyncio loop if none is running."""
+        if trio_asyncio.current_loop.get() is None:
+            async with trio_asyncio.open_loop():
+                async with cls.connect(cfg, url) as bus:
+                    yield bus
+            return
+        loop = asyncio.get_event_loop()
+        loop.set_exception_handler(_asyncio_exception_handler)
+        holder: list[Bus] = []
+        callbacks = _callbacks(holder, url)
+        try:
+            nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
+        except Exception as exc:  # nats raises many kinds (OSError, NoServersError, auth ...)
+            raise BusError(f"cannot connect to NATS at {redact_url(url)}: "
+                           f"{type(exc).__name__}: {exc}") from None
+        bus = cls(nc, url)
+        holder.append(bus)
+        bus._pump = loop.create_task(bus._pump_loop())
+        log.info("connected to NATS at %s", redact_url(url))
+        try:
+            yield bus
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await bus._close()
+
+    async def _close(self) -> None:
+        self.closing = True
+        try:
+            await self.flush()
+        except Exception as exc:  # closing anyway
+            log.warning("flush before close failed: %s", exc)
+        if self._pump is not None:
+            self._pump.cancel()
+        if not self._nc.is_closed:
+            try:
+                await aio_as_trio(self._nc.drain)()
+            except Exception as exc:
+                log.warning("NATS drain failed (%s); closing", type(exc).__name__)
+                await aio_as_trio(self._nc.close)()
+
+    # ---- inbound ---------------------------------------------------------------------------
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
+        async def _cb(msg: Any) -> None:
+            handler(msg)
+
+        sub: Subscription = await aio_as_trio(self._nc.subscribe)(subject, queue=queue, cb=_cb)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        try:
+            await aio_as_trio(sub.unsubscribe)()
+        except Exception as exc:  # already closed or connection gone: nothing left to stop
+            log.debug("unsubscribe %s: %s", sub.subject, exc)
+
+    # ---- outbound --------------------------------------------------------------------------
+
+    def publish_nowait(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                       reply: str = "") -> None:
+        """Queue a message for the pump; never blocks, never crosses into asyncio."""
+        self._queue.put_nowait((subject, data, reply, headers))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written to the server."""
+        marker: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        self._queue.put_nowait(marker)
+        await aio_as_trio(_wait_future)(marker)
+        if self._nc.is_connected:
+            await aio_as_trio(self._nc.flush)()
+
+    async def _pump_loop(self) -> None:
+        queue, nc = self._queue, self._nc
+        while True:
+            item = await queue.get()
+            while True:
+                if isinstance(item, asyncio.Future):
+                    if not item.done():
+                        item.set_result(None)
+                else:
+                    subject, data, reply, headers = item
+                    try:
+                        await nc.publish(subject, data, reply=reply, headers=headers)
+                    except Exception as exc:
+                        log.error("publish to %s failed: %s: %s", subject, type(exc).__name__, exc)
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    def new_inbox(self) -> str:
+        inbox: str = self._nc.new_inbox()
+        return inbox
+
+
+async def _wait_future(fut: asyncio.Future[None]) -> None:
+    await fut
+
+
+def _asyncio_exception_handler(loop: Any, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    log.error("asyncio: %s%s", context.get("message", "unhandled error"),
+              f" ({type(exc).__name__}: {exc})" if exc else "")
+
+
+def _callbacks(holder: list[Bus], url: str) -> dict[str, Any]:
+    where = redact_url(url)
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("NATS error: %s: %s", type(exc).__name__, exc)
+
+    async def disconnected_cb() -> None:
+        if holder and holder[0].closing:
+            return
+        log.warning("disconnected from NATS at %s; reconnecting", where)
+
+    async def reconnected_cb() -> None:
+        if holder:
+            holder[0].reconnects += 1
+        log.warning("reconnected to NATS at %s; subscriptions restored", where)
+
+    async def closed_cb() -> None:
+        log.info("NATS connection closed")
+
+    return {"error_cb": error_cb, "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb, "closed_cb": closed_cb}

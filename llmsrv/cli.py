@@ -1,0 +1,182 @@
+"""Command line: argument parsing and start-up only (CONTRACT section 7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+import trio_asyncio
+
+from . import __version__
+from .bus import Bus, BusError, redact_url
+from .client import Client, ReplyError
+from .config import Config, ConfigError, load_config, with_overrides
+from .errors import LlmsrvError
+from .messages import StreamChunk
+from .natsserver import NatsServer, free_port
+from .providers import PROVIDER_KEYS
+from .service import Service, build_providers
+
+log = logging.getLogger("llmsrv")
+DEFAULT_CLIENT_URL = "nats://127.0.0.1:4222"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmsrv", description="LLM requests over NATS, answered predictably.")
+    p.add_argument("--version", action="version", version=f"llmsrv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML config file (default: $LLMSRV_CONFIG)")
+    serve.add_argument("--nats-url", help="NATS URL (default: config, $LLMSRV_NATS_URL, else embedded)")
+
+    ask = sub.add_parser("ask", help="send one request and print the reply")
+    ask.add_argument("prompt")
+    ask.add_argument("--model", default="auto")
+    ask.add_argument("--stream", action="store_true", help="print chunks as they arrive")
+    ask.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    ask.add_argument("--nats-url")
+    ask.add_argument("--config")
+    ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+
+    check = sub.add_parser("check", help="validate the config and print provider credential status")
+    check.add_argument("--config")
+
+    status = sub.add_parser("status", help="ask a running instance for its health document")
+    status.add_argument("--nats-url")
+    status.add_argument("--config")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if getattr(args, "nats_url", None):
+            cfg = with_overrides(cfg, nats={"url": args.nats_url})
+    except ConfigError as exc:
+        print(f"llmsrv: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.server.log_level if args.command == "serve" else "warning")
+    try:
+        if args.command == "serve":
+            return _serve(cfg)
+        if args.command == "check":
+            return _check(cfg)
+        url = cfg.nats.url or DEFAULT_CLIENT_URL
+        if args.command == "ask":
+            return trio.run(_ask, cfg, url, args)
+        return trio.run(_status, cfg, url)
+    except BusError as exc:
+        print(f"llmsrv: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---- serve ---------------------------------------------------------------------------------
+
+def _serve(cfg: Config) -> int:
+    embedded = None
+    url = cfg.nats.url
+    if url is None:
+        embedded = NatsServer(port=free_port(preferred=4222)).start()
+        url = embedded.url
+        print(f"llmsrv: embedded nats-server listening on {url}", flush=True)
+    try:
+        trio.run(_serve_async, cfg, url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _serve_async(cfg: Config, url: str) -> None:
+    async with trio_asyncio.open_loop(), Bus.connect(cfg.nats, url) as bus:
+        service = Service(cfg, bus)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
+            await nursery.start(service.run)
+            print(f"llmsrv: ready on {redact_url(url)} subject {service.subject_request}", flush=True)
+            await service.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(service: Service, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not service.draining:
+                log.info("%s: draining (again to stop at once)", signal.Signals(signum).name)
+                service.shutdown()
+            else:
+                log.warning("%s again: stopping now", signal.Signals(signum).name)
+                scope.cancel()
+
+
+# ---- clients -------------------------------------------------------------------------------
+
+async def _ask(cfg: Config, url: str, args: argparse.Namespace) -> int:
+    request = {"messages": [{"role": "user", "content": args.prompt}], "model": args.model}
+
+    def on_chunk(chunk: StreamChunk) -> None:
+        print(chunk.delta, end="", flush=True)
+
+    async with Client.connect(url, cfg.nats.subject_prefix, cfg.nats) as client:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_sigint, scope)
+                try:
+                    if args.stream:
+                        reply = await client.stream(request, on_chunk, timeout_s=args.timeout)
+                        print()
+                    else:
+                        reply = await client.complete(request, timeout_s=args.timeout)
+                except (ReplyError, LlmsrvError) as exc:
+                    print(f"llmsrv: {exc.error_code}: {exc.message}", file=sys.stderr)
+                    return 1
+                finally:
+                    nursery.cancel_scope.cancel()
+            if args.json:
+                print(json.dumps({f: getattr(reply, f) for f in ("text", "model", "tokens_used",
+                                  "correlation_id", "finish_reason")}))
+            elif not args.stream:
+                print(reply.text)
+            return 0
+    print("llmsrv: cancelled (llm.cancel sent)", file=sys.stderr)
+    return 130
+
+
+async def _cancel_on_sigint(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+async def _status(cfg: Config, url: str) -> int:
+    async with Client.connect(url, cfg.nats.subject_prefix, cfg.nats) as client:
+        print(json.dumps(await client.request_json("health"), indent=2))
+    return 0
+
+
+# ---- check ---------------------------------------------------------------------------------
+
+def _check(cfg: Config) -> int:
+    providers = build_providers(cfg)
+    print("config: ok")
+    for key in PROVIDER_KEYS:
+        provider = providers.get(key)
+        if provider is None:
+            print(f"{key:14} missing   (not implemented in llmsrv {__version__})")
+            continue
+        status = provider.status()
+        print(f"{key:14} {'available' if status.available else 'missing':9} {status.reason or ''}".rstrip())
+    return 0

@@ -1,0 +1,131 @@
+"""A small trio client for llmsrv, used by ``llmsrv ask`` and the tests.
+
+Cancellation is predictable end to end: when the caller's cancel scope cancels ``complete()`` or
+``stream()`` (a timeout, Ctrl-C, a sibling failing), the client publishes ``llm.cancel`` for the
+request before re-raising, so the server stops the provider call too.
+
+Replies arrive on one wildcard inbox subscription per client and are dispatched to the waiting
+call by token, so a call costs no subscription of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import trio
+
+from . import errors, messages
+from .bus import Bus, Incoming
+from .config import NatsConfig
+from .messages import LLMResponse, StreamChunk
+
+_response_decoder = msgspec.json.Decoder(LLMResponse)
+_chunk_decoder = msgspec.json.Decoder(StreamChunk)
+LOCAL_GRACE_S = 5.0  # how long past the request deadline we wait for the server's own TIMEOUT
+
+
+class NoResponders(errors.LlmsrvError):
+    error_code = "NO_RESPONDERS"
+    status = 503
+
+
+class ReplyError(errors.LlmsrvError):
+    """Raised by the client for an error reply; ``error_code`` is the server's."""
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        super().__init__(str(body.get("error", "")), retry_after_ms=body.get("retry_after_ms"))
+        self.error_code = str(body.get("error_code", "INTERNAL_ERROR"))
+        self.correlation_id = str(body.get("correlation_id", ""))
+        self.body = dict(body)
+
+
+class Client:
+    def __init__(self, bus: Bus, subject_prefix: str = "llm") -> None:
+        self.bus = bus
+        self.prefix = subject_prefix
+        self._inbox = ""
+        self._tokens = itertools.count()
+        self._waiters: dict[str, trio.MemorySendChannel[Incoming]] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, subject_prefix: str = "llm",
+                      nats: NatsConfig | None = None) -> AsyncIterator[Client]:
+        async with Bus.connect(nats or NatsConfig(name="llmsrv-client"), url) as bus:
+            client = cls(bus, subject_prefix)
+            client._inbox = bus.new_inbox()
+            await bus.subscribe(client._inbox + ".*", client._dispatch)
+            await bus.flush()
+            yield client
+
+    def _dispatch(self, msg: Incoming) -> None:
+        waiter = self._waiters.get(msg.subject.rpartition(".")[2])
+        if waiter is not None:
+            waiter.send_nowait(msg)
+
+    async def complete(self, request: Mapping[str, Any], *, timeout_s: float | None = None) -> LLMResponse:
+        """Send one request and return its reply; an error reply raises ``ReplyError``."""
+        return await self._exchange(request, timeout_s, None)
+
+    async def stream(self, request: Mapping[str, Any], on_chunk: Callable[[StreamChunk], None],
+                     *, timeout_s: float | None = None) -> LLMResponse:
+        """Like ``complete`` with ``stream: true``; ``on_chunk`` sees every chunk in order."""
+        return await self._exchange({**request, "stream": True}, timeout_s, on_chunk)
+
+    async def _exchange(self, request: Mapping[str, Any], timeout_s: float | None,
+                        on_chunk: Callable[[StreamChunk], None] | None) -> LLMResponse:
+        body = dict(request)
+        cid = body.setdefault("correlation_id", messages.new_correlation_id())
+        if timeout_s is not None:
+            body.setdefault("timeout_ms", max(1, round(timeout_s * 1000)))
+        wait_s = body.get("timeout_ms", 30000) / 1000 + LOCAL_GRACE_S
+        token = str(next(self._tokens))
+        send, recv = trio.open_memory_channel[Incoming](math.inf)
+        self._waiters[token] = send
+        try:
+            self.bus.publish_nowait(f"{self.prefix}.request", messages.encode(body),
+                                    reply=f"{self._inbox}.{token}")
+            with trio.fail_after(wait_s):
+                while True:
+                    msg = await recv.receive()
+                    headers = msg.headers or {}
+                    if headers.get("Status") == "503":
+                        raise NoResponders(f"no llmsrv instance listens on {self.prefix}.request")
+                    if headers.get("Llm-Stream") == "chunk":
+                        if on_chunk is not None:
+                            on_chunk(_chunk_decoder.decode(msg.data))
+                        continue
+                    if "Nats-Service-Error-Code" in headers:
+                        raise ReplyError(messages.decode_reply(msg.data))
+                    return _response_decoder.decode(msg.data)
+        except trio.TooSlowError:
+            self._cancel(cid)
+            raise errors.Timeout(f"no reply from llmsrv within {wait_s:.1f}s") from None
+        except trio.Cancelled:
+            self._cancel(cid)
+            raise
+        finally:
+            del self._waiters[token]
+
+    def _cancel(self, cid: str) -> None:
+        self.bus.publish_nowait(f"{self.prefix}.cancel", messages.encode({"correlation_id": cid}))
+
+    async def request_json(self, subject: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """A plain request/reply on ``<prefix>.<subject>`` (health, admin)."""
+        token = str(next(self._tokens))
+        send, recv = trio.open_memory_channel[Incoming](1)
+        self._waiters[token] = send
+        try:
+            self.bus.publish_nowait(f"{self.prefix}.{subject}", b"{}", reply=f"{self._inbox}.{token}")
+            with trio.fail_after(timeout_s):
+                msg = await recv.receive()
+            if (msg.headers or {}).get("Status") == "503":
+                raise NoResponders(f"no llmsrv instance listens on {self.prefix}.{subject}")
+            return messages.decode_reply(msg.data)
+        finally:
+            del self._waiters[token]

@@ -1,0 +1,241 @@
+"""Configuration: frozen msgspec structs, loaded once from TOML + environment.
+
+Order of precedence (last wins): built-in defaults < TOML file (``--config`` / ``LLMSRV_CONFIG``)
+< ``LLMSRV__SECTION__KEY=value`` environment overrides < ``LLMSRV_NATS_URL`` < CLI flags.
+Tables merge key by key, so ``[routing.matrix.general] simple = [...]`` replaces one cell of the
+default matrix, not the whole matrix. An invalid config raises ``ConfigError`` naming the key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the key path."""
+
+
+class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NatsConfig(_Frozen):
+    url: str | None = None  # None everywhere -> embedded nats-server
+    queue: Annotated[str, msgspec.Meta(min_length=1)] = "llmsrv"
+    subject_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "llm"
+    name: str = "llmsrv"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    reconnect_time_wait_s: NonNegFloat = 1.0
+    max_reconnect_attempts: int = -1  # -1: forever
+
+
+class ServerConfig(_Frozen):
+    max_inflight: PositiveInt = 10000
+    default_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 30000
+    max_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 600000
+    max_request_bytes: PositiveInt = 1048576
+    drain_grace_s: NonNegFloat = 10.0
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
+    http_host: str = "127.0.0.1"
+    stream_flush_ms: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 25
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ProviderConfig(_Frozen):
+    """Keys every provider takes (CONTRACT section 7)."""
+
+    base_url: str | None = None
+    api_key_env: str | None = None
+    rpm: str | None = None
+    tpm: str | None = None
+    max_concurrency: PositiveInt = 64
+    breaker_threshold: PositiveInt = 5
+    breaker_ttl_s: NonNegFloat = 30.0
+    timeout_ms: PositiveInt = 60000
+
+
+class MockConfig(ProviderConfig):
+    latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tokens_per_second: NonNegFloat = 0.0  # 0: the whole text at once
+    error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+
+
+class ProvidersConfig(_Frozen):
+    mock: MockConfig = MockConfig()
+    claude: ProviderConfig = ProviderConfig()
+    gemini: ProviderConfig = ProviderConfig()
+    codex: ProviderConfig = ProviderConfig()
+    copilot: ProviderConfig = ProviderConfig()
+    github: ProviderConfig = ProviderConfig()
+    jules: ProviderConfig = ProviderConfig()
+    cursor: ProviderConfig = ProviderConfig()
+    openrouter: ProviderConfig = ProviderConfig()
+    openai_compat: ProviderConfig = ProviderConfig()
+
+
+Cell = list[Annotated[str, msgspec.Meta(pattern=r"^[a-z_]+:.+$")]]
+
+
+class MatrixRow(_Frozen):
+    simple: Cell
+    medium: Cell
+    complex: Cell
+
+
+class Matrix(_Frozen):
+    general: MatrixRow
+    architect: MatrixRow
+    coder: MatrixRow
+    qa: MatrixRow
+
+
+class RoutingConfig(_Frozen, kw_only=True):
+    matrix: Matrix
+    aliases: dict[str, str] = {}
+
+
+class Config(_Frozen, kw_only=True):
+    nats: NatsConfig = NatsConfig()
+    server: ServerConfig = ServerConfig()
+    providers: ProvidersConfig = ProvidersConfig()
+    routing: RoutingConfig
+
+
+_G, _A, _C, _Q = "general", "architect", "coder", "qa"
+DEFAULTS: dict[str, Any] = {
+    "routing": {
+        # CONTRACT section 5, as data.
+        "matrix": {
+            _G: {
+                "simple": ["gemini:gemini-2.5-flash", "copilot:gpt-5-mini", "copilot:grok-code-fast-1",
+                           "codex:o3-mini", "cursor:auto"],
+                "medium": ["copilot:gpt-4o", "claude:sonnet", "gemini:gemini-2.5-pro", "codex:gpt-5-codex",
+                           "copilot:gpt-4.1", "cursor:auto"],
+                "complex": ["claude:sonnet", "codex:gpt-5-codex", "claude:opus", "copilot:gpt-4o",
+                            "gemini:gemini-2.5-pro", "copilot:gpt-4.1", "cursor:auto"],
+            },
+            _A: {
+                "simple": ["copilot:gpt-4o", "claude:sonnet", "openrouter:auto", "gemini:gemini-2.5-flash",
+                           "cursor:auto"],
+                "medium": ["copilot:gpt-4o", "claude:sonnet", "openrouter:auto", "codex:gpt-5-codex",
+                           "gemini:gemini-2.5-pro", "copilot:gpt-4.1", "cursor:auto"],
+                "complex": ["claude:opus", "openrouter:auto", "codex:gpt-5-codex", "claude:sonnet",
+                            "copilot:gpt-4o", "copilot:gpt-4.1", "cursor:auto"],
+            },
+            _C: {
+                "simple": ["copilot:gpt-5-mini", "copilot:grok-code-fast-1", "openrouter:auto",
+                           "gemini:gemini-2.5-flash", "codex:o3-mini", "cursor:auto"],
+                "medium": ["copilot:gpt-4o", "codex:gpt-5-codex", "openrouter:auto", "copilot:gpt-4.1",
+                           "claude:sonnet", "cursor:auto"],
+                "complex": ["codex:gpt-5-codex", "claude:opus", "copilot:gpt-4o", "openrouter:auto",
+                            "claude:sonnet", "cursor:auto"],
+            },
+            _Q: {
+                "simple": ["copilot:gpt-4o", "gemini:gemini-2.5-flash", "claude:sonnet", "cursor:auto"],
+                "medium": ["copilot:gpt-4o", "claude:sonnet", "gemini:gemini-2.5-pro", "copilot:gpt-4.1",
+                           "cursor:auto"],
+                "complex": ["claude:sonnet", "codex:gpt-5-codex", "copilot:gpt-4o", "claude:opus",
+                            "copilot:gpt-4.1", "cursor:auto"],
+            },
+        },
+        "aliases": {"sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-1", "haiku": "claude-haiku-4-5"},
+    },
+}
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``LLMSRV__SERVER__MAX_INFLIGHT=50`` -> ``{"server": {"max_inflight": 50}}``.
+
+    The value is read as a TOML value when it parses as one (numbers, booleans, arrays), else as
+    a plain string.
+    """
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith("LLMSRV__"):
+            continue
+        path = [p.lower() for p in name[len("LLMSRV__"):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    head, sep, where = text.rpartition(" - at `$")
+    if not sep:
+        return f"invalid config: {text}"
+    key = where.rstrip("`").lstrip(".")
+    return f"invalid config at `{key or '(top level)'}`: {head}"
+
+
+def build_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Validate ``data`` (as read from TOML) on top of the defaults and env overrides."""
+    env = os.environ if env is None else env
+    merged = _merge(copy.deepcopy(DEFAULTS), data)
+    merged = _merge(merged, _env_overrides(env))
+    if env.get("LLMSRV_NATS_URL"):
+        merged = _merge(merged, {"nats": {"url": env["LLMSRV_NATS_URL"]}})
+    try:
+        cfg = msgspec.convert(merged, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if cfg.server.default_timeout_ms > cfg.server.max_timeout_ms:
+        raise ConfigError("invalid config at `server.default_timeout_ms`: must not exceed "
+                          f"server.max_timeout_ms ({cfg.server.max_timeout_ms})")
+    return cfg
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    path = path or env.get("LLMSRV_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return build_config(data, env)
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with some keys replaced, validated again (used by CLI flags and tests)."""
+    data = msgspec.to_builtins(cfg)
+    return build_config(_merge(data, sections), env={})

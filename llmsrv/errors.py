@@ -1,0 +1,122 @@
+"""One exception tree for everything llmsrv answers with an error.
+
+    LlmsrvError                     error_code          Nats-Service-Error-Code
+    +-- RequestError                (the caller's fault, never retried, never a provider failure)
+    |   +-- InvalidJson             INVALID_JSON        400
+    |   +-- ValidationFailed        VALIDATION_ERROR    400
+    |   +-- InvalidTool             INVALID_TOOL        400
+    |   +-- PayloadTooLarge         PAYLOAD_TOO_LARGE   413
+    |   +-- ProviderNotFound        PROVIDER_NOT_FOUND  404
+    +-- MissingCredentials          MISSING_CREDENTIALS 401
+    +-- Cancelled                   CANCELLED           499
+    +-- RateLimited                 RATE_LIMITED        429
+    +-- CircuitOpen                 CIRCUIT_OPEN        503
+    +-- Overloaded                  OVERLOADED          503
+    +-- ShuttingDown                SHUTTING_DOWN       503
+    +-- ProviderError               PROVIDER_ERROR      502  (retryable upstream failure)
+    +-- Timeout                     TIMEOUT             504
+    +-- InternalError               INTERNAL_ERROR      500
+
+Each class carries a stable ``error_code`` and ``status``; the message is for humans and must
+never contain a secret. ``retry_after_ms`` is set where the contract asks for it.
+"""
+
+from __future__ import annotations
+
+
+class LlmsrvError(Exception):
+    error_code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class RequestError(LlmsrvError):
+    """The request itself is wrong; answering it again will not help."""
+
+    status = 400
+
+
+class InvalidJson(RequestError):
+    error_code = "INVALID_JSON"
+
+
+class ValidationFailed(RequestError):
+    error_code = "VALIDATION_ERROR"
+
+
+class InvalidTool(RequestError):
+    error_code = "INVALID_TOOL"
+
+
+class PayloadTooLarge(RequestError):
+    error_code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class ProviderNotFound(RequestError):
+    error_code = "PROVIDER_NOT_FOUND"
+    status = 404
+
+
+class MissingCredentials(LlmsrvError):
+    error_code = "MISSING_CREDENTIALS"
+    status = 401
+
+
+class Cancelled(LlmsrvError):
+    error_code = "CANCELLED"
+    status = 499
+
+
+class RateLimited(LlmsrvError):
+    error_code = "RATE_LIMITED"
+    status = 429
+
+
+class CircuitOpen(LlmsrvError):
+    error_code = "CIRCUIT_OPEN"
+    status = 503
+
+
+class Overloaded(LlmsrvError):
+    error_code = "OVERLOADED"
+    status = 503
+
+
+class ShuttingDown(LlmsrvError):
+    error_code = "SHUTTING_DOWN"
+    status = 503
+
+
+class ProviderError(LlmsrvError):
+    error_code = "PROVIDER_ERROR"
+    status = 502
+
+
+class Timeout(LlmsrvError):
+    error_code = "TIMEOUT"
+    status = 504
+
+
+class InternalError(LlmsrvError):
+    error_code = "INTERNAL_ERROR"
+    status = 500
+
+
+BY_CODE: dict[str, type[LlmsrvError]] = {
+    cls.error_code: cls
+    for cls in (
+        InvalidJson, ValidationFailed, InvalidTool, PayloadTooLarge, ProviderNotFound,
+        MissingCredentials, Cancelled, RateLimited, CircuitOpen, Overloaded, ShuttingDown,
+        ProviderError, Timeout, InternalError,
+    )
+}
+
+
+def from_code(code: str, message: str, retry_after_ms: int | None = None) -> LlmsrvError:
+    """Rebuild the exception a reply describes (used by the client API)."""
+    return BY_CODE.get(code, LlmsrvError)(message, retry_after_ms=retry_after_ms)

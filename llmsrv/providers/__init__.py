@@ -1,0 +1,53 @@
+"""Providers: one module per wire protocol behind the one-method ``Provider`` interface.
+
+A provider translates a ``Call`` into its upstream's protocol and back. It has no retry or
+timeout policy of its own: the caller owns the deadline through trio cancel scopes, and a
+provider call must stop (connection closed, subprocess gone) as soon as it is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from ..messages import Message, Tool, ToolCall, Usage
+
+PROVIDER_KEYS = ("claude", "gemini", "codex", "copilot", "github", "jules", "cursor",
+                 "openrouter", "openai_compat", "mock")
+
+
+class Call(msgspec.Struct, frozen=True, kw_only=True):
+    model: str  # the provider's own model id, without the "provider:" prefix
+    messages: Sequence[Message]
+    max_tokens: int
+    temperature: float
+    tools: Sequence[Tool] = ()
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    usage: Usage
+    finish_reason: str = "stop"
+    tool_calls: Sequence[ToolCall] = ()
+
+
+class ProviderStatus(msgspec.Struct, frozen=True):
+    available: bool
+    reason: str | None = None
+
+
+OnDelta = Callable[[str], None]
+
+
+class Provider(Protocol):
+    name: str
+
+    def status(self) -> ProviderStatus: ...
+
+    def has_model(self, model: str) -> bool: ...
+
+    async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
+        """Run one call. With ``on_delta`` the text is also reported piece by piece as it arrives."""
+        ...

@@ -1,0 +1,113 @@
+"""The mock provider: ``mock:echo`` and ``mock:lorem``, always available, no credentials.
+
+Latency, token rate and error rate come from ``[providers.mock]``. Every wait is a trio
+checkpoint, so a call is cancellable at any point; ``statistics()`` records what happened,
+including when the mock last saw itself cancelled (tests use it to time cancellation).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from ..config import MockConfig
+from ..errors import ProviderError, ProviderNotFound
+from ..messages import Usage
+from . import Call, Completion, OnDelta, ProviderStatus
+
+_LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
+          "incididunt ut labore et dolore magna aliqua").split()
+
+
+class MockStatistics(msgspec.Struct, frozen=True):
+    calls: int
+    completed: int
+    failed: int
+    cancelled: int
+    last_cancelled_at: float | None  # trio.current_time() when the last cancellation was seen
+
+
+@dataclass
+class _Counters:
+    calls: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    last_cancelled_at: float | None = None
+
+
+def _count_tokens(text: str) -> int:
+    return len(text.split())
+
+
+def reply_words(call: Call) -> list[str]:
+    """The reply as a list of tokens (words, each with its separator)."""
+    if call.model == "echo":
+        last = next((m.content for m in reversed(call.messages) if m.role == "user"),
+                    call.messages[-1].content)
+        words = last.split(" ")
+        return [w if i == 0 else " " + w for i, w in enumerate(words)]
+    return [("" if i == 0 else " ") + _LOREM[i % len(_LOREM)] for i in range(call.max_tokens)]
+
+
+class MockProvider:
+    name = "mock"
+    models = ("echo", "lorem")
+
+    def __init__(self, cfg: MockConfig, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self._rng = rng or random.Random()
+        self._n = _Counters()
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(available=True)
+
+    def has_model(self, model: str) -> bool:
+        return model in self.models
+
+    def statistics(self) -> MockStatistics:
+        n = self._n
+        return MockStatistics(n.calls, n.completed, n.failed, n.cancelled, n.last_cancelled_at)
+
+    async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
+        if call.model not in self.models:
+            raise ProviderNotFound(f"unknown mock model {call.model!r}; known: echo, lorem")
+        self._n.calls += 1
+        try:
+            completion = await self._run(call, on_delta)
+        except trio.Cancelled:
+            self._n.cancelled += 1
+            self._n.last_cancelled_at = trio.current_time()
+            raise
+        except ProviderError:
+            self._n.failed += 1
+            raise
+        self._n.completed += 1
+        return completion
+
+    async def _run(self, call: Call, on_delta: OnDelta | None) -> Completion:
+        cfg = self.cfg
+        if cfg.latency_ms:
+            await trio.sleep(cfg.latency_ms / 1000)
+        if cfg.error_rate and self._rng.random() < cfg.error_rate:
+            raise ProviderError("mock: injected upstream failure (providers.mock.error_rate)")
+        words = reply_words(call)
+        if cfg.tokens_per_second > 0:
+            interval = 1.0 / cfg.tokens_per_second
+            start = trio.current_time()
+            for i, word in enumerate(words):
+                # Sleep to an absolute schedule so the rate holds however slow the consumer is.
+                await trio.sleep_until(start + (i + 1) * interval)
+                if on_delta is not None:
+                    on_delta(word)
+        else:
+            await trio.lowlevel.checkpoint()
+            if on_delta is not None:
+                on_delta("".join(words))
+        text = "".join(words)
+        prompt = sum(_count_tokens(m.content) for m in call.messages)
+        return Completion(text=text, usage=Usage(prompt_tokens=prompt, completion_tokens=len(words)),
+                          finish_reason="length" if call.model == "lorem" else "stop")
