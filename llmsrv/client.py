@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import msgspec
@@ -84,48 +84,57 @@ class Client:
         if timeout_s is not None:
             body.setdefault("timeout_ms", max(1, round(timeout_s * 1000)))
         wait_s = body.get("timeout_ms", 30000) / 1000 + LOCAL_GRACE_S
-        token = str(next(self._tokens))
-        send, recv = trio.open_memory_channel[Incoming](math.inf)
-        self._waiters[token] = send
-        try:
-            self.bus.publish_nowait(f"{self.prefix}.request", messages.encode(body),
-                                    reply=f"{self._inbox}.{token}")
-            with trio.fail_after(wait_s):
-                while True:
-                    msg = await recv.receive()
-                    headers = msg.headers or {}
-                    if headers.get("Status") == "503":
-                        raise NoResponders(f"no llmsrv instance listens on {self.prefix}.request")
-                    if headers.get("Llm-Stream") == "chunk":
-                        if on_chunk is not None:
-                            on_chunk(_chunk_decoder.decode(msg.data))
-                        continue
-                    if "Nats-Service-Error-Code" in headers:
-                        raise ReplyError(messages.decode_reply(msg.data))
-                    return _response_decoder.decode(msg.data)
-        except trio.TooSlowError:
-            self._cancel(cid)
-            raise errors.Timeout(f"no reply from llmsrv within {wait_s:.1f}s") from None
-        except trio.Cancelled:
-            self._cancel(cid)
-            raise
-        finally:
-            del self._waiters[token]
+        subject = f"{self.prefix}.request"
+        with self._one_reply() as (reply_to, replies):
+            try:
+                self.bus.publish_nowait(subject, messages.encode(body), reply=reply_to)
+                with trio.fail_after(wait_s):
+                    while True:
+                        msg = _check_responders(await replies.receive(), subject)
+                        headers = msg.headers or {}
+                        if headers.get("Llm-Stream") == "chunk":
+                            if on_chunk is not None:
+                                on_chunk(_chunk_decoder.decode(msg.data))
+                            continue
+                        if "Nats-Service-Error-Code" in headers:
+                            raise ReplyError(messages.decode_reply(msg.data))
+                        return _response_decoder.decode(msg.data)
+            except trio.TooSlowError:
+                self._cancel(cid)
+                raise errors.Timeout(f"no reply from llmsrv within {wait_s:.1f}s") from None
+            except trio.Cancelled:
+                self._cancel(cid)
+                raise
 
     def _cancel(self, cid: str) -> None:
         self.bus.publish_nowait(f"{self.prefix}.cancel", messages.encode({"correlation_id": cid}))
 
-    async def request_json(self, subject: str, timeout_s: float = 5.0) -> dict[str, Any]:
-        """A plain request/reply on ``<prefix>.<subject>`` (health, admin)."""
+    async def request_raw(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                          timeout_s: float = 5.0) -> Incoming:
+        """One raw request/reply on the full ``subject``: the reply message as it arrived."""
+        with self._one_reply() as (reply_to, replies):
+            self.bus.publish_nowait(subject, data, headers, reply=reply_to)
+            with trio.fail_after(timeout_s):
+                return _check_responders(await replies.receive(), subject)
+
+    @contextmanager
+    def _one_reply(self) -> Iterator[tuple[str, trio.MemoryReceiveChannel[Incoming]]]:
         token = str(next(self._tokens))
-        send, recv = trio.open_memory_channel[Incoming](1)
+        send, recv = trio.open_memory_channel[Incoming](math.inf)
         self._waiters[token] = send
         try:
-            self.bus.publish_nowait(f"{self.prefix}.{subject}", b"{}", reply=f"{self._inbox}.{token}")
-            with trio.fail_after(timeout_s):
-                msg = await recv.receive()
-            if (msg.headers or {}).get("Status") == "503":
-                raise NoResponders(f"no llmsrv instance listens on {self.prefix}.{subject}")
-            return messages.decode_reply(msg.data)
+            yield f"{self._inbox}.{token}", recv
         finally:
             del self._waiters[token]
+
+    async def request_json(self, subject: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """A plain request/reply on ``<prefix>.<subject>`` (health, admin)."""
+        msg = await self.request_raw(f"{self.prefix}.{subject}", b"{}", timeout_s=timeout_s)
+        return messages.decode_reply(msg.data)
+
+
+def _check_responders(msg: Incoming, subject: str) -> Incoming:
+    # nats-server answers a request nobody listens to with a bare "503" status message.
+    if (msg.headers or {}).get("Status") == "503":
+        raise NoResponders(f"no llmsrv instance listens on {subject}")
+    return msg

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 import msgspec
@@ -84,11 +84,11 @@ class _Live:
         self.scope.cancel()
 
 
-class _Streamer:
+class Streamer:
     """Coalesces deltas into chunks: the first at once, then at most one per ``interval``."""
 
-    def __init__(self, bus: Bus, subject: str, correlation_id: str, interval: float) -> None:
-        self._bus, self._subject, self._cid, self._interval = bus, subject, correlation_id, interval
+    def __init__(self, publish: Callable[[bytes], None], correlation_id: str, interval: float) -> None:
+        self._publish, self._cid, self._interval = publish, correlation_id, interval
         self._buf: list[str] = []
         self._last = -math.inf
         self._wakeup = trio.Event()
@@ -110,7 +110,7 @@ class _Streamer:
         self._buf.clear()
         self.seq += 1
         self._last = trio.current_time()
-        self._bus.publish_nowait(self._subject, encode(chunk), STREAM_CHUNK)
+        self._publish(encode(chunk))
 
     async def run(self) -> None:
         while True:
@@ -347,7 +347,10 @@ class Service:
     async def _call(self, provider: Provider, call: Call, cid: str, stream_to: str | None) -> Completion:
         if stream_to is None:
             return await provider.complete(call)
-        streamer = _Streamer(self.bus, stream_to, cid, self.cfg.server.stream_flush_ms / 1000)
+        def publish(chunk: bytes) -> None:
+            self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
+
+        streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(streamer.run)
             completion = await provider.complete(call, streamer.on_delta)

@@ -1,0 +1,222 @@
+"""llmsrv vs a bare asyncio echo responder: request/reply throughput and latency over NATS.
+
+    python bench/run_bench.py [--duration S] [--warmup S] [--concurrency 1,10,100] [--rounds N]
+
+One nats-server for the whole run. Each round starts the echo responder, measures every
+concurrency with the load generator, stops it; then does the same with ``python -m llmsrv serve``.
+Every component is its own process. Prints a table of medians over rounds, writes
+``bench/results/latest.json`` and per-process logs to ``bench/results/logs/``. Exits non-zero only
+if something failed to run (a process did not start, died, did not stop, or the load generator
+failed), never because of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmsrv.natsserver import NatsServer, find_binary
+
+import loadgen
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+LOGS = RESULTS / "logs"
+TARGETS = ("echo", "llmsrv")
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 20.0
+
+
+def target_command(target: str, url: str) -> list[str]:
+    if target == "echo":
+        return [sys.executable, str(BENCH / "echo_responder.py"), "--nats-url", url]
+    return [sys.executable, "-m", "llmsrv", "serve", "--nats-url", url]
+
+
+def target_env() -> dict[str, str]:
+    """The environment without inherited llmsrv settings, plus the benchmark's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSRV")}
+    env.update({"LLMSRV__SERVER__HTTP_PORT": "0", "LLMSRV__SERVER__LOG_LEVEL": "warning",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+class Target:
+    """One server under test as a child process, its stdout and stderr in a log file."""
+
+    def __init__(self, name: str, url: str, log_path: Path) -> None:
+        self.name, self.url, self.log_path = name, url, log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(target_command(name, url), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=target_env(), cwd=BENCH.parent)
+
+    def wait_ready(self) -> None:
+        """Wait for the ready line, then for a correct answer to a real request."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while b": ready on" not in self.log_path.read_bytes():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no ready line within {READY_TIMEOUT_S}s")
+            time.sleep(0.05)
+        asyncio.run(loadgen.probe(self.url, within_s=max(1.0, deadline - time.monotonic())))
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM and wait; raise if it had died already or does not stop in time."""
+        try:
+            self.check_alive()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"{self.name} did not stop within {STOP_TIMEOUT_S}s of SIGTERM; killed") from None
+            if code != 0:
+                raise RuntimeError(f"{self.name} exited with {code} after SIGTERM; see {self.log_path}")
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+
+
+def run_target(name: str, url: str, rnd: int, concurrencies: list[int], args: argparse.Namespace,
+               problems: list[str]) -> dict[int, loadgen.LoadResult]:
+    results: dict[int, loadgen.LoadResult] = {}
+    target = Target(name, url, LOGS / f"{name}-round{rnd}.log")
+    try:
+        target.wait_ready()
+        for c in concurrencies:
+            r = loadgen.measure(url, c, args.duration, args.warmup, args.timeout)
+            target.check_alive()
+            results[c] = r
+            print(f"  round {rnd} {name:6} c={c:<4} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
+                  f"p99 {r.p99_ms:7.2f} ms  p99.9 {r.p999_ms:7.2f} ms  errors {r.error_total}", flush=True)
+    except Exception as exc:  # recorded and reported; the other targets and rounds still run
+        problems.append(f"round {rnd} {name}: {exc}")
+        print(f"  round {rnd} {name}: FAILED: {exc}", flush=True)
+    finally:
+        try:
+            target.stop()
+        except RuntimeError as exc:
+            problems.append(f"round {rnd} {name}: {exc}")
+            print(f"  round {rnd} {name}: {exc}", flush=True)
+    return results
+
+
+def summarise(runs: dict[str, list[dict[int, loadgen.LoadResult]]],
+              concurrencies: list[int]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """Per concurrency and target: medians over rounds of rps/p50/p99/p99.9; errors summed."""
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for c in concurrencies:
+        row: dict[str, dict[str, float | int]] = {}
+        for name in TARGETS:
+            got = [r[c] for r in runs[name] if c in r]
+            if not got:
+                continue
+            row[name] = {"rounds": len(got), "ok": sum(r.ok for r in got),
+                         "errors": sum(r.error_total for r in got),
+                         **{f: statistics.median(getattr(r, f) for r in got)
+                            for f in ("rps", "p50_ms", "p99_ms", "p999_ms")}}
+        if len(row) == 2:
+            row["ratio"] = {"rps": row["llmsrv"]["rps"] / row["echo"]["rps"],
+                            "p99": row["llmsrv"]["p99_ms"] / row["echo"]["p99_ms"]}
+        out[str(c)] = row
+    return out
+
+
+def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
+    head = (f"{'conc':>5} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
+            f"  {'llmsrv/echo req/s':>17} {'llmsrv/echo p99':>15}")
+    lines = [head, "-" * len(head)]
+    for c, row in summary.items():
+        for name in TARGETS:
+            s = row.get(name)
+            if s is None:
+                lines.append(f"{c:>5} {name:<7} {'(failed)':>9}")
+                continue
+            ratio = row.get("ratio") if name == "llmsrv" else None
+            tail = f"  {ratio['rps']:>16.2f}x {ratio['p99']:>14.2f}x" if ratio else ""
+            lines.append(f"{c:>5} {name:<7} {s['rps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                         f"{s['p999_ms']:>9.2f} {s['errors']:>7}{tail}")
+    return "\n".join(lines)
+
+
+def git_state() -> dict[str, object]:
+    """The commit measured and any uncommitted changes under llmsrv/ (they are measured too)."""
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=BENCH.parent)
+        return done.stdout.strip() if done.returncode == 0 else ""
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": git("status", "--porcelain", "--", "llmsrv").splitlines()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point (default 8)")
+    p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per point (default 1.5)")
+    p.add_argument("--concurrency", default="1,10,100", help="comma-separated (default 1,10,100)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds (default 10)")
+    args = p.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run_bench.py " + shlex.join(sys.argv[1:])
+    started = dt.datetime.now(dt.timezone.utc)
+    runs: dict[str, list[dict[int, loadgen.LoadResult]]] = {name: [] for name in TARGETS}
+    problems: list[str] = []
+
+    with NatsServer() as nats_server:
+        print(f"nats-server on {nats_server.url}; {args.rounds} round(s) x {concurrencies} x "
+              f"({args.warmup}s warm-up + {args.duration}s)", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            for name in TARGETS:
+                runs[name].append(run_target(name, nats_server.url, rnd, concurrencies, args, problems))
+
+    summary = summarise(runs, concurrencies)
+    nats_version = subprocess.run([find_binary(), "--version"], capture_output=True, text=True).stdout.strip()
+    report = {
+        "date": started.isoformat(timespec="seconds"), "command": command,
+        "elapsed_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+                     "concurrency": concurrencies, "timeout_s": args.timeout,
+                     "request_bytes": len(loadgen.PAYLOAD)},
+        "git": git_state(),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpus": os.cpu_count(), "nats_server": nats_version},
+        "summary": summary,
+        "rounds": {name: [{str(c): dataclasses.asdict(r) for c, r in rnd.items()} for rnd in runs[name]]
+                   for name in TARGETS},
+        "problems": problems,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\n{command}   ({report['date']}, {report['elapsed_s']} s; medians over {args.rounds} round(s), "
+          f"errors summed)\n")
+    print(table(summary))
+    print(f"\nresults: {RESULTS / 'latest.json'}")
+    if problems:
+        print("\nPROBLEMS:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real nats-server per test session, and an in-process llmsrv harness.
+
+Each harness uses its own subject prefix, so tests sharing the nats-server never see each
+other's requests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from llmsrv.bus import Bus, Incoming
+from llmsrv.client import Client
+from llmsrv.config import Config, build_config
+from llmsrv.natsserver import NatsServer
+from llmsrv.service import Service
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+class Harness(msgspec.Struct):
+    service: Service
+    client: Client
+    cfg: Config
+
+    @property
+    def prefix(self) -> str:
+        return self.cfg.nats.subject_prefix
+
+    async def raw(self, data: bytes, headers: dict[str, str] | None = None,
+                  subject: str = "request", timeout_s: float = 5.0) -> Incoming:
+        return await self.client.request_raw(f"{self.prefix}.{subject}", data, headers, timeout_s)
+
+    async def error_of(self, data: bytes, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Send raw bytes, expect an error reply; return its body with the reply headers."""
+        msg = await self.raw(data, headers)
+        body: dict[str, Any] = msgspec.json.decode(msg.data)
+        body["_headers"] = dict(msg.headers or {})
+        return body
+
+
+def test_config(nats_url: str, **sections: Any) -> Config:
+    base: dict[str, Any] = {
+        "nats": {"url": nats_url, "subject_prefix": f"t{uuid.uuid4().hex[:10]}"},
+        "server": {"http_port": 0},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return build_config(base, env={})
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def running(nats_url: str, **sections: Any) -> AsyncIterator[Harness]:
+    """An in-process llmsrv (real NATS, real subscriptions) and a client, torn down on exit."""
+    cfg = test_config(nats_url, **sections)
+    async with Bus.connect(cfg.nats, nats_url) as bus:
+        service = Service(cfg, bus)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            async with Client.connect(nats_url, cfg.nats.subject_prefix) as client:
+                yield Harness(service=service, client=client, cfg=cfg)
+            service.shutdown()
+
+
+def user(text: str = "hello") -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,235 @@
+"""Pure modules (table-driven, no event loop) and trio pieces on virtual time."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmsrv import errors, messages, routing
+from llmsrv.config import ConfigError, MockConfig, build_config
+from llmsrv.messages import LLMRequest, Message
+from llmsrv.providers import Call
+from llmsrv.providers.mock import MockProvider
+from llmsrv.service import Streamer
+
+CFG = build_config({}, env={})
+
+# ---- decoder properties -----------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20)
+request_like = st.fixed_dictionaries(
+    {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                                 "content": st.text(max_size=20)}), max_size=3)},
+    optional={"model": st.text(max_size=10), "max_tokens": st.integers(-5, 200000),
+              "temperature": st.floats(-1, 3, allow_nan=False), "stream": json_values,
+              "correlation_id": st.text(max_size=140), "tools": json_values, "timeout_ms": json_values,
+              "task_type": st.sampled_from(["general", "qa", "planner", "nope"]),
+              "capabilities": st.lists(st.sampled_from(["code", "speed", "x"]), max_size=3)})
+request_like = st.tuples(request_like, st.dictionaries(st.text(min_size=1, max_size=8), json_values,
+                                                       max_size=2)).map(lambda t: {**t[1], **t[0]})
+
+
+def _decode_only_typed(data: bytes) -> None:
+    try:
+        request = messages.decode_request(data)
+    except errors.RequestError as exc:
+        assert exc.error_code in ("INVALID_JSON", "VALIDATION_ERROR", "INVALID_TOOL")
+        assert exc.message
+    else:
+        assert isinstance(request, LLMRequest) and request.messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_decoder_arbitrary_bytes(data: bytes) -> None:
+    _decode_only_typed(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_decoder_arbitrary_json(value: Any) -> None:
+    _decode_only_typed(msgspec.json.encode(value))
+
+
+@settings(max_examples=400, deadline=None)
+@given(request_like)
+def test_decoder_request_shaped_json(value: dict[str, Any]) -> None:
+    _decode_only_typed(msgspec.json.encode(value))
+
+
+def test_decoder_defaults() -> None:
+    r = messages.decode_request(b'{"messages":[{"role":"user","content":"x"}]}')
+    assert (r.model, r.max_tokens, r.temperature, r.stream, r.task_type) == ("auto", 4000, 0.7, False, "general")
+    assert r.correlation_id is None and r.timeout_ms is None
+
+
+def test_error_reply_shape() -> None:
+    exc = errors.RateLimited("slow down\nplease", retry_after_ms=1500)
+    body = msgspec.json.decode(messages.error_body(exc, "c1"))
+    assert body["error_code"] == "RATE_LIMITED" and body["retry_after_ms"] == 1500
+    assert messages.error_headers(exc) == {"Nats-Service-Error": "slow down please",
+                                           "Nats-Service-Error-Code": "429"}
+    assert "retry_after_ms" not in msgspec.json.decode(messages.error_body(errors.Timeout("t"), "c"))
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("data", "env", "fragment"), [
+    ({"server": {"max_inflight": 0}}, {}, "`server.max_inflight`"),
+    ({"server": {"http_port": 70000}}, {}, "`server.http_port`"),
+    ({"server": {"default_timeout_ms": 5000, "max_timeout_ms": 1000}}, {}, "`server.default_timeout_ms`"),
+    ({"nats": {"subject_prefix": "a b"}}, {}, "`nats.subject_prefix`"),
+    ({"providers": {"acme": {}}}, {}, "acme"),
+    ({"routing": {"matrix": {"qa": {"simple": "mock:echo"}}}}, {}, "`routing.matrix.qa.simple`"),
+    ({}, {"LLMSRV__SERVER__MAX_INFLIGHT": "lots"}, "`server.max_inflight`"),
+], ids=["range", "port", "timeouts", "prefix", "unknown-provider", "cell-type", "env"])
+def test_config_errors_name_the_key(data: dict[str, Any], env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        build_config(data, env=env)
+    assert fragment in str(info.value)
+
+
+def test_config_merges_cells_and_env() -> None:
+    cfg = build_config({"routing": {"matrix": {"general": {"simple": ["mock:lorem"]}}}},
+                       env={"LLMSRV__PROVIDERS__MOCK__LATENCY_MS": "25", "LLMSRV_NATS_URL": "nats://h:1"})
+    assert cfg.routing.matrix.general.simple == ["mock:lorem"]
+    assert cfg.routing.matrix.general.medium == CFG.routing.matrix.general.medium
+    assert cfg.providers.mock.latency_ms == 25 and cfg.nats.url == "nats://h:1"
+
+
+# ---- routing ------------------------------------------------------------------------------------
+
+def _req(**kw: Any) -> LLMRequest:
+    return LLMRequest(messages=[Message("user", "x")], **kw)
+
+
+ONLY_MOCK = {"mock": True}
+
+
+@pytest.mark.parametrize(("kw", "available", "expected"), [
+    ({"model": "mock:echo"}, ONLY_MOCK, ["mock:echo"]),
+    ({"model": "echo"}, ONLY_MOCK, ["mock:echo"]),
+    ({"model": "lorem", "provider": "mock"}, ONLY_MOCK, ["mock:lorem"]),
+    ({}, ONLY_MOCK, ["mock:echo"]),
+    ({"task_type": "tester", "complexity": "simple"}, ONLY_MOCK, ["mock:echo"]),
+    ({"complexity": "simple"}, {"mock": True, "gemini": True, "codex": True},
+     ["gemini:gemini-2.5-flash", "codex:o3-mini"]),
+    ({"complexity": "complex", "provider": "claude"}, {"claude": True},
+     ["claude:claude-sonnet-4-5", "claude:claude-opus-4-1"]),
+    ({"task_type": "developer", "complexity": "simple"}, {"copilot": True},
+     ["copilot:gpt-5-mini", "copilot:grok-code-fast-1"]),
+    ({"model": "claude:sonnet"}, {"claude": True}, ["claude:claude-sonnet-4-5"]),
+], ids=["explicit", "bare-prefix", "bare-hint", "auto-falls-to-mock", "task-alias", "auto-skips-missing",
+        "hint-filters", "coder-alias", "model-alias"])
+def test_routing_plan(kw: dict[str, Any], available: dict[str, bool], expected: list[str]) -> None:
+    assert [str(t) for t in routing.plan(_req(**kw), CFG.routing, available)] == expected
+
+
+@pytest.mark.parametrize(("kw", "error"), [
+    ({"model": "acme:x"}, errors.ProviderNotFound),
+    ({"model": "mystery-model"}, errors.ProviderNotFound),
+    ({"provider": "acme"}, errors.ProviderNotFound),
+    ({"model": "claude:sonnet"}, errors.MissingCredentials),
+    ({"provider": "gemini"}, errors.MissingCredentials),
+    ({"model": "mock:"}, errors.ValidationFailed),
+], ids=["unknown-provider", "unknown-bare", "unknown-hint", "no-creds", "hint-no-creds", "empty-model"])
+def test_routing_errors(kw: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        routing.plan(_req(**kw), CFG.routing, ONLY_MOCK)
+
+
+# ---- layering -----------------------------------------------------------------------------------
+
+PURE = ["messages.py", "errors.py", "config.py", "routing.py"]
+FORBIDDEN = {"trio", "trio_asyncio", "httpx", "nats", "asyncio", "anyio"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_do_no_io(module: str) -> None:
+    tree = ast.parse((pathlib.Path(__file__).parent.parent / "llmsrv" / module).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert not imported & FORBIDDEN
+
+
+def test_only_bus_touches_nats() -> None:
+    pkg = pathlib.Path(__file__).parent.parent / "llmsrv"
+    users = sorted(p.name for p in pkg.rglob("*.py")
+                   if "import nats" in p.read_text() or "from nats" in p.read_text()
+                   or "trio_asyncio" in p.read_text())
+    assert users == ["bus.py", "cli.py"]  # cli only opens the trio-asyncio loop
+
+
+# ---- mock provider on virtual time ------------------------------------------------------------
+
+def _call(model: str = "lorem", max_tokens: int = 10) -> Call:
+    return Call(model=model, messages=[Message("user", "one two three")], max_tokens=max_tokens,
+                temperature=0.7)
+
+
+async def test_mock_token_rate_timeline(autojump_clock: trio.testing.MockClock) -> None:
+    mock = MockProvider(MockConfig(latency_ms=100, tokens_per_second=20))
+    seen: list[tuple[float, str]] = []
+    start = trio.current_time()
+    result = await mock.complete(_call(max_tokens=4), lambda d: seen.append((trio.current_time() - start, d)))
+    assert [round(t, 3) for t, _ in seen] == [0.15, 0.2, 0.25, 0.3]
+    assert "".join(d for _, d in seen) == result.text == "lorem ipsum dolor sit"
+    assert result.usage.completion_tokens == 4 and result.finish_reason == "length"
+
+
+async def test_mock_cancellation_is_recorded(autojump_clock: trio.testing.MockClock) -> None:
+    mock = MockProvider(MockConfig(latency_ms=1000))
+    with trio.move_on_after(0.25):
+        await mock.complete(_call("echo"))
+    stats = mock.statistics()
+    assert (stats.calls, stats.cancelled, stats.completed) == (1, 1, 0)
+    assert stats.last_cancelled_at == pytest.approx(trio.current_time())
+
+
+async def test_mock_errors_and_unknown_model() -> None:
+    failing = MockProvider(MockConfig(error_rate=1.0))
+    with pytest.raises(errors.ProviderError):
+        await failing.complete(_call("echo"))
+    assert failing.statistics().failed == 1
+    with pytest.raises(errors.ProviderNotFound):
+        await failing.complete(_call("gpt"))
+
+
+async def test_mock_echo_returns_last_user_message() -> None:
+    call = Call(model="echo", messages=[Message("user", "first"), Message("assistant", "a"),
+                                        Message("user", "last  one")], max_tokens=5, temperature=0)
+    assert (await MockProvider(MockConfig()).complete(call)).text == "last  one"
+
+
+# ---- stream coalescing on virtual time ---------------------------------------------------------
+
+async def test_streamer_first_chunk_at_once_then_every_interval(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sent: list[tuple[float, dict[str, Any]]] = []
+    start = trio.current_time()
+    streamer = Streamer(lambda b: sent.append((trio.current_time() - start, msgspec.json.decode(b))),
+                        "c", 0.025)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(streamer.run)
+        for _ in range(10):  # a token every 10 ms
+            streamer.on_delta("t")
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    streamer.flush()
+    times = [round(t, 3) for t, _ in sent]
+    assert times == [0.0, 0.025, 0.05, 0.075, 0.1]
+    assert [c["seq"] for _, c in sent] == [0, 1, 2, 3, 4]
+    assert "".join(c["delta"] for _, c in sent) == "t" * 10
