@@ -28,7 +28,7 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class NatsConfig(_Frozen):
+class NatsConfig(_Frozen, frozen=True):
     url: str | None = None  # None everywhere -> embedded nats-server
     queue: Annotated[str, msgspec.Meta(min_length=1)] = "llmsrv"
     subject_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "llm"
@@ -46,7 +46,7 @@ class NatsConfig(_Frozen):
     max_reconnect_attempts: int = -1  # -1: forever
 
 
-class ServerConfig(_Frozen):
+class ServerConfig(_Frozen, frozen=True):
     max_inflight: PositiveInt = 10000
     default_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 30000
     max_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 600000
@@ -58,7 +58,7 @@ class ServerConfig(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class ProviderConfig(_Frozen):
+class ProviderConfig(_Frozen, frozen=True):
     """Keys every provider takes (CONTRACT section 7)."""
 
     base_url: str | None = None
@@ -71,13 +71,13 @@ class ProviderConfig(_Frozen):
     timeout_ms: PositiveInt = 60000
 
 
-class MockConfig(ProviderConfig):
+class MockConfig(ProviderConfig, frozen=True):
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: NonNegFloat = 0.0  # 0: the whole text at once
     error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
 
 
-class ProvidersConfig(_Frozen):
+class ProvidersConfig(_Frozen, frozen=True):
     mock: MockConfig = MockConfig()
     claude: ProviderConfig = ProviderConfig()
     gemini: ProviderConfig = ProviderConfig()
@@ -93,25 +93,25 @@ class ProvidersConfig(_Frozen):
 Cell = list[Annotated[str, msgspec.Meta(pattern=r"^[a-z_]+:.+$")]]
 
 
-class MatrixRow(_Frozen):
+class MatrixRow(_Frozen, frozen=True):
     simple: Cell
     medium: Cell
     complex: Cell
 
 
-class Matrix(_Frozen):
+class Matrix(_Frozen, frozen=True):
     general: MatrixRow
     architect: MatrixRow
     coder: MatrixRow
     qa: MatrixRow
 
 
-class RoutingConfig(_Frozen, kw_only=True):
+class RoutingConfig(_Frozen, frozen=True, kw_only=True):
     matrix: Matrix
     aliases: dict[str, str] = {}
 
 
-class Config(_Frozen, kw_only=True):
+class Config(_Frozen, frozen=True, kw_only=True):
     nats: NatsConfig = NatsConfig()
     server: ServerConfig = ServerConfig()
     providers: ProvidersConfig = ProvidersConfig()

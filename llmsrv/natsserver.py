@@ -55,7 +55,8 @@ class NatsServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode} (port {self.port} taken?)")
+                raise RuntimeError(
+                    f"nats-server exited with {self.proc.returncode} (port {self.port} taken?)")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self

@@ -55,7 +55,7 @@ def _info(service: Service) -> dict[str, Any]:
 
 def _stats(service: Service) -> dict[str, Any]:
     s = service.statistics()
-    started = _dt.datetime.fromtimestamp(service.started_wall, _dt.timezone.utc)
+    started = _dt.datetime.fromtimestamp(service.started_wall, _dt.UTC)
     return {**_identity(service, "stats"), "started": started.isoformat().replace("+00:00", "Z"),
             "endpoints": [{**_endpoint(service), "num_requests": s.requests, "num_errors": s.errors,
                            "last_error": s.last_error, "processing_time": s.processing_ns,

@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
-
 import msgspec
 import trio
 
@@ -330,7 +329,8 @@ class Service:
             return errors.Cancelled("cancelled by the client (llm.cancel); the provider call was stopped")
         if reason == "shutdown":
             return errors.ShuttingDown("instance shut down before the request finished; retry")
-        return errors.Timeout(f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
+        return errors.Timeout(
+            f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
 
     async def _execute(self, request: LLMRequest, cid: str, stream_to: str | None) -> LLMResponse:
         available = {name: p.status().available for name, p in self.providers.items()}

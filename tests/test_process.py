@@ -97,7 +97,8 @@ async def test_reconnect_after_nats_server_restart() -> None:
     server = NatsServer(port=port).start()
     try:
         async with running(server.url, nats={"reconnect_time_wait_s": 0.1}) as h:
-            assert (await h.client.complete({"messages": user("before"), "model": "mock:echo"})).text == "before"
+            before = await h.client.complete({"messages": user("before"), "model": "mock:echo"})
+            assert before.text == "before"
             server.stop()
             await trio.sleep(0.3)
             server = NatsServer(port=port).start()
