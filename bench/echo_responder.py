@@ -26,7 +26,7 @@ ERROR_HEADERS = {"Nats-Service-Error": "bad request", "Nats-Service-Error-Code":
 
 
 def _timestamp() -> str:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

@@ -46,6 +46,7 @@ class LoadResult:
     concurrency: int
     duration_s: float
     ok: int
+    replies: int  # every request that came back or failed, warm-up included (for CPU per request)
     rps: float
     p50_ms: float
     p99_ms: float
@@ -66,12 +67,12 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
     nc = await nats.connect(url, name="bench-loadgen", max_reconnect_attempts=0)
     hist = HdrHistogram(1, HIST_MAX_US, 3)
     errors: Counter[str] = Counter({kind: 0 for kind in ERROR_KINDS})
-    ok = 0
+    ok = replies = 0
     t_measure = time.perf_counter() + warmup_s
     t_end = t_measure + duration_s
 
     async def worker() -> None:
-        nonlocal ok
+        nonlocal ok, replies
         while (t0 := time.perf_counter()) < t_end:
             kind = ""
             try:
@@ -85,6 +86,7 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
             except Exception:
                 kind = "other"
             t1 = time.perf_counter()
+            replies += 1
             if kind:
                 if t1 >= t_measure:  # failures count until the last request is back
                     errors[kind] += 1
@@ -99,7 +101,7 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
         await nc.close()
     ms = 1000.0
     return LoadResult(
-        concurrency=concurrency, duration_s=duration_s, ok=ok, rps=ok / duration_s,
+        concurrency=concurrency, duration_s=duration_s, ok=ok, replies=replies, rps=ok / duration_s,
         p50_ms=hist.get_value_at_percentile(50) / ms, p99_ms=hist.get_value_at_percentile(99) / ms,
         p999_ms=hist.get_value_at_percentile(99.9) / ms, max_ms=hist.get_max_value() / ms,
         mean_ms=hist.get_mean_value() / ms, errors=dict(errors))

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from llmsrv.natsserver import NatsServer, find_binary
-
 import loadgen
+
+from llmsrv.natsserver import NatsServer, find_binary
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -51,6 +51,23 @@ def target_env() -> dict[str, str]:
     env.update({"LLMSRV__SERVER__HTTP_PORT": "0", "LLMSRV__SERVER__LOG_LEVEL": "warning",
                 "PYTHONUNBUFFERED": "1"})
     return env
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One measurement: the load generator's result and the server's CPU time per request."""
+
+    load: loadgen.LoadResult
+    cpu_us_per_req: float | None  # user+system CPU of the server process / replies; None off Linux
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Target:
@@ -86,7 +103,8 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise RuntimeError(f"{self.name} did not stop within {STOP_TIMEOUT_S}s of SIGTERM; killed") from None
+                raise RuntimeError(f"{self.name} did not stop within {STOP_TIMEOUT_S}s of SIGTERM; "
+                                   "killed") from None
             if code != 0:
                 raise RuntimeError(f"{self.name} exited with {code} after SIGTERM; see {self.log_path}")
         finally:
@@ -97,64 +115,79 @@ class Target:
 
 
 def run_target(name: str, url: str, rnd: int, concurrencies: list[int], args: argparse.Namespace,
-               problems: list[str]) -> dict[int, loadgen.LoadResult]:
-    results: dict[int, loadgen.LoadResult] = {}
+               problems: list[str]) -> dict[int, Point]:
+    results: dict[int, Point] = {}
     target = Target(name, url, LOGS / f"{name}-round{rnd}.log")
+    failed = False
     try:
         target.wait_ready()
         for c in concurrencies:
+            cpu_before = cpu_seconds(target.proc.pid)
             r = loadgen.measure(url, c, args.duration, args.warmup, args.timeout)
+            cpu_after = cpu_seconds(target.proc.pid)
             target.check_alive()
-            results[c] = r
-            print(f"  round {rnd} {name:6} c={c:<4} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
-                  f"p99 {r.p99_ms:7.2f} ms  p99.9 {r.p999_ms:7.2f} ms  errors {r.error_total}", flush=True)
+            cpu = None
+            if cpu_before is not None and cpu_after is not None and r.replies:
+                cpu = (cpu_after - cpu_before) * 1e6 / r.replies
+            results[c] = Point(r, cpu)
+            print(f"  round {rnd} {name:6} c={c:<4} {r.rps:7.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                  f"p99 {r.p99_ms:6.2f} ms  p99.9 {r.p999_ms:6.2f} ms  errors {r.error_total}  "
+                  f"cpu {cpu or -1:4.0f} us/req", flush=True)
     except Exception as exc:  # recorded and reported; the other targets and rounds still run
+        failed = True
         problems.append(f"round {rnd} {name}: {exc}")
         print(f"  round {rnd} {name}: FAILED: {exc}", flush=True)
     finally:
         try:
             target.stop()
         except RuntimeError as exc:
-            problems.append(f"round {rnd} {name}: {exc}")
-            print(f"  round {rnd} {name}: {exc}", flush=True)
+            if not failed:  # after a failure the process is gone or killed: already reported
+                problems.append(f"round {rnd} {name}: {exc}")
+                print(f"  round {rnd} {name}: {exc}", flush=True)
     return results
 
 
-def summarise(runs: dict[str, list[dict[int, loadgen.LoadResult]]],
+def summarise(runs: dict[str, list[dict[int, Point]]],
               concurrencies: list[int]) -> dict[str, dict[str, dict[str, float | int]]]:
-    """Per concurrency and target: medians over rounds of rps/p50/p99/p99.9; errors summed."""
+    """Per concurrency and target: medians over rounds of rps/p50/p99/p99.9/CPU; errors summed."""
     out: dict[str, dict[str, dict[str, float | int]]] = {}
     for c in concurrencies:
         row: dict[str, dict[str, float | int]] = {}
         for name in TARGETS:
-            got = [r[c] for r in runs[name] if c in r]
-            if not got:
+            points = [r[c] for r in runs[name] if c in r]
+            if not points:
                 continue
+            got = [pt.load for pt in points]
+            cpus = [pt.cpu_us_per_req for pt in points if pt.cpu_us_per_req is not None]
             row[name] = {"rounds": len(got), "ok": sum(r.ok for r in got),
                          "errors": sum(r.error_total for r in got),
                          **{f: statistics.median(getattr(r, f) for r in got)
-                            for f in ("rps", "p50_ms", "p99_ms", "p999_ms")}}
-        if len(row) == 2:
-            row["ratio"] = {"rps": row["llmsrv"]["rps"] / row["echo"]["rps"],
-                            "p99": row["llmsrv"]["p99_ms"] / row["echo"]["p99_ms"]}
+                            for f in ("rps", "p50_ms", "p99_ms", "p999_ms")},
+                         "cpu_us_per_req": statistics.median(cpus) if cpus else -1.0}
+        keys = {"rps": "rps", "p99": "p99_ms", "cpu": "cpu_us_per_req"}
+        if len(row) == 2 and all(row["echo"][k] > 0 for k in keys.values()):
+            row["ratio"] = {name: row["llmsrv"][k] / row["echo"][k] for name, k in keys.items()}
         out[str(c)] = row
     return out
 
 
 def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
-    head = (f"{'conc':>5} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}"
-            f"  {'llmsrv/echo req/s':>17} {'llmsrv/echo p99':>15}")
+    head = (f"{'conc':>5} {'target':<7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8}"
+            f" {'errors':>6}"
+            f" {'cpu us/req':>10} | llmsrv/echo: {'req/s':>5} {'p99':>5} {'cpu':>5}")
     lines = [head, "-" * len(head)]
     for c, row in summary.items():
         for name in TARGETS:
             s = row.get(name)
             if s is None:
-                lines.append(f"{c:>5} {name:<7} {'(failed)':>9}")
+                lines.append(f"{c:>5} {name:<7} {'(failed)':>7}")
                 continue
             ratio = row.get("ratio") if name == "llmsrv" else None
-            tail = f"  {ratio['rps']:>16.2f}x {ratio['p99']:>14.2f}x" if ratio else ""
-            lines.append(f"{c:>5} {name:<7} {s['rps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                         f"{s['p999_ms']:>9.2f} {s['errors']:>7}{tail}")
+            tail = " |"
+            if ratio:
+                tail += f" {'':12} {ratio['rps']:4.2f}x {ratio['p99']:4.2f}x {ratio['cpu']:4.2f}x"
+            lines.append(f"{c:>5} {name:<7} {s['rps']:>7.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
+                         f"{s['p999_ms']:>8.2f} {s['errors']:>6} {s['cpu_us_per_req']:>10.0f}{tail}")
     return "\n".join(lines)
 
 
@@ -162,7 +195,7 @@ def git_state() -> dict[str, object]:
     """The commit measured and any uncommitted changes under llmsrv/ (they are measured too)."""
     def git(*cmd: str) -> str:
         done = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=BENCH.parent)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout.rstrip() if done.returncode == 0 else ""
     return {"commit": git("rev-parse", "HEAD"),
             "dirty": git("status", "--porcelain", "--", "llmsrv").splitlines()}
 
@@ -177,9 +210,9 @@ def main() -> int:
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     LOGS.mkdir(parents=True, exist_ok=True)
-    command = "python bench/run_bench.py " + shlex.join(sys.argv[1:])
-    started = dt.datetime.now(dt.timezone.utc)
-    runs: dict[str, list[dict[int, loadgen.LoadResult]]] = {name: [] for name in TARGETS}
+    command = ("python bench/run_bench.py " + shlex.join(sys.argv[1:])).strip()
+    started = dt.datetime.now(dt.UTC)
+    runs: dict[str, list[dict[int, Point]]] = {name: [] for name in TARGETS}
     problems: list[str] = []
 
     with NatsServer() as nats_server:
@@ -193,7 +226,7 @@ def main() -> int:
     nats_version = subprocess.run([find_binary(), "--version"], capture_output=True, text=True).stdout.strip()
     report = {
         "date": started.isoformat(timespec="seconds"), "command": command,
-        "elapsed_s": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "elapsed_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                      "concurrency": concurrencies, "timeout_s": args.timeout,
                      "request_bytes": len(loadgen.PAYLOAD)},
@@ -201,7 +234,8 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count(), "nats_server": nats_version},
         "summary": summary,
-        "rounds": {name: [{str(c): dataclasses.asdict(r) for c, r in rnd.items()} for rnd in runs[name]]
+        "rounds": {name: [{str(c): {**dataclasses.asdict(pt.load), "cpu_us_per_req": pt.cpu_us_per_req}
+                           for c, pt in rnd.items()} for rnd in runs[name]]
                    for name in TARGETS},
         "problems": problems,
     }

@@ -7,8 +7,8 @@ decoder; unknown fields are rejected so typos never pass silently. ``decode_requ
 
 from __future__ import annotations
 
-import datetime as _dt
-import uuid
+import os
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -161,12 +161,19 @@ def decode_reply(data: bytes) -> dict[str, Any]:
 
 
 def new_correlation_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
+
+
+_second_cache: list[Any] = [-1, ""]
 
 
 def timestamp() -> str:
-    now = _dt.datetime.now(_dt.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    """UTC now as ``2026-11-25T19:00:00.000Z`` (the seconds part is formatted once a second)."""
+    now = time.time()
+    second = int(now)
+    if second != _second_cache[0]:
+        _second_cache[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second_cache[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def error_body(exc: errors.LlmsrvError, correlation_id: str) -> bytes:

@@ -5,7 +5,6 @@ Used by ``llmsrv serve`` when no NATS URL is configured, by the tests and by the
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -51,7 +50,7 @@ class NatsServer:
         self.proc = subprocess.Popen(
             [find_binary(), "-a", self.host, "-p", str(self.port), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            env={**os.environ})
+            start_new_session=True)  # a terminal's Ctrl-C must not kill it before llmsrv drains
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -39,18 +39,23 @@ class _Counters:
     last_cancelled_at: float | None = None
 
 
-def _count_tokens(text: str) -> int:
-    return len(text.split())
+def estimate_tokens(text: str) -> int:
+    """The usual ~4 characters a token; the mock has no tokenizer to be exact with."""
+    return (len(text) + 3) // 4
 
 
-def reply_words(call: Call) -> list[str]:
-    """The reply as a list of tokens (words, each with its separator)."""
+def reply_text(call: Call) -> str:
     if call.model == "echo":
-        last = next((m.content for m in reversed(call.messages) if m.role == "user"),
+        return next((m.content for m in reversed(call.messages) if m.role == "user"),
                     call.messages[-1].content)
-        words = last.split(" ")
-        return [w if i == 0 else " " + w for i, w in enumerate(words)]
-    return [("" if i == 0 else " ") + _LOREM[i % len(_LOREM)] for i in range(call.max_tokens)]
+    n = len(_LOREM)
+    return " ".join(_LOREM * (call.max_tokens // n) + _LOREM[: call.max_tokens % n])
+
+
+def split_tokens(text: str) -> list[str]:
+    """Streaming units: words, each after the first with its leading space."""
+    words = text.split(" ")
+    return words[:1] + [" " + w for w in words[1:]]
 
 
 class MockProvider:
@@ -94,11 +99,11 @@ class MockProvider:
             await trio.sleep(cfg.latency_ms / 1000)
         if cfg.error_rate and self._rng.random() < cfg.error_rate:
             raise ProviderError("mock: injected upstream failure (providers.mock.error_rate)")
-        words = reply_words(call)
+        text = reply_text(call)
         if cfg.tokens_per_second > 0:
             interval = 1.0 / cfg.tokens_per_second
             start = trio.current_time()
-            for i, word in enumerate(words):
+            for i, word in enumerate(split_tokens(text)):
                 # Sleep to an absolute schedule so the rate holds however slow the consumer is.
                 await trio.sleep_until(start + (i + 1) * interval)
                 if on_delta is not None:
@@ -106,8 +111,8 @@ class MockProvider:
         else:
             await trio.lowlevel.checkpoint()
             if on_delta is not None:
-                on_delta("".join(words))
-        text = "".join(words)
-        prompt = sum(_count_tokens(m.content) for m in call.messages)
-        return Completion(text=text, usage=Usage(prompt_tokens=prompt, completion_tokens=len(words)),
-                          finish_reason="length" if call.model == "lorem" else "stop")
+                on_delta(text)
+        lorem = call.model == "lorem"
+        usage = Usage(prompt_tokens=sum(estimate_tokens(m.content) for m in call.messages),
+                      completion_tokens=call.max_tokens if lorem else estimate_tokens(text))
+        return Completion(text=text, usage=usage, finish_reason="length" if lorem else "stop")
