@@ -8,6 +8,7 @@ decoder; unknown fields are rejected so typos never pass silently. ``decode_requ
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Annotated, Any, Literal
 
@@ -161,7 +162,11 @@ def decode_reply(data: bytes) -> dict[str, Any]:
 
 
 def new_correlation_id() -> str:
-    return os.urandom(16).hex()
+    # 128 random bits without a syscall per id; ids need to be unique, not secret.
+    return f"{_ids.getrandbits(128):032x}"
+
+
+_ids = random.Random(os.urandom(32))
 
 
 _second_cache: list[Any] = [-1, ""]

@@ -31,7 +31,8 @@ class Target(msgspec.Struct, frozen=True):
     provider: str
     model: str
 
-    def __str__(self) -> str:
+    @property
+    def spec(self) -> str:
         return f"{self.provider}:{self.model}"
 
 

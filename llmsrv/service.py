@@ -156,6 +156,7 @@ class Service:
         self.started_wall = time.time()
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
+        self._plans: dict[tuple[object, ...], list[routing.Target]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -332,21 +333,33 @@ class Service:
         return errors.Timeout(
             f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
 
+    def _plan(self, request: LLMRequest) -> list[routing.Target]:
+        """``routing.plan``, memoised on what it reads (it is pure): most traffic repeats a few keys."""
+        available = tuple(name for name, p in self.providers.items() if p.status().available)
+        key = (request.model, request.provider, request.task_type, request.complexity, available)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = routing.plan(request, self.cfg.routing, dict.fromkeys(available, True))
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
     async def _execute(self, request: LLMRequest, cid: str, stream_to: str | None) -> LLMResponse:
-        available = {name: p.status().available for name, p in self.providers.items()}
-        target = routing.plan(request, self.cfg.routing, available)[0]
+        target = self._plan(request)[0]
         provider = self.providers[target.provider]
         call = Call(model=target.model, messages=request.messages, max_tokens=request.max_tokens,
                     temperature=request.temperature, tools=request.tools or ())
         started = trio.current_time()
-        completion = await self._call(provider, call, cid, stream_to)
+        if stream_to is None:
+            completion = await provider.complete(call)
+        else:
+            completion = await self._stream(provider, call, cid, stream_to)
         ms = round((trio.current_time() - started) * 1000)
-        return _response(completion, str(target), cid,
+        return _response(completion, target.spec, cid,
                          [messages.Attempt(target.provider, target.model, "ok", ms)])
 
-    async def _call(self, provider: Provider, call: Call, cid: str, stream_to: str | None) -> Completion:
-        if stream_to is None:
-            return await provider.complete(call)
+    async def _stream(self, provider: Provider, call: Call, cid: str, stream_to: str) -> Completion:
         def publish(chunk: bytes) -> None:
             self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
 

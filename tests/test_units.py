@@ -134,7 +134,7 @@ ONLY_MOCK = {"mock": True}
 ], ids=["explicit", "bare-prefix", "bare-hint", "auto-falls-to-mock", "task-alias", "auto-skips-missing",
         "hint-filters", "coder-alias", "model-alias"])
 def test_routing_plan(kw: dict[str, Any], available: dict[str, bool], expected: list[str]) -> None:
-    assert [str(t) for t in routing.plan(_req(**kw), CFG.routing, available)] == expected
+    assert [t.spec for t in routing.plan(_req(**kw), CFG.routing, available)] == expected
 
 
 @pytest.mark.parametrize(("kw", "error"), [

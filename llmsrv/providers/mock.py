@@ -46,8 +46,10 @@ def estimate_tokens(text: str) -> int:
 
 def reply_text(call: Call) -> str:
     if call.model == "echo":
-        return next((m.content for m in reversed(call.messages) if m.role == "user"),
-                    call.messages[-1].content)
+        for message in reversed(call.messages):
+            if message.role == "user":
+                return message.content
+        return call.messages[-1].content
     n = len(_LOREM)
     return " ".join(_LOREM * (call.max_tokens // n) + _LOREM[: call.max_tokens % n])
 
@@ -109,7 +111,7 @@ class MockProvider:
                 if on_delta is not None:
                     on_delta(word)
         else:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()  # nothing to wait for: no reschedule
             if on_delta is not None:
                 on_delta(text)
         lorem = call.model == "lorem"
