@@ -23,6 +23,7 @@ Replies leave through the bus's publish pump (no asyncio crossing per message).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping
 
 import msgspec
+import outcome
 import trio
 
 from . import errors, messages, routing
@@ -140,11 +142,11 @@ class Service:
         self.subject_request, self.subject_cancel = f"{p}.request", f"{p}.cancel"
         self.subject_health = f"{p}.health"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
-        self._send, self._recv = trio.open_memory_channel[Incoming](math.inf)
+        self._parked: list[trio.lowlevel.Task] = []  # idle workers, the most recently idle last
+        self._backlog: collections.deque[Incoming] = collections.deque()
         self._live: dict[str, list[_Live]] = {}
         self._inflight = 0
         self._workers = 0
-        self._idle = 0
         self._requests = 0
         self._errors = 0
         self._processing_ns = 0
@@ -217,7 +219,7 @@ class Service:
         return time.monotonic() - self._started
 
     def statistics(self) -> ServiceStats:
-        return ServiceStats(self._inflight, self._workers, self._idle, self._requests, self._errors,
+        return ServiceStats(self._inflight, self._workers, len(self._parked), self._requests, self._errors,
                             self._processing_ns, self._last_error)
 
     # ---- admission (runs in the nats-py callback: synchronous, never blocks) ---------------
@@ -230,7 +232,12 @@ class Service:
                 f"instance at max_inflight={self.cfg.server.max_inflight}; retry later"))
         else:
             self._inflight += 1
-            self._send.send_nowait(msg)
+            if self._parked:  # hand it straight to the worker that went idle last (warm caches)
+                trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(msg))
+            else:
+                self._backlog.append(msg)
+                if self._workers < self.cfg.server.max_inflight:
+                    self._spawn_worker()
 
     def _reject(self, msg: Incoming, exc: errors.LlmsrvError) -> None:
         self._requests += 1
@@ -259,15 +266,19 @@ class Service:
         self._nursery.start_soon(self._worker)
 
     async def _worker(self) -> None:
-        recv = self._recv
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
         while True:
-            self._idle += 1
-            try:
-                msg = await recv.receive()
-            finally:
-                self._idle -= 1
-            if self._idle == 0 and self._workers < self.cfg.server.max_inflight:
-                self._spawn_worker()
+            if self._backlog:
+                msg = self._backlog.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()  # let others run; never lose msg
+            else:
+                self._parked.append(task)
+                msg = await trio.lowlevel.wait_task_rescheduled(abort)
             started = time.perf_counter_ns()
             try:
                 await self._serve(msg)
