@@ -19,7 +19,7 @@ from .config import Config, ConfigError, load_config, with_overrides
 from .errors import LlmsrvError
 from .messages import StreamChunk
 from .natsserver import NatsServer, free_port
-from .providers import PROVIDER_KEYS
+from .routing import PROVIDER_KEYS
 from .service import Service, build_providers
 
 log = logging.getLogger("llmsrv")

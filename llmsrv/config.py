@@ -106,9 +106,54 @@ class Matrix(_Frozen, frozen=True):
     qa: MatrixRow
 
 
+Score = Annotated[int, msgspec.Meta(ge=1, le=10)]
+CapabilityName = Literal["code", "reasoning", "creativity", "speed", "cost"]
+
+
+class ComplexityConfig(_Frozen, frozen=True):
+    """The additive score that infers a missing ``complexity`` (README: "Complexity inference")."""
+
+    medium_at: int = 2
+    complex_at: int = 4
+    length_chars: tuple[PositiveInt, ...] = (400, 1500, 4000)  # +1 for each one the text is longer than
+    many_messages: PositiveInt = 6  # +1 when the conversation has more messages than this
+    complex_words: tuple[str, ...] = (
+        "architecture", "architect", "design a", "distributed", "scalab", "concurren", "migrat",
+        "optimi", "security", "threat model", "refactor", "prove", "formal", "trade-off", "tradeoff",
+        "end-to-end", "system design", "algorithm")
+    medium_words: tuple[str, ...] = (
+        "implement", "write a", "debug", "explain", "compare", "analy", "review", "test", "convert",
+        "function", "class", "query", "fix")
+    simple_words: tuple[str, ...] = (
+        "what is", "define", "translate", "summari", "classify", "yes or no", "list ", "spell",
+        "capital of", "hello", "hi ")
+    code_markers: tuple[str, ...] = ("```", "def ", "class ", "function ", "=>", "#include", "import ",
+                               "select ", "{", "};")
+    reasoning_markers: tuple[str, ...] = ("step by step", "why ", "reason", "justify", "derive", "proof")
+
+
+class RetryConfig(_Frozen, frozen=True):
+    max_attempts: PositiveInt = 3  # attempts per request, over all candidates
+    backoff_base_ms: Annotated[int, msgspec.Meta(ge=0)] = 100
+    backoff_max_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
+
+
+class HedgeConfig(_Frozen, frozen=True):
+    enabled: bool = False
+    delay_ms: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the candidate's observed p95 latency
+    default_delay_ms: PositiveInt = 2000  # used while a provider has too few samples for a p95
+    tasks: tuple[str, ...] = ()  # task types (after aliases) to hedge; empty: all
+
+
 class RoutingConfig(_Frozen, frozen=True, kw_only=True):
     matrix: Matrix
     aliases: dict[str, str] = {}
+    prefixes: dict[str, str] = {}  # bare model name prefix -> provider; longest prefix wins
+    capability_scores: dict[str, dict[CapabilityName, Score]] = {}  # "provider:model" or "provider"
+    complexity: ComplexityConfig = ComplexityConfig()
+    retry: RetryConfig = RetryConfig()
+    hedge: HedgeConfig = HedgeConfig()
+    resilience: bool = True  # false: no breakers, limits, bulkheads, retries (for benchmarks)
 
 
 class Config(_Frozen, frozen=True, kw_only=True):
@@ -156,6 +201,24 @@ DEFAULTS: dict[str, Any] = {
             },
         },
         "aliases": {"sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-1", "haiku": "claude-haiku-4-5"},
+        "prefixes": {
+            "claude-": "claude", "gemini-": "gemini", "gpt-": "codex", "o1": "codex", "o3": "codex",
+            "o4": "codex", "codex-": "codex", "grok-": "copilot", "echo": "mock", "lorem": "mock",
+        },
+        # 1-10; a missing model or capability scores a neutral 5.
+        "capability_scores": {
+            "claude:claude-opus-4-1": {"code": 9, "reasoning": 10, "creativity": 9, "speed": 3, "cost": 2},
+            "claude:claude-sonnet-4-5": {"code": 9, "reasoning": 8, "creativity": 8, "speed": 6, "cost": 5},
+            "codex:gpt-5-codex": {"code": 10, "reasoning": 8, "creativity": 5, "speed": 5, "cost": 5},
+            "codex:o3-mini": {"code": 7, "reasoning": 8, "creativity": 4, "speed": 7, "cost": 8},
+            "gemini:gemini-2.5-pro": {"code": 8, "reasoning": 8, "creativity": 7, "speed": 5, "cost": 5},
+            "gemini:gemini-2.5-flash": {"code": 6, "reasoning": 6, "creativity": 6, "speed": 9, "cost": 9},
+            "copilot:gpt-4o": {"code": 7, "reasoning": 6, "creativity": 7, "speed": 7, "cost": 7},
+            "copilot:gpt-4.1": {"code": 8, "reasoning": 7, "creativity": 6, "speed": 7, "cost": 7},
+            "copilot:gpt-5-mini": {"code": 7, "reasoning": 7, "creativity": 5, "speed": 8, "cost": 9},
+            "copilot:grok-code-fast-1": {"code": 8, "reasoning": 5, "creativity": 4, "speed": 10, "cost": 9},
+            "mock": {"speed": 10, "cost": 10},
+        },
     },
 }
 

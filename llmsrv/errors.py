@@ -14,6 +14,7 @@
     +-- Overloaded                  OVERLOADED          503
     +-- ShuttingDown                SHUTTING_DOWN       503
     +-- ProviderError               PROVIDER_ERROR      502  (retryable upstream failure)
+    |   +-- ProviderTimeout         PROVIDER_ERROR      502  (one attempt ran out of time)
     +-- Timeout                     TIMEOUT             504
     +-- InternalError               INTERNAL_ERROR      500
 
@@ -22,6 +23,8 @@ never contain a secret. ``retry_after_ms`` is set where the contract asks for it
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class LlmsrvError(Exception):
@@ -32,6 +35,7 @@ class LlmsrvError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.attempts: list[Any] = []  # what the router tried before giving up, if anything
 
 
 class RequestError(LlmsrvError):
@@ -95,6 +99,10 @@ class ShuttingDown(LlmsrvError):
 class ProviderError(LlmsrvError):
     error_code = "PROVIDER_ERROR"
     status = 502
+
+
+class ProviderTimeout(ProviderError):
+    """One attempt took longer than its provider's ``timeout_ms`` (the request may go on)."""
 
 
 class Timeout(LlmsrvError):

@@ -104,6 +104,7 @@ class LLMError(msgspec.Struct, kw_only=True, omit_defaults=True):
     correlation_id: str
     timestamp: str
     retry_after_ms: int | None = None
+    attempts: list[Attempt] | None = None  # what was tried, when routing got that far
 
 
 class StreamChunk(msgspec.Struct, kw_only=True):
@@ -184,7 +185,7 @@ def timestamp() -> str:
 def error_body(exc: errors.LlmsrvError, correlation_id: str) -> bytes:
     return encode(LLMError(error=exc.message, error_code=exc.error_code,
                            correlation_id=correlation_id, timestamp=timestamp(),
-                           retry_after_ms=exc.retry_after_ms))
+                           retry_after_ms=exc.retry_after_ms, attempts=exc.attempts or None))
 
 
 def error_headers(exc: errors.LlmsrvError) -> dict[str, str]:

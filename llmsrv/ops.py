@@ -25,7 +25,9 @@ def health_document(service: Service) -> dict[str, Any]:
     providers = {}
     for name, provider in service.providers.items():
         status = provider.status()
-        providers[name] = {"available": status.available, "breaker": "closed", "reason": status.reason}
+        guard = service.guards.get(name)
+        providers[name] = {"available": status.available, "reason": status.reason,
+                           "breaker": guard.breaker.state if guard else "closed"}
     stats = service.statistics()
     return {
         "status": "draining" if service.draining else "ok",

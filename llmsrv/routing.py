@@ -1,30 +1,34 @@
-"""Model selection: a request and the providers' availability in, an ordered candidate list out.
+"""Model selection: a request and the providers' state in, an ordered attempt plan out.
 
-Pure (no I/O, no clock). Rules, in order:
+Pure (no I/O, no clock: callers pass the state). Rules, in order:
+
 1. ``model = "provider:model"``: exactly that provider; the model part goes through the aliases.
-2. A bare model name: the provider hint if given, else the first matching prefix rule.
-3. ``model = "auto"``: the cell of the task_type x complexity matrix (task aliases folded, a
-   missing complexity read as ``medium``), filtered by the provider hint.
-Unavailable candidates (no credentials) are dropped; when ``auto`` leaves nothing, the mock
-provider answers (CONTRACT section 5: with no real provider configured, ``auto`` routes to mock).
+2. A bare model name: the provider hint if given, else the longest matching prefix rule
+   (``[routing.prefixes]``).
+3. ``model = "auto"``: the cell of the task_type x complexity matrix (task aliases folded;
+   a missing complexity is inferred, see ``infer_complexity``), kept to the hinted provider if
+   there is a hint, then re-ranked by the capability hints (stable: ties keep matrix order).
+
+Then each candidate is checked against its provider's state and skipped, with the reason
+recorded, when it has no credentials, its breaker is open or it has no rate-limit headroom.
+When ``auto`` finds no candidate with credentials at all, the mock provider answers (CONTRACT
+section 5). An explicit model without credentials is an error (``MISSING_CREDENTIALS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
 from . import errors
-from .config import RoutingConfig
-from .messages import TASK_ALIASES, LLMRequest
-from .providers import PROVIDER_KEYS
+from .config import ComplexityConfig, RoutingConfig
+from .messages import TASK_ALIASES, LLMRequest, Message
 
-MODEL_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("claude-", "claude"), ("gemini-", "gemini"), ("gpt-", "codex"), ("o1", "codex"),
-    ("o3", "codex"), ("o4", "codex"), ("codex-", "codex"), ("echo", "mock"), ("lorem", "mock"),
-)
+PROVIDER_KEYS = ("claude", "gemini", "codex", "copilot", "github", "jules", "cursor",
+                 "openrouter", "openai_compat", "mock")
 FALLBACK = ("mock", "echo")
+NEUTRAL_SCORE = 5
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -36,10 +40,53 @@ class Target(msgspec.Struct, frozen=True):
         return f"{self.provider}:{self.model}"
 
 
-def _split(spec: str) -> tuple[str, str]:
-    provider, _, model = spec.partition(":")
-    return provider, model
+class ProviderState(msgspec.Struct, frozen=True):
+    """What routing needs to know of a provider right now."""
 
+    available: bool = True  # has usable credentials
+    circuit_retry_after_s: float | None = None  # set while the breaker refuses calls
+    rate_retry_after_s: float | None = None  # set while a rate limit has no headroom
+
+
+class Skip(msgspec.Struct, frozen=True):
+    target: Target
+    reason: str  # missing_credentials | circuit_open | rate_limited
+    retry_after_ms: int | None = None
+
+
+class Plan(msgspec.Struct, frozen=True):
+    candidates: list[Target]
+    skipped: list[Skip]
+    complexity: str | None = None  # the complexity used (given or inferred) for auto routes
+
+
+# ---- complexity ---------------------------------------------------------------------------------
+
+def complexity_score(messages: Sequence[Message], cfg: ComplexityConfig) -> int:
+    """Additive score over the conversation (documented in the README)."""
+    text = "\n".join(m.content for m in messages).lower()
+    score = sum(1 for limit in cfg.length_chars if len(text) > limit)
+    if len(messages) > cfg.many_messages:
+        score += 1
+    if any(w in text for w in cfg.complex_words):
+        score += 3
+    if any(w in text for w in cfg.medium_words):
+        score += 1
+    if any(w in text for w in cfg.code_markers):
+        score += 1
+    if any(w in text for w in cfg.reasoning_markers):
+        score += 1
+    if any(w in text for w in cfg.simple_words):
+        score -= 1
+    return score
+
+
+def infer_complexity(messages: Sequence[Message], cfg: ComplexityConfig) -> str:
+    score = complexity_score(messages, cfg)
+    return "complex" if score >= cfg.complex_at else "medium" if score >= cfg.medium_at else "simple"
+
+
+# ---- candidates ---------------------------------------------------------------------------------
 
 def _check_provider(provider: str) -> None:
     if provider not in PROVIDER_KEYS:
@@ -47,38 +94,97 @@ def _check_provider(provider: str) -> None:
             f"unknown provider {provider!r}; known: {', '.join(PROVIDER_KEYS)}")
 
 
-def plan(request: LLMRequest, routing: RoutingConfig, available: Mapping[str, bool]) -> list[Target]:
-    """Ordered candidates for ``request``. ``available`` maps provider key -> usable now."""
-    alias = routing.aliases.get
+def _split(spec: str) -> tuple[str, str]:
+    provider, _, model = spec.partition(":")
+    return provider, model
+
+
+def capability_score(target: Target, capabilities: Sequence[str], routing: RoutingConfig) -> int:
+    table = routing.capability_scores
+    scores = table.get(target.spec) or table.get(target.provider) or {}
+    return sum(scores.get(c, NEUTRAL_SCORE) for c in capabilities)  # type: ignore[call-overload]
+
+
+def explicit_target(request: LLMRequest, routing: RoutingConfig) -> Target | None:
+    """The target a request names, or None for ``auto``."""
+    if request.model == "auto":
+        return None
     hint = request.provider
-    if hint is not None:
-        _check_provider(hint)
+    if ":" in request.model:
+        provider, model = _split(request.model)
+        _check_provider(provider)
+    elif hint is not None:
+        provider, model = hint, request.model
+    else:
+        prefixes = sorted(routing.prefixes.items(), key=lambda kv: -len(kv[0]))
+        provider = next((p for prefix, p in prefixes if request.model.startswith(prefix)), "")
+        model = request.model
+        if not provider:
+            raise errors.ProviderNotFound(
+                f"cannot tell the provider of model {request.model!r}: write it as provider:model")
+        _check_provider(provider)
+    if not model:
+        raise errors.ValidationFailed("model must be provider:model with a model part - at `$.model`")
+    return Target(provider, routing.aliases.get(model, model))
 
-    if request.model != "auto":
-        if ":" in request.model:
-            provider, model = _split(request.model)
-            _check_provider(provider)
-        elif hint is not None:
-            provider, model = hint, request.model
-        else:
-            provider = next((p for prefix, p in MODEL_PREFIXES if request.model.startswith(prefix)), "")
-            model = request.model
-            if not provider:
-                raise errors.ProviderNotFound(
-                    f"cannot tell the provider of model {request.model!r}: write it as provider:model")
-        if not model:
-            raise errors.ValidationFailed("model must be provider:model with a model part - at `$.model`")
-        if not available.get(provider, False):
-            raise errors.MissingCredentials(f"provider {provider!r} has no usable credentials")
-        return [Target(provider, alias(model, model))]
 
+def candidates(request: LLMRequest, routing: RoutingConfig, complexity: str) -> list[Target]:
+    """The ordered candidates of an ``auto`` request, before any provider state is looked at."""
+    alias = routing.aliases.get
     task = TASK_ALIASES.get(request.task_type, request.task_type)
-    row = getattr(routing.matrix, task)
-    cell: list[str] = getattr(row, request.complexity or "medium")
-    candidates = [Target(p, alias(m, m)) for p, m in map(_split, cell) if hint in (None, p)]
-    usable = [t for t in candidates if available.get(t.provider, False)]
-    if usable:
-        return usable
-    if hint not in (None, "mock"):
-        raise errors.MissingCredentials(f"provider {hint!r} has no usable credentials")
-    return [Target(*FALLBACK)]
+    cell: list[str] = getattr(getattr(routing.matrix, task), complexity)
+    found = [Target(p, alias(m, m)) for p, m in map(_split, cell) if request.provider in (None, p)]
+    if request.capabilities:
+        caps = request.capabilities
+        found.sort(key=lambda t: -capability_score(t, caps, routing))
+    return found
+
+
+class Route(msgspec.Struct, frozen=True):
+    """The candidates a request names, before provider state is looked at (memoisable)."""
+
+    targets: list[Target]
+    complexity: str | None  # None: an explicit model; else the complexity of the auto route
+
+
+def route(request: LLMRequest, routing: RoutingConfig) -> Route:
+    if request.provider is not None:
+        _check_provider(request.provider)
+    target = explicit_target(request, routing)
+    if target is not None:
+        return Route([target], None)
+    complexity = request.complexity or infer_complexity(request.messages, routing.complexity)
+    return Route(candidates(request, routing, complexity), complexity)
+
+
+def plan(request: LLMRequest, routing: RoutingConfig, states: Mapping[str, ProviderState]) -> Plan:
+    """Ordered candidates for ``request``; ``states`` maps provider key -> its state now."""
+    return filter_plan(route(request, routing), states, request.provider)
+
+
+def filter_plan(found: Route, states: Mapping[str, ProviderState], hint: str | None) -> Plan:
+    """Skip candidates that cannot be tried now, recording why."""
+    missing = ProviderState(available=False)
+    if found.complexity is None and not states.get(found.targets[0].provider, missing).available:
+        raise errors.MissingCredentials(f"provider {found.targets[0].provider!r} has no usable credentials")
+    keep: list[Target] = []
+    skipped: list[Skip] = []
+    for target in found.targets:
+        state = states.get(target.provider, missing)
+        if not state.available:
+            skipped.append(Skip(target, "missing_credentials"))
+        elif state.circuit_retry_after_s is not None:
+            skipped.append(Skip(target, "circuit_open", _ms(state.circuit_retry_after_s)))
+        elif state.rate_retry_after_s is not None:
+            skipped.append(Skip(target, "rate_limited", _ms(state.rate_retry_after_s)))
+        else:
+            keep.append(target)
+    if found.complexity is not None and not keep and all(s.reason == "missing_credentials" for s in skipped):
+        if hint not in (None, "mock"):
+            raise errors.MissingCredentials(f"provider {hint!r} has no usable credentials")
+        return filter_plan(Route([Target(*FALLBACK)], found.complexity), states, hint)
+    return Plan(keep, skipped, found.complexity)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000 + 0.999))

@@ -38,8 +38,10 @@ from . import errors, messages, routing
 from .bus import Bus, Incoming
 from .config import Config
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
-from .providers import Call, Completion, Provider
+from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.mock import MockProvider
+from .resilience import ProviderGuard
+from .router import Router
 
 log = logging.getLogger("llmsrv.service")
 
@@ -94,10 +96,12 @@ class Streamer:
         self._last = -math.inf
         self._wakeup = trio.Event()
         self.seq = 0
+        self.started = False  # a delta arrived: from here on, no fallback to another provider
 
     def on_delta(self, text: str) -> None:
         if not text:
             return
+        self.started = True
         self._buf.append(text)
         if trio.current_time() - self._last >= self._interval:
             self.flush()
@@ -158,7 +162,11 @@ class Service:
         self.started_wall = time.time()
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
-        self._plans: dict[tuple[object, ...], list[routing.Target]] = {}
+        self._routes: dict[tuple[object, ...], routing.Route] = {}
+        self.router = Router(cfg.routing.retry)
+        self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name),
+                                           on_transition=self._on_transition) for name in self.providers}
+        self.transitions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -310,7 +318,8 @@ class Service:
         lives.append(live)
         try:
             with live.scope:
-                response = await self._execute(request, cid, msg.reply if stream else None)
+                response = await self._execute(request, cid, live.scope.deadline,
+                                               msg.reply if stream else None)
             if live.scope.cancelled_caught:
                 raise self._cancellation_error(live.reason, timeout_ms)
             self._reply(msg.reply, self.subject_response, encode(response), STREAM_END if stream else None)
@@ -344,43 +353,105 @@ class Service:
         return errors.Timeout(
             f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
 
-    def _plan(self, request: LLMRequest) -> list[routing.Target]:
-        """``routing.plan``, memoised on what it reads (it is pure): most traffic repeats a few keys."""
-        available = tuple(name for name, p in self.providers.items() if p.status().available)
-        key = (request.model, request.provider, request.task_type, request.complexity, available)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = routing.plan(request, self.cfg.routing, dict.fromkeys(available, True))
-            if len(self._plans) >= 4096:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+    def _route(self, request: LLMRequest) -> routing.Route:
+        """``routing.route`` memoised on what it reads; an inferred complexity reads the text."""
+        if request.model == "auto" and request.complexity is None:
+            return routing.route(request, self.cfg.routing)
+        key = (request.model, request.provider, request.task_type, request.complexity,
+               tuple(request.capabilities or ()))
+        found = self._routes.get(key)
+        if found is None:
+            found = routing.route(request, self.cfg.routing)
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[key] = found
+        return found
 
-    async def _execute(self, request: LLMRequest, cid: str, stream_to: str | None) -> LLMResponse:
-        target = self._plan(request)[0]
-        provider = self.providers[target.provider]
-        call = Call(model=target.model, messages=request.messages, max_tokens=request.max_tokens,
+    def _plan(self, request: LLMRequest) -> routing.Plan:
+        found = self._route(request)
+        names = {t.provider for t in found.targets} | {routing.FALLBACK[0]}
+        states = {name: self._state(name) for name in names if name in self.providers}
+        return routing.filter_plan(found, states, request.provider)
+
+    def _state(self, name: str) -> routing.ProviderState:
+        available = self.providers[name].status().available
+        guard = self.guards.get(name)
+        if guard is None or not available:
+            return routing.ProviderState(available)
+        return routing.ProviderState(True, guard.breaker.blocked_for(), guard.limiter.blocked_for())
+
+    async def _execute(self, request: LLMRequest, cid: str, deadline: float,
+                       stream_to: str | None) -> LLMResponse:
+        call = Call(model="", messages=request.messages, max_tokens=request.max_tokens,
                     temperature=request.temperature, tools=request.tools or ())
-        started = trio.current_time()
         if stream_to is None:
-            completion = await provider.complete(call)
-        else:
-            completion = await self._stream(provider, call, cid, stream_to)
-        ms = round((trio.current_time() - started) * 1000)
-        return _response(completion, target.spec, cid,
-                         [messages.Attempt(target.provider, target.model, "ok", ms)])
+            return await self._dispatch(request, call, cid, deadline, None)
 
-    async def _stream(self, provider: Provider, call: Call, cid: str, stream_to: str) -> Completion:
         def publish(chunk: bytes) -> None:
             self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
 
         streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(streamer.run)
-            completion = await provider.complete(call, streamer.on_delta)
+            response = await self._dispatch(request, call, cid, deadline, streamer)
             nursery.cancel_scope.cancel()
         streamer.flush()
+        return response
+
+    async def _dispatch(self, request: LLMRequest, call: Call, cid: str, deadline: float,
+                        streamer: Streamer | None) -> LLMResponse:
+        on_delta = streamer.on_delta if streamer is not None else None
+        if not self.cfg.routing.resilience:  # the bare path: first candidate, no guard, no retry
+            target = self._plan(request).candidates[0]
+            started = trio.current_time()
+            completion = await self.providers[target.provider].complete(
+                msgspec.structs.replace(call, model=target.model), on_delta)
+            ms = round((trio.current_time() - started) * 1000)
+            return _response(completion, target.spec, cid, [messages.Attempt(
+                target.provider, target.model, "ok", ms)])
+
+        async def attempt(target: routing.Target) -> Completion:
+            return await self._attempt(target, call, on_delta)
+
+        result = await self.router.run(
+            lambda: self._plan(request), attempt, deadline,
+            hedge_delay=self._hedge_delay(request) if streamer is None else None,
+            streamed=(lambda: streamer.started) if streamer is not None else (lambda: False))
+        return _response(result.completion, result.target.spec, cid, result.attempts)
+
+    async def _attempt(self, target: routing.Target, call: Call, on_delta: OnDelta | None) -> Completion:
+        provider = self.providers[target.provider]
+        guard = self.guards[target.provider]
+        timeout_ms = getattr(self.cfg.providers, target.provider).timeout_ms
+        call = msgspec.structs.replace(call, model=target.model)
+        started = trio.current_time()
+        async with guard.attempt(estimate_call_tokens(call)) as usage:
+            with trio.move_on_after(timeout_ms / 1000) as scope:
+                completion = await provider.complete(call, on_delta)
+            if scope.cancelled_caught:
+                raise errors.ProviderTimeout(
+                    f"provider {target.provider!r} gave no answer within its timeout_ms={timeout_ms}")
+            usage.tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
+        guard.latency.add(trio.current_time() - started)
         return completion
+
+    def _hedge_delay(self, request: LLMRequest) -> Callable[[routing.Target], float] | None:
+        hedge = self.cfg.routing.hedge
+        task = messages.TASK_ALIASES.get(request.task_type, request.task_type)
+        if not hedge.enabled or (hedge.tasks and task not in hedge.tasks):
+            return None
+
+        def delay(target: routing.Target) -> float:
+            if hedge.delay_ms:
+                return hedge.delay_ms / 1000
+            p95 = self.guards[target.provider].latency.p95()
+            return p95 if p95 is not None else hedge.default_delay_ms / 1000
+
+        return delay
+
+    def _on_transition(self, provider: str, old: str, new: str) -> None:
+        self.transitions[(provider, new)] += 1
+        log.warning("circuit breaker of provider %s: %s -> %s", provider, old, new)
 
     # ---- replies ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmsrv import errors, messages, routing
+from llmsrv import errors, messages
 from llmsrv.config import ConfigError, MockConfig, build_config
 from llmsrv.messages import LLMRequest, Message
 from llmsrv.providers import Call
@@ -107,47 +107,6 @@ def test_config_merges_cells_and_env() -> None:
     assert cfg.routing.matrix.general.simple == ["mock:lorem"]
     assert cfg.routing.matrix.general.medium == CFG.routing.matrix.general.medium
     assert cfg.providers.mock.latency_ms == 25 and cfg.nats.url == "nats://h:1"
-
-
-# ---- routing ------------------------------------------------------------------------------------
-
-def _req(**kw: Any) -> LLMRequest:
-    return LLMRequest(messages=[Message("user", "x")], **kw)
-
-
-ONLY_MOCK = {"mock": True}
-
-
-@pytest.mark.parametrize(("kw", "available", "expected"), [
-    ({"model": "mock:echo"}, ONLY_MOCK, ["mock:echo"]),
-    ({"model": "echo"}, ONLY_MOCK, ["mock:echo"]),
-    ({"model": "lorem", "provider": "mock"}, ONLY_MOCK, ["mock:lorem"]),
-    ({}, ONLY_MOCK, ["mock:echo"]),
-    ({"task_type": "tester", "complexity": "simple"}, ONLY_MOCK, ["mock:echo"]),
-    ({"complexity": "simple"}, {"mock": True, "gemini": True, "codex": True},
-     ["gemini:gemini-2.5-flash", "codex:o3-mini"]),
-    ({"complexity": "complex", "provider": "claude"}, {"claude": True},
-     ["claude:claude-sonnet-4-5", "claude:claude-opus-4-1"]),
-    ({"task_type": "developer", "complexity": "simple"}, {"copilot": True},
-     ["copilot:gpt-5-mini", "copilot:grok-code-fast-1"]),
-    ({"model": "claude:sonnet"}, {"claude": True}, ["claude:claude-sonnet-4-5"]),
-], ids=["explicit", "bare-prefix", "bare-hint", "auto-falls-to-mock", "task-alias", "auto-skips-missing",
-        "hint-filters", "coder-alias", "model-alias"])
-def test_routing_plan(kw: dict[str, Any], available: dict[str, bool], expected: list[str]) -> None:
-    assert [t.spec for t in routing.plan(_req(**kw), CFG.routing, available)] == expected
-
-
-@pytest.mark.parametrize(("kw", "error"), [
-    ({"model": "acme:x"}, errors.ProviderNotFound),
-    ({"model": "mystery-model"}, errors.ProviderNotFound),
-    ({"provider": "acme"}, errors.ProviderNotFound),
-    ({"model": "claude:sonnet"}, errors.MissingCredentials),
-    ({"provider": "gemini"}, errors.MissingCredentials),
-    ({"model": "mock:"}, errors.ValidationFailed),
-], ids=["unknown-provider", "unknown-bare", "unknown-hint", "no-creds", "hint-no-creds", "empty-model"])
-def test_routing_errors(kw: dict[str, Any], error: type[Exception]) -> None:
-    with pytest.raises(error):
-        routing.plan(_req(**kw), CFG.routing, ONLY_MOCK)
 
 
 # ---- layering -----------------------------------------------------------------------------------

@@ -14,9 +14,6 @@ import msgspec
 
 from ..messages import Message, Tool, ToolCall, Usage
 
-PROVIDER_KEYS = ("claude", "gemini", "codex", "copilot", "github", "jules", "cursor",
-                 "openrouter", "openai_compat", "mock")
-
 
 class Call(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # the provider's own model id, without the "provider:" prefix
@@ -51,3 +48,13 @@ class Provider(Protocol):
     async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
         """Run one call. With ``on_delta`` the text is also reported piece by piece as it arrives."""
         ...
+
+
+def estimate_tokens(text: str) -> int:
+    """The usual ~4 characters a token: for rate-limit charges and tokenizer-less providers."""
+    return (len(text) + 3) // 4
+
+
+def estimate_call_tokens(call: Call) -> int:
+    """What a call may cost before it is made: its prompt and all of ``max_tokens``."""
+    return sum(estimate_tokens(m.content) for m in call.messages) + call.max_tokens

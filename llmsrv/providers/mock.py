@@ -16,7 +16,7 @@ import trio
 from ..config import MockConfig
 from ..errors import ProviderError, ProviderNotFound
 from ..messages import Usage
-from . import Call, Completion, OnDelta, ProviderStatus
+from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
 
 _LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
           "incididunt ut labore et dolore magna aliqua").split()
@@ -39,11 +39,6 @@ class _Counters:
     last_cancelled_at: float | None = None
 
 
-def estimate_tokens(text: str) -> int:
-    """The usual ~4 characters a token; the mock has no tokenizer to be exact with."""
-    return (len(text) + 3) // 4
-
-
 def reply_text(call: Call) -> str:
     if call.model == "echo":
         for message in reversed(call.messages):
@@ -62,7 +57,7 @@ def split_tokens(text: str) -> list[str]:
 
 class MockProvider:
     name = "mock"
-    models = ("echo", "lorem")
+    models = ("echo", "lorem", "fail")
 
     def __init__(self, cfg: MockConfig, rng: random.Random | None = None) -> None:
         self.cfg = cfg
@@ -81,7 +76,7 @@ class MockProvider:
 
     async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
         if call.model not in self.models:
-            raise ProviderNotFound(f"unknown mock model {call.model!r}; known: echo, lorem")
+            raise ProviderNotFound(f"unknown mock model {call.model!r}; known: {', '.join(self.models)}")
         self._n.calls += 1
         try:
             completion = await self._run(call, on_delta)
@@ -99,6 +94,8 @@ class MockProvider:
         cfg = self.cfg
         if cfg.latency_ms:
             await trio.sleep(cfg.latency_ms / 1000)
+        if call.model == "fail":
+            raise ProviderError("mock:fail always fails like an upstream 5xx")
         if cfg.error_rate and self._rng.random() < cfg.error_rate:
             raise ProviderError("mock: injected upstream failure (providers.mock.error_rate)")
         text = reply_text(call)

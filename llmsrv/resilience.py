@@ -1,0 +1,330 @@
+"""Per-provider protection: circuit breaker (purgatory), rate limits (limits), bulkhead (trio).
+
+Theory of operation
+-------------------
+``ProviderGuard.attempt()`` is the one door to a provider call. In order it: asks the breaker for
+a ticket (open -> ``CircuitOpen`` with ``retry_after_ms``), waits for a bulkhead slot, then
+charges the rate limits (requests and an estimate of tokens; no headroom -> ``RateLimited`` with
+``retry_after_ms``). When the call ends it records the outcome:
+
+* success -> breaker success; the token estimate is corrected with the real usage;
+* an upstream failure (``ProviderError``, an attempt timeout, any unexpected exception) -> breaker
+  failure;
+* neutral -> nothing: ``trio.Cancelled`` (client cancel, request deadline, shutdown) and caller
+  errors (``RequestError``, ``MissingCredentials``) say nothing about the provider's health.
+
+Everything is released in ``finally``: a cancelled request leaves no bulkhead slot, no half-open
+probe slot and no pending breaker state behind.
+
+The breaker uses purgatory's domain state machine (consecutive failures -> open -> half-open ->
+closed) for counting and transitions, but keeps time itself (trio's clock, so tests run on
+virtual time) and fixes what the notes measured: purgatory counts cancellations as failures,
+counts excluded errors as successes, lets every concurrent call through in half-open and re-raises
+one exception object whose traceback grows. Here half-open admits ``max_probes`` calls, outcomes
+of calls admitted under an earlier state are ignored, and each refusal is a fresh exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import trio
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage, storage_from_string
+from limits.strategies import SlidingWindowCounterRateLimiter
+from purgatory.domain.messages.events import ContextChanged
+from purgatory.domain.model import Context, HalfOpenedState
+
+from . import errors
+from .config import ProviderConfig
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"
+STATE_CODE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+_PURGATORY_STATE = {"closed": CLOSED, "half-opened": HALF_OPEN, "opened": OPEN}
+HALF_OPEN_RETRY_MS = 500  # what a caller refused in half-open (probe busy) is told to wait
+
+Clock = Callable[[], float]
+OnTransition = Callable[[str, str, str], None]  # provider, from_state, to_state
+
+
+class _Failure(Exception):
+    """What the breaker is told when a call failed (purgatory wants an exception)."""
+
+
+class Ticket(msgspec.Struct):
+    generation: int
+    probe: bool
+
+
+class BreakerSnapshot(msgspec.Struct, frozen=True):
+    state: str
+    failures: int
+    retry_after_s: float  # 0 unless open
+    probes_in_flight: int
+
+
+class Breaker:
+    def __init__(self, name: str, threshold: int, ttl_s: float, max_probes: int = 1,
+                 clock: Clock = trio.current_time, on_transition: OnTransition | None = None) -> None:
+        self.name = name
+        self.max_probes = max_probes
+        self._ctx = Context(name, threshold, ttl_s)
+        self._clock = clock
+        self._on_transition = on_transition
+        self._opened_at = -math.inf
+        self._probes = 0
+        self._generation = 0
+        self._last_state = CLOSED
+
+    @property
+    def state(self) -> str:
+        return _PURGATORY_STATE[self._ctx.state]
+
+    def tune(self, threshold: int | None = None, ttl_s: float | None = None) -> None:
+        if threshold is not None:
+            self._ctx.threshold = threshold
+        if ttl_s is not None:
+            self._ctx.ttl = ttl_s
+
+    def snapshot(self) -> BreakerSnapshot:
+        state = self.state
+        retry = max(0.0, self._opened_at + self._ctx.ttl - self._clock()) if state == OPEN else 0.0
+        return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes)
+
+    def blocked_for(self) -> float | None:
+        """Seconds until this breaker admits a call again, or None if it would admit one now."""
+        state = self.state
+        if state == OPEN:
+            remaining = self._opened_at + self._ctx.ttl - self._clock()
+            return remaining if remaining > 0 else None
+        if state == HALF_OPEN and self._probes >= self.max_probes:
+            return HALF_OPEN_RETRY_MS / 1000
+        return None
+
+    def admit(self) -> Ticket:
+        """A ticket for one call, or a fresh ``CircuitOpen``."""
+        if self.state == OPEN:
+            remaining = self._opened_at + self._ctx.ttl - self._clock()
+            if remaining > 0:
+                raise errors.CircuitOpen(f"circuit breaker of provider {self.name!r} is open",
+                                         retry_after_ms=math.ceil(remaining * 1000))
+            self._ctx.set_state(HalfOpenedState())
+            self._sync()
+        if self.state == HALF_OPEN:
+            if self._probes >= self.max_probes:
+                raise errors.CircuitOpen(
+                    f"circuit breaker of provider {self.name!r} is half-open and its probe is in flight",
+                    retry_after_ms=HALF_OPEN_RETRY_MS)
+            self._probes += 1
+            return Ticket(self._generation, probe=True)
+        return Ticket(self._generation, probe=False)
+
+    def record(self, ticket: Ticket, outcome: str) -> None:
+        """``outcome``: success | failure | neutral. Always releases the ticket's probe slot."""
+        if ticket.probe:
+            self._probes -= 1
+        if outcome == "neutral" or ticket.generation != self._generation:
+            return
+        if outcome == "success":
+            self._ctx.handle_end_request()
+        else:
+            self._ctx.handle_exception(_Failure())
+        self._sync()
+
+    def _sync(self) -> None:
+        for event in self._ctx.messages:
+            if isinstance(event, ContextChanged):
+                self._generation += 1
+                new = _PURGATORY_STATE[event.state]
+                old, self._last_state = self._last_state, new
+                if new == OPEN:
+                    self._opened_at = self._clock()
+                if self._on_transition is not None:
+                    self._on_transition(self.name, old, new)
+        self._ctx.messages.clear()
+
+
+class _QuietMemoryStorage(MemoryStorage):
+    """limits' memory storage without its expiry timer thread.
+
+    ``MemoryStorage`` starts a ``threading.Timer`` about every 10 ms while in use (a thread start
+    per window, 60-100 a second under load). Reads already check expiry themselves, so the timer
+    only frees memory; ``RateLimiter`` sweeps at most once a second instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timer.cancel()  # the one-shot timer the constructor starts; sweeps replace it
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802 (name-mangled override)
+        pass
+
+    def sweep(self) -> None:
+        self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
+
+class RateLimitSnapshot(msgspec.Struct, frozen=True):
+    limited: str | None  # "rpm" | "tpm" | None
+    retry_after_s: float
+
+
+class RateLimiter:
+    """Requests-per-window and tokens-per-window limits of one provider (sliding window counter)."""
+
+    def __init__(self, name: str, rpm: str | None, tpm: str | None, storage_uri: str = "memory://",
+                 wall: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.name = name
+        self._wall = wall or time.time
+        self._storage: Any = (_QuietMemoryStorage() if storage_uri.startswith("memory://")
+                              else storage_from_string(storage_uri))
+        self._strategy = SlidingWindowCounterRateLimiter(self._storage)
+        self._items: list[tuple[str, RateLimitItem]] = [
+            (kind, parse(spec)) for kind, spec in (("rpm", rpm), ("tpm", tpm)) if spec]
+        self._last_sweep = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._items)
+
+    def _retry_after(self, item: RateLimitItem) -> float:
+        reset_at = self._strategy.get_window_stats(item, self.name).reset_time
+        return max(0.001, reset_at - self._wall())
+
+    def blocked_for(self) -> float | None:
+        """Seconds until one more request fits, or None if it fits now (or there is no limit)."""
+        if not self._items:
+            return None
+        snap = self.snapshot()
+        return snap.retry_after_s if snap.limited else None
+
+    def snapshot(self, tokens: int = 1) -> RateLimitSnapshot:
+        for kind, item in self._items:
+            cost = 1 if kind == "rpm" else min(tokens, item.amount)
+            if not self._strategy.test(item, self.name, cost=cost):
+                return RateLimitSnapshot(kind, self._retry_after(item))
+        return RateLimitSnapshot(None, 0.0)
+
+    def acquire(self, tokens: int) -> None:
+        """Charge one request and ``tokens`` tokens, or raise ``RateLimited`` charging nothing."""
+        self._maybe_sweep()
+        by_kind = dict(self._items)
+        tpm = by_kind.get("tpm")
+        if tpm is not None:
+            tokens = min(tokens, tpm.amount)  # one huge request may still pass an empty window
+            if not self._strategy.test(tpm, self.name, cost=tokens):
+                raise self._limited("tpm", tpm)
+        rpm = by_kind.get("rpm")
+        if rpm is not None and not self._strategy.hit(rpm, self.name):
+            raise self._limited("rpm", rpm)
+        if tpm is not None:
+            self._strategy.hit(tpm, self.name, cost=tokens)
+
+    def correct(self, estimated: int, actual: int) -> None:
+        """Charge (or refund) the difference between the token estimate and the real usage."""
+        tpm = dict(self._items).get("tpm")
+        if tpm is None or actual == estimated:
+            return
+        key = tpm.key_for(self.name)
+        _, current = self._storage.sliding_window_keys(key, tpm.get_expiry(), self._wall())
+        if actual > estimated:
+            self._storage.incr(current, 2 * tpm.get_expiry(), amount=actual - estimated)
+        elif hasattr(self._storage, "decr"):
+            self._storage.decr(current, amount=min(estimated - actual, self._storage.get(current)))
+
+    def _limited(self, kind: str, item: RateLimitItem) -> errors.RateLimited:
+        retry = self._retry_after(item)
+        exc = errors.RateLimited(f"provider {self.name!r} is over its {kind} limit ({item})",
+                                 retry_after_ms=math.ceil(retry * 1000))
+        exc.limit = kind  # type: ignore[attr-defined]
+        return exc
+
+    def _maybe_sweep(self) -> None:
+        now = self._wall()
+        if isinstance(self._storage, _QuietMemoryStorage) and now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            self._storage.sweep()
+
+
+class GuardSnapshot(msgspec.Struct, frozen=True):
+    breaker: BreakerSnapshot
+    rate: RateLimitSnapshot
+    in_flight: int
+    max_concurrency: int
+
+
+class ProviderGuard:
+    """Breaker + rate limits + bulkhead of one provider, as one async door."""
+
+    def __init__(self, name: str, cfg: ProviderConfig, *, clock: Clock = trio.current_time,
+                 wall: Callable[[], float] | None = None, on_transition: OnTransition | None = None,
+                 storage_uri: str = "memory://", max_probes: int = 1) -> None:
+        self.name = name
+        self.breaker = Breaker(name, cfg.breaker_threshold, cfg.breaker_ttl_s, max_probes, clock,
+                               on_transition)
+        self.limiter = RateLimiter(name, cfg.rpm, cfg.tpm, storage_uri, wall)
+        self.bulkhead = trio.CapacityLimiter(cfg.max_concurrency)
+        self.latency = LatencyWindow()
+
+    def snapshot(self, tokens: int = 1) -> GuardSnapshot:
+        stats = self.bulkhead.statistics()
+        return GuardSnapshot(self.breaker.snapshot(), self.limiter.snapshot(tokens),
+                             stats.borrowed_tokens, int(stats.total_tokens))
+
+    @asynccontextmanager
+    async def attempt(self, estimated_tokens: int) -> AsyncIterator[Usage]:
+        """Admit one call. The body fills in ``usage.tokens`` on success."""
+        ticket = self.breaker.admit()
+        outcome = "neutral"
+        try:
+            async with self.bulkhead:
+                # Charged only once a slot is held: a request cancelled while queued costs nothing.
+                # Once sent, its charge stands even if it is cancelled (the upstream counted it).
+                if self.limiter.enabled:
+                    self.limiter.acquire(estimated_tokens)
+                usage = Usage()
+                try:
+                    yield usage
+                except (errors.RequestError, errors.MissingCredentials):
+                    raise
+                except Exception:
+                    outcome = "failure"
+                    raise
+                else:
+                    outcome = "success"
+                    if usage.tokens is not None and self.limiter.enabled:
+                        self.limiter.correct(estimated_tokens, usage.tokens)
+        finally:
+            self.breaker.record(ticket, outcome)
+
+
+class Usage:
+    """Filled in by the caller of ``ProviderGuard.attempt`` with the tokens really used."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+
+
+class LatencyWindow:
+    """The last ``size`` call durations of a provider, for the hedge delay (its p95)."""
+
+    def __init__(self, size: int = 200, min_samples: int = 20) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self._min = min_samples
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+
+    def p95(self) -> float | None:
+        if len(self._samples) < self._min:
+            return None
+        ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]

@@ -1,0 +1,179 @@
+"""Runs an attempt plan under the request's deadline: fallback, retries, rate-limit waits, hedging.
+
+Theory of operation
+-------------------
+The caller's cancel scope carries the request deadline; everything here runs inside it, so a
+cancelled or expired request stops every attempt at once (and ``ProviderGuard`` releases what
+each held). Within it:
+
+* **Fallback**: candidates are tried in plan order; a retryable failure (``ProviderError``
+  including attempt timeouts, ``RateLimited``, ``CircuitOpen``, ``MissingCredentials``) moves
+  on to the next candidate at once. A caller error (``RequestError``) ends the request.
+* **Retries**: when every candidate of a round failed and attempts remain
+  (``[routing.retry] max_attempts``), the router sleeps an exponential backoff with full jitter,
+  at least the largest ``Retry-After`` seen, then plans again. It never sleeps past the deadline:
+  if the wait would end after it, the last error is the answer.
+* **Rate limits**: when the plan is empty because every candidate is rate limited, the router
+  waits for the earliest headroom if the deadline allows, else answers ``RATE_LIMITED`` with
+  ``retry_after_ms``. When every candidate's breaker is open: ``CIRCUIT_OPEN`` at once.
+* **Streaming**: once a chunk went out, a failure ends the request (no fallback mid-stream).
+* **Hedging** (off by default): trio's happy-eyeballs shape. The first candidate starts; if it has
+  neither succeeded nor failed after the hedge delay, the next starts too, and so on; a failure
+  starts the next one at once; the first success wins and the others are cancelled (their
+  guards record a neutral outcome, not a failure).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+import trio
+
+from . import errors
+from .config import RetryConfig
+from .messages import Attempt
+from .providers import Completion
+from .routing import Plan, Target
+
+RETRYABLE = (errors.ProviderError, errors.RateLimited, errors.CircuitOpen, errors.MissingCredentials)
+RunAttempt = Callable[[Target], Awaitable[Completion]]
+
+
+class Result(msgspec.Struct):
+    completion: Completion
+    target: Target
+    attempts: list[Attempt]
+
+
+def outcome_of(exc: BaseException) -> str:
+    if isinstance(exc, errors.ProviderTimeout):
+        return "timeout"
+    if isinstance(exc, errors.LlmsrvError):
+        return exc.error_code.lower()
+    return "error"
+
+
+def backoff_s(round_no: int, retry: RetryConfig, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(max, base * 2**round)]."""
+    cap = min(retry.backoff_max_ms, retry.backoff_base_ms * (2 ** round_no)) / 1000
+    return rng.uniform(0, cap)
+
+
+class Router:
+    def __init__(self, retry: RetryConfig, rng: random.Random | None = None) -> None:
+        self.retry = retry
+        self.rng = rng or random.Random()
+
+    async def run(self, plan: Callable[[], Plan], attempt: RunAttempt, deadline: float, *,
+                  hedge_delay: Callable[[Target], float] | None = None,
+                  streamed: Callable[[], bool] = lambda: False) -> Result:
+        """Answer with the first successful attempt, or raise the error that ends the request."""
+        attempts: list[Attempt] = []
+        last: errors.LlmsrvError | None = None
+        used = 0
+        round_no = 0
+        while True:
+            current = plan()
+            if not current.candidates:
+                await self._wait_or_raise(current, deadline, last)
+                continue
+            todo = current.candidates[: self.retry.max_attempts - used]
+            used += len(todo)
+            if hedge_delay is not None and len(todo) > 1:
+                result, last = await self._hedged(todo, attempt, attempts, hedge_delay, last)
+            else:
+                result, last = await self._in_turn(todo, attempt, attempts, streamed, last)
+            if result is not None:
+                return result
+            assert last is not None
+            if used >= self.retry.max_attempts:
+                raise _with_attempts(last, attempts)
+            wait = max(backoff_s(round_no, self.retry, self.rng), (last.retry_after_ms or 0) / 1000)
+            if trio.current_time() + wait >= deadline:
+                raise _with_attempts(last, attempts)
+            round_no += 1
+            await trio.sleep(wait)
+
+    async def _in_turn(self, todo: Sequence[Target], attempt: RunAttempt, attempts: list[Attempt],
+                       streamed: Callable[[], bool], last: errors.LlmsrvError | None,
+                       ) -> tuple[Result | None, errors.LlmsrvError | None]:
+        for target in todo:
+            started = trio.current_time()
+            try:
+                completion = await attempt(target)
+            except RETRYABLE as exc:
+                attempts.append(_attempt(target, outcome_of(exc), started))
+                if streamed():
+                    raise _with_attempts(exc, attempts) from None
+                last = exc
+                continue
+            attempts.append(_attempt(target, "ok", started))
+            return Result(completion, target, attempts), last
+        return None, last
+
+    async def _hedged(self, todo: Sequence[Target], attempt: RunAttempt, attempts: list[Attempt],
+                      hedge_delay: Callable[[Target], float], last: errors.LlmsrvError | None,
+                      ) -> tuple[Result | None, errors.LlmsrvError | None]:
+        winner: list[Result] = []
+        fatal: list[BaseException] = []
+        failures: list[errors.LlmsrvError] = []
+
+        async def one(target: Target, failed: trio.Event) -> None:
+            started = trio.current_time()
+            try:
+                completion = await attempt(target)
+            except trio.Cancelled:
+                attempts.append(_attempt(target, "cancelled", started))
+                raise
+            except RETRYABLE as exc:
+                attempts.append(_attempt(target, outcome_of(exc), started))
+                failures.append(exc)
+                failed.set()
+                return
+            except BaseException as exc:  # a caller error or a bug ends the whole request
+                fatal.append(exc)
+                nursery.cancel_scope.cancel()
+                return
+            attempts.append(_attempt(target, "ok", started))
+            winner.append(Result(completion, target, attempts))
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i, target in enumerate(todo):
+                failed = trio.Event()
+                nursery.start_soon(one, target, failed)
+                if i + 1 < len(todo):
+                    with trio.move_on_after(hedge_delay(target)):
+                        await failed.wait()
+        if fatal:
+            raise fatal[0]
+        if winner:
+            return winner[0], last
+        return None, failures[-1] if failures else last
+
+    async def _wait_or_raise(self, current: Plan, deadline: float, last: errors.LlmsrvError | None) -> None:
+        limited = [s.retry_after_ms or 1 for s in current.skipped if s.reason == "rate_limited"]
+        opened = [s.retry_after_ms or 1 for s in current.skipped if s.reason == "circuit_open"]
+        if limited:
+            wait_ms = min(limited)
+            if trio.current_time() + wait_ms / 1000 < deadline:
+                await trio.sleep(wait_ms / 1000)
+                return
+            raise errors.RateLimited("every candidate provider is rate limited", retry_after_ms=wait_ms)
+        if opened:
+            raise errors.CircuitOpen("every candidate provider's circuit breaker is open",
+                                     retry_after_ms=min(opened))
+        if last is not None:
+            raise last
+        raise errors.MissingCredentials("no candidate provider has usable credentials")
+
+
+def _attempt(target: Target, outcome: str, started: float) -> Attempt:
+    return Attempt(target.provider, target.model, outcome, round((trio.current_time() - started) * 1000))
+
+
+def _with_attempts(exc: errors.LlmsrvError, attempts: list[Attempt]) -> errors.LlmsrvError:
+    exc.attempts = list(attempts)
+    return exc
