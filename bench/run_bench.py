@@ -34,7 +34,9 @@ from llmsrv.natsserver import NatsServer, find_binary
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 LOGS = RESULTS / "logs"
-TARGETS = ("echo", "llmsrv")
+TARGETS = ("echo", "llmsrv", "llmsrv-bare")
+# llmsrv-bare: the same server with the resilience layer off (no breaker, limits, bulkhead, retries)
+TARGET_ENV = {"llmsrv-bare": {"LLMSRV__ROUTING__RESILIENCE": "false"}}
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 
@@ -45,11 +47,11 @@ def target_command(target: str, url: str) -> list[str]:
     return [sys.executable, "-m", "llmsrv", "serve", "--nats-url", url]
 
 
-def target_env() -> dict[str, str]:
+def target_env(target: str) -> dict[str, str]:
     """The environment without inherited llmsrv settings, plus the benchmark's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSRV")}
     env.update({"LLMSRV__SERVER__HTTP_PORT": "0", "LLMSRV__SERVER__LOG_LEVEL": "warning",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1", **TARGET_ENV.get(target, {})})
     return env
 
 
@@ -77,7 +79,7 @@ class Target:
         self.name, self.url, self.log_path = name, url, log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(target_command(name, url), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=target_env(), cwd=BENCH.parent)
+                                     stdin=subprocess.DEVNULL, env=target_env(name), cwd=BENCH.parent)
 
     def wait_ready(self) -> None:
         """Wait for the ready line, then for a correct answer to a real request."""
@@ -165,16 +167,17 @@ def summarise(runs: dict[str, list[dict[int, Point]]],
                             for f in ("rps", "p50_ms", "p99_ms", "p999_ms")},
                          "cpu_us_per_req": statistics.median(cpus) if cpus else -1.0}
         keys = {"rps": "rps", "p99": "p99_ms", "cpu": "cpu_us_per_req"}
-        if len(row) == 2 and all(row["echo"][k] > 0 for k in keys.values()):
-            row["ratio"] = {name: row["llmsrv"][k] / row["echo"][k] for name, k in keys.items()}
+        for name, base in (("llmsrv", "echo"), ("llmsrv-bare", "echo"), ("llmsrv", "llmsrv-bare")):
+            if name in row and base in row and all(row[base][k] > 0 for k in keys.values()):
+                row[f"{name}/{base}"] = {n: row[name][k] / row[base][k] for n, k in keys.items()}
         out[str(c)] = row
     return out
 
 
 def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
-    head = (f"{'conc':>5} {'target':<7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8}"
+    head = (f"{'conc':>5} {'target':<11} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8}"
             f" {'errors':>6}"
-            f" {'cpu us/req':>10} | llmsrv/echo: {'req/s':>5} {'p99':>5} {'cpu':>5}")
+            f" {'cpu us/req':>10} | ratio vs echo: {'req/s':>5} {'p99':>5} {'cpu':>5}")
     lines = [head, "-" * len(head)]
     for c, row in summary.items():
         for name in TARGETS:
@@ -182,12 +185,16 @@ def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
             if s is None:
                 lines.append(f"{c:>5} {name:<7} {'(failed)':>7}")
                 continue
-            ratio = row.get("ratio") if name == "llmsrv" else None
+            ratio = row.get(f"{name}/echo")
             tail = " |"
             if ratio:
-                tail += f" {'':12} {ratio['rps']:4.2f}x {ratio['p99']:4.2f}x {ratio['cpu']:4.2f}x"
-            lines.append(f"{c:>5} {name:<7} {s['rps']:>7.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
+                tail += f" {'':14} {ratio['rps']:4.2f}x {ratio['p99']:4.2f}x {ratio['cpu']:4.2f}x"
+            lines.append(f"{c:>5} {name:<11} {s['rps']:>7.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
                          f"{s['p999_ms']:>8.2f} {s['errors']:>6} {s['cpu_us_per_req']:>10.0f}{tail}")
+        layer = row.get("llmsrv/llmsrv-bare")
+        if layer:
+            lines.append(f"{c:>5} resilience layer on/off: req/s {layer['rps']:4.2f}x, p99 {layer['p99']:4.2f}x, "
+                         f"cpu/req {layer['cpu']:4.2f}x")
     return "\n".join(lines)
 
 

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -42,6 +41,7 @@ from purgatory.domain.model import Context, HalfOpenedState
 
 from . import errors
 from .config import ProviderConfig
+from .providers import Completion
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"
 STATE_CODE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
@@ -174,7 +174,12 @@ class RateLimitSnapshot(msgspec.Struct, frozen=True):
 
 
 class RateLimiter:
-    """Requests-per-window and tokens-per-window limits of one provider (sliding window counter)."""
+    """Requests-per-window and tokens-per-window limits of one provider (sliding window counter).
+
+    The hot path costs two storage operations per call (tokens, requests) and one to correct the
+    token charge afterwards. Routing asks ``blocked_for()``, which reads no storage: it reports the
+    wait learned from the last refusal, so a full limit is noticed by the first call it refuses.
+    """
 
     def __init__(self, name: str, rpm: str | None, tpm: str | None, storage_uri: str = "memory://",
                  wall: Callable[[], float] | None = None) -> None:
@@ -185,71 +190,73 @@ class RateLimiter:
         self._storage: Any = (_QuietMemoryStorage() if storage_uri.startswith("memory://")
                               else storage_from_string(storage_uri))
         self._strategy = SlidingWindowCounterRateLimiter(self._storage)
-        self._items: list[tuple[str, RateLimitItem]] = [
-            (kind, parse(spec)) for kind, spec in (("rpm", rpm), ("tpm", tpm)) if spec]
+        self._rpm: RateLimitItem | None = parse(rpm) if rpm else None
+        self._tpm: RateLimitItem | None = parse(tpm) if tpm else None
+        self._blocked_until = 0.0
         self._last_sweep = 0.0
 
     @property
     def enabled(self) -> bool:
-        return bool(self._items)
-
-    def _retry_after(self, item: RateLimitItem) -> float:
-        reset_at = self._strategy.get_window_stats(item, self.name).reset_time
-        return max(0.001, reset_at - self._wall())
+        return self._rpm is not None or self._tpm is not None
 
     def blocked_for(self) -> float | None:
-        """Seconds until one more request fits, or None if it fits now (or there is no limit)."""
-        if not self._items:
-            return None
-        snap = self.snapshot()
-        return snap.retry_after_s if snap.limited else None
+        """Seconds until the limit that last refused a call has room again; None if none did."""
+        remaining = self._blocked_until - self._wall()
+        return remaining if remaining > 0 else None
 
     def snapshot(self, tokens: int = 1) -> RateLimitSnapshot:
-        for kind, item in self._items:
-            cost = 1 if kind == "rpm" else min(tokens, item.amount)
-            if not self._strategy.test(item, self.name, cost=cost):
+        """A full check of both limits (for status displays and tests; not on the hot path)."""
+        for kind, item, cost in (("rpm", self._rpm, 1), ("tpm", self._tpm, tokens)):
+            if item is not None and not self._strategy.test(item, self.name, cost=min(cost, item.amount)):
                 return RateLimitSnapshot(kind, self._retry_after(item))
         return RateLimitSnapshot(None, 0.0)
 
     def acquire(self, tokens: int) -> None:
         """Charge one request and ``tokens`` tokens, or raise ``RateLimited`` charging nothing."""
         self._maybe_sweep()
-        by_kind = dict(self._items)
-        tpm = by_kind.get("tpm")
+        rpm, tpm = self._rpm, self._tpm
         if tpm is not None:
             tokens = min(tokens, tpm.amount)  # one huge request may still pass an empty window
-            if not self._strategy.test(tpm, self.name, cost=tokens):
+            if not self._strategy.hit(tpm, self.name, cost=tokens):
                 raise self._limited("tpm", tpm)
-        rpm = by_kind.get("rpm")
         if rpm is not None and not self._strategy.hit(rpm, self.name):
+            if tpm is not None:
+                self._adjust(tpm, -tokens)
             raise self._limited("rpm", rpm)
-        if tpm is not None:
-            self._strategy.hit(tpm, self.name, cost=tokens)
 
     def correct(self, estimated: int, actual: int) -> None:
         """Charge (or refund) the difference between the token estimate and the real usage."""
-        tpm = dict(self._items).get("tpm")
-        if tpm is None or actual == estimated:
+        if self._tpm is not None:
+            self._adjust(self._tpm, actual - min(estimated, self._tpm.amount))
+
+    def _adjust(self, item: RateLimitItem, delta: int) -> None:
+        if delta == 0:
             return
-        key = tpm.key_for(self.name)
-        _, current = self._storage.sliding_window_keys(key, tpm.get_expiry(), self._wall())
-        if actual > estimated:
-            self._storage.incr(current, 2 * tpm.get_expiry(), amount=actual - estimated)
+        expiry = item.get_expiry()
+        _, current = self._storage.sliding_window_keys(item.key_for(self.name), expiry, self._wall())
+        if delta > 0:
+            self._storage.incr(current, 2 * expiry, amount=delta)
         elif hasattr(self._storage, "decr"):
-            self._storage.decr(current, amount=min(estimated - actual, self._storage.get(current)))
+            self._storage.decr(current, amount=min(-delta, self._storage.get(current)))
+
+    def _retry_after(self, item: RateLimitItem) -> float:
+        reset_at = self._strategy.get_window_stats(item, self.name).reset_time
+        return max(0.001, reset_at - self._wall())
 
     def _limited(self, kind: str, item: RateLimitItem) -> errors.RateLimited:
         retry = self._retry_after(item)
+        self._blocked_until = max(self._blocked_until, self._wall() + retry)
         exc = errors.RateLimited(f"provider {self.name!r} is over its {kind} limit ({item})",
                                  retry_after_ms=math.ceil(retry * 1000))
         exc.limit = kind  # type: ignore[attr-defined]
         return exc
 
     def _maybe_sweep(self) -> None:
-        now = self._wall()
-        if isinstance(self._storage, _QuietMemoryStorage) and now - self._last_sweep >= 1.0:
-            self._last_sweep = now
-            self._storage.sweep()
+        if isinstance(self._storage, _QuietMemoryStorage):
+            now = self._wall()
+            if now - self._last_sweep >= 1.0:
+                self._last_sweep = now
+                self._storage.sweep()
 
 
 class GuardSnapshot(msgspec.Struct, frozen=True):
@@ -277,40 +284,79 @@ class ProviderGuard:
         return GuardSnapshot(self.breaker.snapshot(), self.limiter.snapshot(tokens),
                              stats.borrowed_tokens, int(stats.total_tokens))
 
-    @asynccontextmanager
-    async def attempt(self, estimated_tokens: int) -> AsyncIterator[Usage]:
-        """Admit one call. The body fills in ``usage.tokens`` on success."""
-        ticket = self.breaker.admit()
-        outcome = "neutral"
-        try:
-            async with self.bulkhead:
-                # Charged only once a slot is held: a request cancelled while queued costs nothing.
-                # Once sent, its charge stands even if it is cancelled (the upstream counted it).
-                if self.limiter.enabled:
-                    self.limiter.acquire(estimated_tokens)
-                usage = Usage()
-                try:
-                    yield usage
-                except (errors.RequestError, errors.MissingCredentials):
-                    raise
-                except Exception:
-                    outcome = "failure"
-                    raise
-                else:
-                    outcome = "success"
-                    if usage.tokens is not None and self.limiter.enabled:
-                        self.limiter.correct(estimated_tokens, usage.tokens)
-        finally:
-            self.breaker.record(ticket, outcome)
+    def attempt(self, estimated_tokens: int) -> Admission:
+        """``async with guard.attempt(tokens) as admission:`` admits one call (see module doc)."""
+        return Admission(self, estimated_tokens)
 
 
-class Usage:
-    """Filled in by the caller of ``ProviderGuard.attempt`` with the tokens really used."""
+class Admission:
+    """One admitted call. The body sets ``tokens`` to the real usage on success."""
 
-    __slots__ = ("tokens",)
+    __slots__ = ("_guard", "_estimate", "_ticket", "_holding", "tokens")
 
-    def __init__(self) -> None:
+    def __init__(self, guard: ProviderGuard, estimated_tokens: int) -> None:
+        self._guard = guard
+        self._estimate = estimated_tokens
+        self._ticket: Ticket | None = None
+        self._holding = False
         self.tokens: int | None = None
+
+    async def __aenter__(self) -> Admission:
+        guard = self._guard
+        self._ticket = guard.breaker.admit()
+        try:
+            try:
+                guard.bulkhead.acquire_nowait()  # a free slot costs no trip through the scheduler
+            except trio.WouldBlock:
+                await guard.bulkhead.acquire()
+            self._holding = True
+            # Charged only once a slot is held: a request cancelled while queued costs nothing.
+            # Once sent, its charge stands even if it is cancelled (the upstream counted it).
+            if guard.limiter.enabled:
+                guard.limiter.acquire(self._estimate)
+        except BaseException:
+            self._release("neutral")
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        if exc is None:
+            outcome = "success"
+            if self.tokens is not None and self._guard.limiter.enabled:
+                self._guard.limiter.correct(self._estimate, self.tokens)
+        elif isinstance(exc, errors.RequestError | errors.MissingCredentials) or not isinstance(exc, Exception):
+            outcome = "neutral"  # the caller's fault, or trio.Cancelled / KeyboardInterrupt
+        else:
+            outcome = "failure"
+        self._release(outcome)
+
+    def _release(self, outcome: str) -> None:
+        if self._holding:
+            self._holding = False
+            self._guard.bulkhead.release()
+        if self._ticket is not None:
+            self._guard.breaker.record(self._ticket, outcome)
+            self._ticket = None
+
+
+async def call_guarded(guard: ProviderGuard, estimated_tokens: int, timeout_s: float,
+                       call: Callable[[], Awaitable[Completion]]) -> Completion:
+    """One provider call through its guard, under its per-attempt timeout (``timeout_ms``)."""
+    started = trio.current_time()
+    async with guard.attempt(estimated_tokens) as admission:
+        limit = started + timeout_s
+        if limit >= trio.current_effective_deadline():  # the request's deadline comes first anyway
+            completion = await call()
+        else:
+            with trio.move_on_at(limit) as scope:
+                completion = await call()
+            if scope.cancelled_caught:
+                raise errors.ProviderTimeout(
+                    f"provider {guard.name!r} gave no answer within its timeout_ms={round(timeout_s * 1000)}")
+        admission.tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
+    guard.latency.add(trio.current_time() - started)
+    return completion
 
 
 class LatencyWindow:

@@ -40,7 +40,7 @@ from .config import Config
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.mock import MockProvider
-from .resilience import ProviderGuard
+from .resilience import ProviderGuard, call_guarded
 from .router import Router
 
 log = logging.getLogger("llmsrv.service")
@@ -421,19 +421,10 @@ class Service:
 
     async def _attempt(self, target: routing.Target, call: Call, on_delta: OnDelta | None) -> Completion:
         provider = self.providers[target.provider]
-        guard = self.guards[target.provider]
-        timeout_ms = getattr(self.cfg.providers, target.provider).timeout_ms
         call = msgspec.structs.replace(call, model=target.model)
-        started = trio.current_time()
-        async with guard.attempt(estimate_call_tokens(call)) as usage:
-            with trio.move_on_after(timeout_ms / 1000) as scope:
-                completion = await provider.complete(call, on_delta)
-            if scope.cancelled_caught:
-                raise errors.ProviderTimeout(
-                    f"provider {target.provider!r} gave no answer within its timeout_ms={timeout_ms}")
-            usage.tokens = completion.usage.prompt_tokens + completion.usage.completion_tokens
-        guard.latency.add(trio.current_time() - started)
-        return completion
+        timeout_s = getattr(self.cfg.providers, target.provider).timeout_ms / 1000
+        return await call_guarded(self.guards[target.provider], estimate_call_tokens(call), timeout_s,
+                                  lambda: provider.complete(call, on_delta))
 
     def _hedge_delay(self, request: LLMRequest) -> Callable[[routing.Target], float] | None:
         hedge = self.cfg.routing.hedge
