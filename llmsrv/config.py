@@ -9,6 +9,7 @@ default matrix, not the whole matrix. An invalid config raises ``ConfigError`` n
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -154,6 +155,10 @@ class RoutingConfig(_Frozen, frozen=True, kw_only=True):
     retry: RetryConfig = RetryConfig()
     hedge: HedgeConfig = HedgeConfig()
     resilience: bool = True  # false: no breakers, limits, bulkheads, retries (for benchmarks)
+    # memory:// (per instance) or redis://host:port/db: rate limits and breaker openings shared
+    # by every instance using the same Redis
+    storage_uri: Annotated[str, msgspec.Meta(pattern=r"^(memory://.*|rediss?://.+)$")] = "memory://"
+    breaker_sync_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
 
 
 class Config(_Frozen, frozen=True, kw_only=True):
@@ -277,6 +282,9 @@ def build_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         cfg = msgspec.convert(merged, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    if cfg.routing.storage_uri.startswith("redis") and importlib.util.find_spec("redis") is None:
+        raise ConfigError("invalid config at `routing.storage_uri`: redis storage needs the redis "
+                          "client: pip install 'llmsrv[redis]'")
     if cfg.server.default_timeout_ms > cfg.server.max_timeout_ms:
         raise ConfigError("invalid config at `server.default_timeout_ms`: must not exceed "
                           f"server.max_timeout_ms ({cfg.server.max_timeout_ms})")

@@ -27,6 +27,7 @@ of calls admitted under an earlier state are ignored, and each refusal is a fres
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,12 +38,13 @@ from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 from purgatory.domain.messages.events import ContextChanged
-from purgatory.domain.model import Context, HalfOpenedState
+from purgatory.domain.model import Context, HalfOpenedState, OpenedState
 
 from . import errors
 from .config import ProviderConfig
 from .providers import Completion
 
+log = logging.getLogger("llmsrv.resilience")
 CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"
 STATE_CODE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 _PURGATORY_STATE = {"closed": CLOSED, "half-opened": HALF_OPEN, "opened": OPEN}
@@ -106,6 +108,17 @@ class Breaker:
             return HALF_OPEN_RETRY_MS / 1000
         return None
 
+    def adopt_open(self, remaining_s: float) -> None:
+        """Open this (closed) breaker for ``remaining_s``, because another instance opened it."""
+        if self.state != CLOSED or remaining_s <= 0:
+            return
+        self._ctx.set_state(OpenedState(self.name))
+        self._sync(opened_at=self._clock() - self._ctx.ttl + remaining_s)
+
+    def open_until(self) -> float | None:
+        """When an open breaker half-opens, on this breaker's clock; None unless open."""
+        return self._opened_at + self._ctx.ttl if self.state == OPEN else None
+
     def admit(self) -> Ticket:
         """A ticket for one call, or a fresh ``CircuitOpen``."""
         if self.state == OPEN:
@@ -136,14 +149,14 @@ class Breaker:
             self._ctx.handle_exception(_Failure())
         self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, opened_at: float | None = None) -> None:
         for event in self._ctx.messages:
             if isinstance(event, ContextChanged):
                 self._generation += 1
                 new = _PURGATORY_STATE[event.state]
                 old, self._last_state = self._last_state, new
                 if new == OPEN:
-                    self._opened_at = self._clock()
+                    self._opened_at = self._clock() if opened_at is None else opened_at
                 if self._on_transition is not None:
                     self._on_transition(self.name, old, new)
         self._ctx.messages.clear()
@@ -187,8 +200,8 @@ class RateLimiter:
 
         self.name = name
         self._wall = wall or time.time
-        self._storage: Any = (_QuietMemoryStorage() if storage_uri.startswith("memory://")
-                              else storage_from_string(storage_uri))
+        self.remote = not storage_uri.startswith("memory://")  # calls block: run them in a thread
+        self._storage: Any = storage_from_string(storage_uri) if self.remote else _QuietMemoryStorage()
         self._strategy = SlidingWindowCounterRateLimiter(self._storage)
         self._rpm: RateLimitItem | None = parse(rpm) if rpm else None
         self._tpm: RateLimitItem | None = parse(tpm) if tpm else None
@@ -230,14 +243,20 @@ class RateLimiter:
             self._adjust(self._tpm, actual - min(estimated, self._tpm.amount))
 
     def _adjust(self, item: RateLimitItem, delta: int) -> None:
+        """Add ``delta`` (may be negative) to the current window's counter."""
         if delta == 0:
             return
-        expiry = item.get_expiry()
-        _, current = self._storage.sliding_window_keys(item.key_for(self.name), expiry, self._wall())
-        if delta > 0:
-            self._storage.incr(current, 2 * expiry, amount=delta)
-        elif hasattr(self._storage, "decr"):
-            self._storage.decr(current, amount=min(-delta, self._storage.get(current)))
+        expiry, key = item.get_expiry(), item.key_for(self.name)
+        if not self.remote:
+            _, current = self._storage.sliding_window_keys(key, expiry, self._wall())
+            if delta > 0:
+                self._storage.incr(current, 2 * expiry, amount=delta)
+            else:
+                self._storage.decr(current, amount=min(-delta, self._storage.get(current)))
+        else:
+            # limits' Redis sliding window keeps the current window under this key (its Lua
+            # scripts shift windows server-side); INCRBY on it adds or refunds atomically.
+            self._storage.incr(self._storage._current_window_key(key), 2 * expiry, amount=delta)
 
     def _retry_after(self, item: RateLimitItem) -> float:
         reset_at = self._strategy.get_window_stats(item, self.name).reset_time
@@ -312,8 +331,11 @@ class Admission:
             self._holding = True
             # Charged only once a slot is held: a request cancelled while queued costs nothing.
             # Once sent, its charge stands even if it is cancelled (the upstream counted it).
-            if guard.limiter.enabled:
-                guard.limiter.acquire(self._estimate)
+            limiter = guard.limiter
+            if limiter.enabled and limiter.remote:
+                await trio.to_thread.run_sync(limiter.acquire, self._estimate, abandon_on_cancel=True)
+            elif limiter.enabled:
+                limiter.acquire(self._estimate)
         except BaseException:
             self._release("neutral")
             raise
@@ -323,8 +345,12 @@ class Admission:
                         tb: object) -> None:
         if exc is None:
             outcome = "success"
-            if self.tokens is not None and self._guard.limiter.enabled:
-                self._guard.limiter.correct(self._estimate, self.tokens)
+            limiter = self._guard.limiter
+            if self.tokens is not None and limiter.enabled:
+                if limiter.remote:  # not awaited: the reply must not wait for the bookkeeping
+                    in_background(limiter.correct, self._estimate, self.tokens)
+                else:
+                    limiter.correct(self._estimate, self.tokens)
         elif isinstance(exc, errors.RequestError | errors.MissingCredentials) or not isinstance(exc, Exception):
             outcome = "neutral"  # the caller's fault, or trio.Cancelled / KeyboardInterrupt
         else:
@@ -374,3 +400,43 @@ class LatencyWindow:
             return None
         ordered = sorted(self._samples)
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
+
+def in_background(fn: Callable[..., object], *args: object) -> None:
+    """Run blocking ``fn(*args)`` in a worker thread without waiting for it (errors are logged)."""
+    trio.lowlevel.spawn_system_task(_in_thread, fn, *args)
+
+
+async def _in_thread(fn: Callable[..., object], *args: object) -> None:
+    try:
+        await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except Exception as exc:  # a system task must never raise
+        log.warning("background %s failed: %s: %s", getattr(fn, "__name__", fn), type(exc).__name__, exc)
+
+
+class RedisBreakerBoard:
+    """Shares breaker openings through Redis, so a fleet stays away from a failing provider.
+
+    An instance whose breaker opens writes ``<prefix><provider>`` = the wall-clock time
+    until which it is open (the key expires then). Every instance reads the board every
+    ``[routing] breaker_sync_s`` and opens its own closed breaker until that time. Closing is
+    not shared: after the TTL each instance probes the provider itself (one probe each).
+    The Redis client is synchronous and always called from a worker thread.
+    """
+
+    def __init__(self, uri: str, prefix: str) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(uri, socket_timeout=2, socket_connect_timeout=2)
+        self._prefix = prefix
+
+    def publish_open(self, provider: str, until_wall: float) -> None:
+        import time
+
+        ttl_ms = int((until_wall - time.time()) * 1000)
+        if ttl_ms > 0:
+            self._redis.set(self._prefix + provider, repr(until_wall), px=ttl_ms)
+
+    def fetch(self, providers: list[str]) -> dict[str, float]:
+        values = self._redis.mget([self._prefix + p for p in providers])
+        return {p: float(v) for p, v in zip(providers, values, strict=True) if v is not None}

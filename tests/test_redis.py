@@ -1,0 +1,96 @@
+"""Fleet-wide state through a real redis-server: shared rate limits and shared breaker openings."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import msgspec
+import pytest
+import trio
+
+from llmsrv import errors
+from llmsrv.resilience import RateLimiter
+
+from .conftest import running, user
+
+ENC = msgspec.json.encode
+
+
+def _name() -> str:
+    return f"p{uuid.uuid4().hex[:8]}"  # a fresh limit key per test on the shared server
+
+
+def test_two_instances_share_one_rate_limit(redis_url: str) -> None:
+    name = _name()
+    a = RateLimiter(name, "3/minute", None, redis_url)
+    b = RateLimiter(name, "3/minute", None, redis_url)
+    a.acquire(1)
+    b.acquire(1)
+    a.acquire(1)
+    for limiter in (a, b):
+        with pytest.raises(errors.RateLimited) as info:
+            limiter.acquire(1)
+        assert 0 < info.value.retry_after_ms <= 60000
+
+
+def test_token_charge_is_corrected_in_redis(redis_url: str) -> None:
+    name = _name()
+    limiter = RateLimiter(name, None, "100/minute", redis_url)
+    limiter.acquire(90)
+    with pytest.raises(errors.RateLimited):
+        limiter.acquire(20)
+    limiter.correct(estimated=90, actual=10)
+    limiter.acquire(20)
+    RateLimiter(name, None, "100/minute", redis_url).acquire(60)  # another instance sees the refund
+    with pytest.raises(errors.RateLimited):
+        limiter.acquire(20)
+
+
+async def test_breaker_opening_is_shared_by_the_fleet(nats_url: str, redis_url: str) -> None:
+    shared = {"storage_uri": redis_url, "breaker_sync_s": 0.05, "retry": {"max_attempts": 1}}
+    fleet = {"queue": f"fleet-{uuid.uuid4().hex[:6]}"}  # both instances serve one queue group
+    failing = {"mock": {"error_rate": 1.0, "breaker_threshold": 1, "breaker_ttl_s": 30}}
+    healthy = {"mock": {"breaker_threshold": 1, "breaker_ttl_s": 30}}
+    async with running(nats_url, nats=fleet, routing=shared, providers=failing) as a, \
+            running(nats_url, nats=fleet, routing=shared, providers=healthy) as b:
+        assert (await b.client.complete({"messages": user("fine"), "model": "mock:echo"})).text == "fine"
+        err = await a.error_of(ENC({"messages": user(), "model": "mock:echo"}))
+        assert err["error_code"] == "PROVIDER_ERROR"
+        with trio.fail_after(5):
+            while b.service.guards["mock"].breaker.state != "open":
+                await trio.sleep(0.02)
+        refused = await b.error_of(ENC({"messages": user(), "model": "mock:echo"}))
+    assert refused["error_code"] == "CIRCUIT_OPEN" and 25000 < refused["retry_after_ms"] <= 30000
+    assert b.service.providers["mock"].statistics().calls == 1  # type: ignore[attr-defined]
+
+
+async def test_redis_calls_do_not_block_the_trio_loop(nats_url: str, redis_url: str) -> None:
+    import redis
+
+    async with running(nats_url, routing={"storage_uri": redis_url}, nats={"queue": _name()},
+                       providers={"mock": {"rpm": "1000/minute"}}) as h:
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = trio.current_time()
+            while True:
+                await trio.sleep(0.01)
+                now = trio.current_time()
+                gaps.append(now - last)
+                last = now
+
+        client = redis.Redis.from_url(redis_url)
+        stall = threading.Thread(target=lambda: client.execute_command("DEBUG", "SLEEP", "0.5"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0.05)
+            stall.start()  # the Redis server stops answering for 0.5 s
+            await trio.sleep(0.05)
+            start = trio.current_time()
+            reply = await h.client.complete({"messages": user("waited"), "model": "mock:echo"})
+            waited = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        stall.join()
+    assert reply.text == "waited" and waited > 0.2  # the rate-limit charge waited for Redis...
+    assert max(gaps) < 0.2  # ...in a worker thread: the trio loop kept ticking meanwhile
