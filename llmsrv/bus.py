@@ -56,6 +56,13 @@ class BusError(Exception):
     """The NATS connection could not be made or used (message is safe to log)."""
 
 
+def bus_error_in(exc: BaseException) -> BusError | None:
+    """The ``BusError`` inside (nested, single-leaf) exception groups, if that is all there is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, BusError) else None
+
+
 def redact_url(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
@@ -103,19 +110,35 @@ class Bus:
     async def connect(cls, cfg: NatsConfig, url: str) -> AsyncIterator[Bus]:
         """Connect and yield a ``Bus``; opens a trio-asyncio loop if none is running."""
         if trio_asyncio.current_loop.get() is None:
-            async with trio_asyncio.open_loop():
-                async with cls.connect(cfg, url) as bus:
-                    yield bus
+            try:
+                async with trio_asyncio.open_loop():
+                    async with cls.connect(cfg, url) as bus:
+                        yield bus
+            except BaseExceptionGroup as group:
+                raise bus_error_in(group) or group from None
             return
         loop = asyncio.get_event_loop()
         loop.set_exception_handler(_asyncio_exception_handler)
         holder: list[Bus] = []
-        callbacks = _callbacks(holder, url)
-        try:
-            nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
-        except Exception as exc:  # nats raises many kinds (OSError, NoServersError, auth ...)
-            raise BusError(f"cannot connect to NATS at {redact_url(url)}: "
-                           f"{type(exc).__name__}: {exc}") from None
+        refused: list[str] = []
+        errors: list[str] = []
+        with trio.move_on_after(cfg.initial_connect_timeout_s) as connecting:
+            # nats-py retries the first connect forever, an authorization failure included: the
+            # error callback stops at a refused credential, the timeout at an unreachable server.
+            callbacks = _callbacks(holder, url, errors.append,
+                                   lambda why: (refused.append(why), connecting.cancel()))
+            try:
+                nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
+            except Exception as exc:  # nats raises many kinds (OSError, NoServersError, ...)
+                raise BusError(f"cannot connect to NATS at {redact_url(url)}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if refused:
+            raise BusError(f"NATS at {redact_url(url)} refused the credentials ({refused[0]}); "
+                           "check nats.user/password, token, creds_file or nkey_seed_file")
+        if connecting.cancelled_caught:
+            raise BusError(f"cannot connect to NATS at {redact_url(url)} within "
+                           f"{cfg.initial_connect_timeout_s:g}s (nats.initial_connect_timeout_s)"
+                           + (f"; last error: {errors[-1]}" if errors else ""))
         bus = cls(nc, url)
         holder.append(bus)
         bus._pump = loop.create_task(bus._pump_loop())
@@ -211,10 +234,15 @@ def _asyncio_exception_handler(loop: Any, context: dict[str, Any]) -> None:
               f" ({type(exc).__name__}: {exc})" if exc else "")
 
 
-def _callbacks(holder: list[Bus], url: str) -> dict[str, Any]:
+def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
+               refused: Callable[[str], object]) -> dict[str, Any]:
     where = redact_url(url)
 
     async def error_cb(exc: Exception) -> None:
+        if not holder:  # still connecting for the first time: the caller reports it
+            text = f"{type(exc).__name__}: {exc}".strip()
+            (refused if "authorization" in text.lower() else failed)(text)
+            return
         log.warning("NATS error: %s: %s", type(exc).__name__, exc)
 
     async def disconnected_cb() -> None:

@@ -13,7 +13,7 @@ import trio
 import trio_asyncio
 
 from . import __version__
-from .bus import Bus, BusError, redact_url
+from .bus import Bus, BusError, bus_error_in, redact_url
 from .client import Client, ReplyError
 from .config import Config, ConfigError, load_config, with_overrides
 from .errors import LlmsrvError
@@ -77,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ask":
             return trio.run(_ask, cfg, url, args)
         return trio.run(_status, cfg, url)
-    except BusError as exc:
-        print(f"llmsrv: {exc}", file=sys.stderr)
+    except (BusError, BaseExceptionGroup) as exc:
+        error = bus_error_in(exc)
+        if error is None:
+            raise
+        print(f"llmsrv: {error}", file=sys.stderr)
         return 1
 
 

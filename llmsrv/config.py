@@ -43,6 +43,7 @@ class NatsConfig(_Frozen, frozen=True):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    initial_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # then start-up fails
     reconnect_time_wait_s: NonNegFloat = 1.0
     max_reconnect_attempts: int = -1  # -1: forever
 

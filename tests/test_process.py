@@ -156,3 +156,42 @@ def test_cli_ask_against_a_served_instance(nats_server: NatsServer) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+async def test_connection_options_user_password_and_token() -> None:
+    from llmsrv.bus import Bus, BusError
+    from llmsrv.config import NatsConfig
+
+    with NatsServer(args=("--user", "svc", "--pass", "s3cret-pw")) as server:
+        async with Bus.connect(NatsConfig(user="svc", password="s3cret-pw"), server.url) as bus:
+            assert bus.is_connected
+        with pytest.raises(BusError) as info:
+            async with Bus.connect(NatsConfig(user="svc", password="wrong-pw", max_reconnect_attempts=0),
+                                   server.url):
+                pass
+        assert "wrong-pw" not in str(info.value) and "s3cret" not in str(info.value)
+    with NatsServer(args=("--auth", "tok-123")) as server:
+        async with Bus.connect(NatsConfig(token="tok-123"), server.url) as bus:
+            assert bus.is_connected
+    start = trio.current_time()
+    with pytest.raises(BusError, match="cannot connect to NATS.*within 0.5s"):
+        async with Bus.connect(NatsConfig(initial_connect_timeout_s=0.5), f"nats://127.0.0.1:{free_port()}"):
+            pass
+    assert trio.current_time() - start < 3
+
+
+async def test_ask_ctrl_c_sends_llm_cancel(nats_url: str) -> None:
+    async with running(nats_url, providers={"mock": {"latency_ms": 30000}}) as h:
+        mock = h.service.providers["mock"]
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "llmsrv", "ask", "--nats-url", nats_url, "--model", "mock:echo", "hello"],
+            env={**os.environ, "LLMSRV__NATS__SUBJECT_PREFIX": h.prefix}, stderr=subprocess.PIPE)
+        with trio.fail_after(20):
+            while mock.statistics().calls == 0:  # type: ignore[attr-defined]
+                await trio.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            rc = await proc.wait()
+            while mock.statistics().cancelled == 0:  # type: ignore[attr-defined]
+                await trio.sleep(0.01)
+        assert rc == 130
+        assert h.service.statistics().last_error == "CANCELLED"

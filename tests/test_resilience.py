@@ -356,3 +356,53 @@ async def test_request_cancel_stops_every_attempt(autojump_clock: trio.testing.M
     with trio.move_on_after(1):
         await ROUTER.run(_fixed(A, B), attempt, deadline=10, hedge_delay=lambda t: 0.5)
     assert sorted(log) == [(0, "start a"), (0.5, "start b"), (1, "cancelled a"), (1, "cancelled b")]
+
+
+async def test_guard_breaker_timeline(autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None, breaker_ttl_s=5, max_concurrency=4)
+    for _ in range(2):
+        with pytest.raises(errors.ProviderError):
+            async with guard.attempt(1):
+                await trio.sleep(0.5)
+                raise errors.ProviderError("503")
+    assert guard.breaker.state == OPEN and trio.current_time() == 1.0
+    await trio.sleep(3.5)
+    with pytest.raises(errors.CircuitOpen) as info:
+        async with guard.attempt(1):
+            pass
+    assert info.value.retry_after_ms == 1500
+    await trio.sleep(1.5)  # t = 6.0: the TTL is over
+    seen: list[tuple[float, str]] = []
+
+    async def probe() -> None:
+        async with guard.attempt(1):
+            seen.append((trio.current_time(), "probe admitted"))
+            await trio.sleep(1)
+
+    async def second() -> None:
+        await trio.sleep(0.1)
+        try:
+            async with guard.attempt(1):
+                seen.append((trio.current_time(), "second admitted"))
+        except errors.CircuitOpen:
+            seen.append((trio.current_time(), "second refused"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe)
+        nursery.start_soon(second)
+    assert seen == [(6.0, "probe admitted"), (pytest.approx(6.1), "second refused")]
+    assert guard.breaker.state == CLOSED and trio.current_time() == 7.0
+
+
+async def test_cancel_during_backoff_leaves_guard_clean(autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None, breaker_threshold=10, max_concurrency=1)
+    router = Router(RetryConfig(max_attempts=3, backoff_base_ms=10000, backoff_max_ms=10000), random.Random(3))
+
+    async def attempt(target: Target) -> Completion:
+        async with guard.attempt(1):
+            raise errors.ProviderError("502")
+
+    with trio.move_on_after(0.001):  # the backoff after the first failure is cancelled
+        await router.run(_fixed(A), attempt, deadline=100)
+    snap = guard.breaker.snapshot()
+    assert guard.bulkhead.borrowed_tokens == 0 and snap.probes_in_flight == 0 and snap.failures == 1
