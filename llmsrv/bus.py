@@ -125,8 +125,11 @@ class Bus:
         with trio.move_on_after(cfg.initial_connect_timeout_s) as connecting:
             # nats-py retries the first connect forever, an authorization failure included: the
             # error callback stops at a refused credential, the timeout at an unreachable server.
-            callbacks = _callbacks(holder, url, errors.append,
-                                   lambda why: (refused.append(why), connecting.cancel()))
+            def refuse(why: str) -> None:
+                refused.append(why)
+                connecting.cancel()
+
+            callbacks = _callbacks(holder, url, errors.append, refuse)
             try:
                 nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
             except Exception as exc:  # nats raises many kinds (OSError, NoServersError, ...)
