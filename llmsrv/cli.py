@@ -20,7 +20,8 @@ from .errors import LlmsrvError
 from .messages import StreamChunk
 from .natsserver import NatsServer, free_port
 from .routing import PROVIDER_KEYS
-from .service import Service, build_providers
+from .providers.registry import build_providers
+from .service import Service
 
 log = logging.getLogger("llmsrv")
 DEFAULT_CLIENT_URL = "nats://127.0.0.1:4222"
@@ -181,5 +182,5 @@ def _check(cfg: Config) -> int:
             print(f"{key:14} missing   (not implemented in llmsrv {__version__})")
             continue
         status = provider.status()
-        print(f"{key:14} {'available' if status.available else 'missing':9} {status.reason or ''}".rstrip())
+        print(f"{key:14} {status.state:9} {status.reason or ''}".rstrip())
     return 0

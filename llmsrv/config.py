@@ -60,6 +60,13 @@ class ServerConfig(_Frozen, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class Price(_Frozen, frozen=True):
+    """USD per million tokens (what provider price pages list)."""
+
+    input_per_mtok: NonNegFloat = 0.0
+    output_per_mtok: NonNegFloat = 0.0
+
+
 class ProviderConfig(_Frozen, frozen=True):
     """Keys every provider takes (CONTRACT section 7)."""
 
@@ -71,6 +78,11 @@ class ProviderConfig(_Frozen, frozen=True):
     breaker_threshold: PositiveInt = 5
     breaker_ttl_s: NonNegFloat = 30.0
     timeout_ms: PositiveInt = 60000
+    prices: dict[str, Price] = {}  # model id -> price; cost_cents in replies comes from here
+    # subprocess providers (cursor): the command and its arguments; "{model}" and "{prompt}" are
+    # replaced per call. Empty: the provider's default command.
+    command: tuple[str, ...] = ()
+    kill_grace_s: NonNegFloat = 2.0  # after SIGTERM to the process group, SIGKILL
 
 
 class MockConfig(ProviderConfig, frozen=True):

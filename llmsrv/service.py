@@ -39,7 +39,7 @@ from .bus import Bus, Incoming
 from .config import Config
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
-from .providers.mock import MockProvider
+from .providers.registry import build_providers
 from .resilience import ProviderGuard, RedisBreakerBoard, call_guarded, in_background
 from .router import Router
 
@@ -66,10 +66,6 @@ def _peek_correlation_id(msg: Incoming) -> str:
     except (msgspec.DecodeError, UnicodeDecodeError):
         found = None
     return found if isinstance(found, str) and 0 < len(found) <= 128 else messages.new_correlation_id()
-
-
-def build_providers(cfg: Config) -> dict[str, Provider]:
-    return {"mock": MockProvider(cfg.providers.mock)}
 
 
 class _Live:

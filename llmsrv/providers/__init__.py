@@ -33,6 +33,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 class ProviderStatus(msgspec.Struct, frozen=True):
     available: bool
     reason: str | None = None
+    state: str = "available"  # available | missing | invalid
 
 
 OnDelta = Callable[[str], None]

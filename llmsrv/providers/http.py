@@ -1,0 +1,218 @@
+"""What every HTTP provider shares: credentials, one httpx client, error mapping, SSE.
+
+Theory of operation
+-------------------
+* **Credentials** come from environment variables, first found wins, each also as ``NAME_FILE``
+  (a path whose content is the secret, for Docker/Kubernetes secrets). ``[providers.X]
+  api_key_env`` names another variable. The secret is never logged, put in an error or a reply:
+  every message built from an upstream body goes through ``redact``.
+* **One ``httpx.AsyncClient`` per provider**, created lazily inside trio, HTTP/1.1 keep-alive,
+  ``max_connections = max_concurrency``. httpcore 1.0.9 leaks pool entries when requests are
+  cancelled while the pool is contended (its issue #1093; afterwards every request fails with
+  ``PoolTimeout``): a ``trio.CapacityLimiter`` of the same size sits in front of the client so
+  no request ever waits inside the pool.
+* **No timeouts here** beyond connect: the caller owns the deadline with cancel scopes, and
+  cancelling a request closes its connection (the upstream sees the disconnect).
+* **Errors are mapped once**, here: HTTP status -> our error classes (400/422 caller error,
+  401/403 credentials, 404 model, 408/504 timeout, 429 with ``Retry-After``, 5xx upstream), and
+  httpx transport errors, malformed bodies and cut streams -> ``ProviderError``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import httpx
+import httpx_sse
+import msgspec
+import trio
+
+from .. import errors
+from ..config import ProviderConfig
+from . import ProviderStatus
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def read_secret(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | None, str | None]:
+    """(secret, problem): the first of ``names`` (or ``NAME_FILE``) that is set."""
+    for name in names:
+        if env.get(name):
+            return env[name].strip(), None
+        path = env.get(f"{name}_FILE")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    value = fh.read().strip()
+            except OSError as exc:
+                return None, f"{name}_FILE is set but unreadable ({exc.strerror})"
+            if not value:
+                return None, f"{name}_FILE points to an empty file"
+            return value, None
+    return None, None
+
+
+def redact(text: str, secrets: Sequence[str | None]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def retry_after_ms(headers: httpx.Headers) -> int | None:
+    """``retry-after-ms`` (OpenAI), or ``Retry-After`` in seconds or as an HTTP date."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(1, math.ceil(float(raw_ms)))
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(1, math.ceil(float(raw) * 1000))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw) if raw else None
+        return max(1, math.ceil((when.timestamp() - time.time()) * 1000)) if when else None
+
+
+def _detail(body: bytes) -> str:
+    """The human part of an upstream error body (most APIs use {"error": {"message": ...}})."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body[:300].decode("utf-8", "replace").strip()
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]  # Gemini wraps errors in a list on some endpoints
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("type") or err)[:300]
+        return str(err)[:300]
+    return str(data)[:300]
+
+
+def error_for_status(provider: str, status: int, body: bytes, headers: httpx.Headers,
+                     secrets: Sequence[str | None] = ()) -> errors.LlmsrvError:
+    detail = redact(_detail(body), secrets)
+    where = f"{provider} answered HTTP {status}: {detail}" if detail else f"{provider} answered HTTP {status}"
+    if status in (400, 413, 422):
+        return errors.ValidationFailed(f"the request was rejected upstream: {where}")
+    if status in (401, 403):
+        return errors.MissingCredentials(f"credentials refused: {where}")
+    if status == 404:
+        return errors.ProviderNotFound(f"model or endpoint not found: {where}")
+    if status in (408, 504):
+        return errors.ProviderTimeout(where)
+    if status == 429:
+        return errors.RateLimited(where, retry_after_ms=retry_after_ms(headers))
+    return errors.ProviderError(where, retry_after_ms=retry_after_ms(headers) if status == 503 else None)
+
+
+@contextmanager
+def map_transport_errors(provider: str, secrets: Sequence[str | None] = ()) -> Iterator[None]:
+    """httpx / SSE / JSON failures of an exchange -> ``ProviderError`` (no secret in the text)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise errors.ProviderTimeout(f"{provider}: {type(exc).__name__}") from None
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        text = redact(str(exc), secrets)
+        raise errors.ProviderError(f"{provider}: connection failed ({type(exc).__name__}: {text})") from None
+    except httpx_sse.SSEError as exc:
+        raise errors.ProviderError(f"{provider}: malformed event stream ({exc})") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise errors.ProviderError(f"{provider}: malformed response ({type(exc).__name__})") from None
+
+
+class HttpProvider:
+    """Base of the HTTP providers; subclasses set the class attributes and implement ``complete``."""
+
+    name = ""
+    key_env: tuple[str, ...] = ()  # environment variables holding the key, first found wins
+    key_required = True
+    default_base_url = ""
+
+    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.cfg = cfg
+        self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
+        names = ((cfg.api_key_env,) if cfg.api_key_env else ()) + self.key_env
+        self.key, self._problem = read_secret(env, names)
+        self._gate = trio.CapacityLimiter(cfg.max_concurrency)
+        self._client: httpx.AsyncClient | None = None
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def status(self) -> ProviderStatus:
+        if self._problem:
+            return ProviderStatus(False, self._problem, state="invalid")
+        if self.key is None and self.key_required:
+            names = " or ".join(((self.cfg.api_key_env,) if self.cfg.api_key_env else ()) + self.key_env)
+            return ProviderStatus(False, f"no credentials: set {names} (or {names.split(' or ')[0]}_FILE)",
+                                  state="missing")
+        if not self.base_url:
+            return ProviderStatus(False, "no base_url configured", state="missing")
+        return ProviderStatus(True)
+
+    def has_model(self, model: str) -> bool:
+        return True
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.key,)
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            n = self.cfg.max_concurrency
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # ---- exchanges ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(self, method: str, url: str, *, headers: Mapping[str, str],
+                   json: Any = None, params: Mapping[str, str] | None = None) -> AsyncIterator[httpx.Response]:
+        """A streamed response with a 2xx status (others raise the mapped error); closed on exit."""
+        async with self._gate:
+            with map_transport_errors(self.name, self.secrets):
+                request = self.client().build_request(
+                    method, url if url.startswith("http") else self.base_url + url,
+                    headers=headers, params=params,
+                    content=msgspec.json.encode(json) if json is not None else None)
+                if json is not None:
+                    request.headers["content-type"] = "application/json"
+                response = await self.client().send(request, stream=True)
+                try:
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        raise error_for_status(self.name, response.status_code, body, response.headers,
+                                               self.secrets)
+                    yield response
+                finally:
+                    await response.aclose()
+
+    async def call_json(self, method: str, url: str, *, headers: Mapping[str, str], json: Any = None,
+                        params: Mapping[str, str] | None = None) -> Any:
+        async with self.open(method, url, headers=headers, json=json, params=params) as response:
+            with map_transport_errors(self.name, self.secrets):
+                return msgspec.json.decode(await response.aread())
+
+    async def events(self, response: httpx.Response) -> AsyncIterator[httpx_sse.ServerSentEvent]:
+        """The server-sent events of ``response`` (errors mapped; a cut stream raises)."""
+        with map_transport_errors(self.name, self.secrets):
+            async for event in httpx_sse.EventSource(response).aiter_sse():
+                yield event
