@@ -19,8 +19,8 @@ from .config import Config, ConfigError, load_config, with_overrides
 from .errors import LlmsrvError
 from .messages import StreamChunk
 from .natsserver import NatsServer, free_port
-from .routing import PROVIDER_KEYS
 from .providers.registry import build_providers
+from .routing import PROVIDER_KEYS
 from .service import Service
 
 log = logging.getLogger("llmsrv")
