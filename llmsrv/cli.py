@@ -19,6 +19,7 @@ from .config import Config, ConfigError, load_config, with_overrides
 from .errors import LlmsrvError
 from .messages import StreamChunk
 from .natsserver import NatsServer, free_port
+from .providers import ProviderStatus
 from .providers.registry import build_providers
 from .routing import PROVIDER_KEYS
 from .service import Service
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the config and print provider credential status")
     check.add_argument("--config")
+    check.add_argument("--probe", action="store_true",
+                       help="also make one authenticated call per available provider (a model list: no tokens spent)")
 
     status = sub.add_parser("status", help="ask a running instance for its health document")
     status.add_argument("--nats-url")
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(cfg)
         if args.command == "check":
-            return _check(cfg)
+            return trio.run(_check, cfg, args.probe)
         url = cfg.nats.url or DEFAULT_CLIENT_URL
         if args.command == "ask":
             return trio.run(_ask, cfg, url, args)
@@ -173,7 +176,7 @@ async def _status(cfg: Config, url: str) -> int:
 
 # ---- check ---------------------------------------------------------------------------------
 
-def _check(cfg: Config) -> int:
+async def _check(cfg: Config, probe: bool) -> int:
     providers = build_providers(cfg)
     print("config: ok")
     for key in PROVIDER_KEYS:
@@ -182,5 +185,13 @@ def _check(cfg: Config) -> int:
             print(f"{key:14} missing   (not implemented in llmsrv {__version__})")
             continue
         status = provider.status()
+        if probe and status.available:
+            with trio.move_on_after(15) as scope:
+                try:
+                    status = await provider.probe()
+                except LlmsrvError as exc:
+                    status = ProviderStatus(False, f"probe failed: {exc.error_code}: {exc.message}", state="invalid")
+            if scope.cancelled_caught:
+                status = ProviderStatus(False, "probe got no answer within 15 s", state="invalid")
         print(f"{key:14} {status.state:9} {status.reason or ''}".rstrip())
     return 0

@@ -182,7 +182,21 @@ class Config(_Frozen, frozen=True, kw_only=True):
 
 
 _G, _A, _C, _Q = "general", "architect", "coder", "qa"
+
+
+def _prices(table: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    return {"prices": {m: {"input_per_mtok": i, "output_per_mtok": o} for m, (i, o) in table.items()}}
+
+
 DEFAULTS: dict[str, Any] = {
+    # Public list prices, USD per million tokens (input, output); override per model in config.
+    "providers": {
+        "claude": _prices({"claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4-5": (3.0, 15.0),
+                           "claude-haiku-4-5": (1.0, 5.0)}),
+        "codex": _prices({"gpt-5-codex": (1.25, 10.0), "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0),
+                          "gpt-4.1": (2.0, 8.0), "gpt-4o": (2.5, 10.0), "o3-mini": (1.1, 4.4)}),
+        "gemini": _prices({"gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5)}),
+    },
     "routing": {
         # CONTRACT section 5, as data.
         "matrix": {

@@ -26,7 +26,7 @@ def health_document(service: Service) -> dict[str, Any]:
     for name, provider in service.providers.items():
         status = provider.status()
         guard = service.guards.get(name)
-        providers[name] = {"available": status.available, "reason": status.reason,
+        providers[name] = {"available": status.available, "state": status.state, "reason": status.reason,
                            "breaker": guard.breaker.state if guard else "closed"}
     stats = service.statistics()
     return {

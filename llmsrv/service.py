@@ -36,7 +36,7 @@ import trio
 
 from . import errors, messages, routing
 from .bus import Bus, Incoming
-from .config import Config
+from .config import Config, Price
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.registry import build_providers
@@ -192,6 +192,9 @@ class Service:
                 other_subs.append(await bus.subscribe(subject, handler))
             await bus.flush()  # subscriptions are live on the server once this returns
             self._spawn_worker()
+            for name, provider in self.providers.items():
+                status = provider.status()
+                log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
             if self.board is not None:
                 nursery.start_soon(self._sync_breakers, self.board)
             log.info("serving %s (queue %s), instance %s", self.subject_request, queue, self.instance_id)
@@ -213,6 +216,11 @@ class Service:
             for sub in other_subs:
                 await bus.unsubscribe(sub)
             await bus.flush()
+            for provider in self.providers.values():
+                closer = getattr(provider, "aclose", None)
+                if closer is not None:
+                    with trio.move_on_after(2):
+                        await closer()
             log.info("drained")
             nursery.cancel_scope.cancel()
 
@@ -410,7 +418,7 @@ class Service:
                 msgspec.structs.replace(call, model=target.model), on_delta)
             ms = round((trio.current_time() - started) * 1000)
             return _response(completion, target.spec, cid, [messages.Attempt(
-                target.provider, target.model, "ok", ms)])
+                target.provider, target.model, "ok", ms)], self._cost_cents(target, completion))
 
         async def attempt(target: routing.Target) -> Completion:
             return await self._attempt(target, call, on_delta)
@@ -419,7 +427,8 @@ class Service:
             lambda: self._plan(request), attempt, deadline,
             hedge_delay=self._hedge_delay(request) if streamer is None else None,
             streamed=(lambda: streamer.started) if streamer is not None else (lambda: False))
-        return _response(result.completion, result.target.spec, cid, result.attempts)
+        return _response(result.completion, result.target.spec, cid, result.attempts,
+                         self._cost_cents(result.target, result.completion))
 
     async def _attempt(self, target: routing.Target, call: Call, on_delta: OnDelta | None) -> Completion:
         provider = self.providers[target.provider]
@@ -427,6 +436,14 @@ class Service:
         timeout_s = getattr(self.cfg.providers, target.provider).timeout_ms / 1000
         return await call_guarded(self.guards[target.provider], estimate_call_tokens(call), timeout_s,
                                   lambda: provider.complete(call, on_delta))
+
+    def _cost_cents(self, target: routing.Target, completion: Completion) -> float:
+        price: Price | None = getattr(self.cfg.providers, target.provider).prices.get(target.model)
+        if price is None:
+            return 0.0
+        usd = (completion.usage.prompt_tokens * price.input_per_mtok
+               + completion.usage.completion_tokens * price.output_per_mtok) / 1e6
+        return round(usd * 100, 6)
 
     def _hedge_delay(self, request: LLMRequest) -> Callable[[routing.Target], float] | None:
         hedge = self.cfg.routing.hedge
@@ -477,10 +494,11 @@ class Service:
         self._reply(reply, self.subject_error, messages.error_body(exc, cid), headers)
 
 
-def _response(c: Completion, model: str, cid: str, attempts: list[messages.Attempt]) -> LLMResponse:
+def _response(c: Completion, model: str, cid: str, attempts: list[messages.Attempt],
+              cost_cents: float) -> LLMResponse:
     return LLMResponse(
         text=c.text, model=model, tokens_used=c.usage.prompt_tokens + c.usage.completion_tokens,
-        cost_cents=0.0, timestamp=messages.timestamp(), correlation_id=cid, usage=c.usage,
+        cost_cents=cost_cents, timestamp=messages.timestamp(), correlation_id=cid, usage=c.usage,
         finish_reason=c.finish_reason, tool_calls=list(c.tool_calls), attempts=attempts)
 
 

@@ -50,6 +50,10 @@ class Provider(Protocol):
         """Run one call. With ``on_delta`` the text is also reported piece by piece as it arrives."""
         ...
 
+    async def probe(self) -> ProviderStatus:
+        """One cheap authenticated call that spends no tokens (a model list): do the credentials work?"""
+        ...
+
 
 def estimate_tokens(text: str) -> int:
     """The usual ~4 characters a token: for rate-limit charges and tokenizer-less providers."""

@@ -70,6 +70,9 @@ class MockProvider:
     def has_model(self, model: str) -> bool:
         return model in self.models
 
+    async def probe(self) -> ProviderStatus:
+        return self.status()
+
     def statistics(self) -> MockStatistics:
         n = self._n
         return MockStatistics(n.calls, n.completed, n.failed, n.cancelled, n.last_cancelled_at)
