@@ -1,4 +1,4 @@
-"""Operations: the health document and the NATS micro-service discovery answers.
+"""Operations: health, readiness, Prometheus metrics (HTTP), NATS micro-service discovery.
 
 ``$SRV.PING|INFO|STATS`` (and their ``.llmsrv`` / ``.llmsrv.<id>`` forms) are answered here by
 hand, in the JSON shapes of the NATS micro spec (v1): nats-py's ``nats.micro`` would serve our
@@ -8,12 +8,21 @@ endpoint one request at a time (LIBRARY-NOTES), so it is not used.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+import h11
+import prometheus_client
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from . import __version__
 from .bus import Handler, Incoming
 from .messages import encode
+from .resilience import STATE_CODE
 
 if TYPE_CHECKING:
     from .service import Service
@@ -74,3 +83,102 @@ def micro_subscriptions(service: Service) -> Iterator[tuple[str, Handler]]:
         for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{SERVICE_NAME}",
                         f"$SRV.{verb}.{SERVICE_NAME}.{service.instance_id}"):
             yield subject, handler
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the output for nothing
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _BreakerStates(Collector):
+    """``llmsrv_breaker_state{provider}`` read from the breakers at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("llmsrv_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+                                   labels=["provider"])
+        for name, guard in self._service.guards.items():
+            family.add_metric([name], STATE_CODE[guard.breaker.state])
+        yield family
+
+
+class Metrics:
+    """The Prometheus metrics of one service (CONTRACT section 6), in a registry of its own."""
+
+    def __init__(self, service: Service) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("llmsrv_requests", "Requests answered, by provider, model and outcome",
+                                ["provider", "model", "outcome"], registry=r)
+        self.request_duration = Histogram("llmsrv_request_duration_seconds", "From receipt to final reply",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.provider_call = Histogram("llmsrv_provider_call_duration_seconds", "One provider attempt",
+                                       ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_chunk = Histogram("llmsrv_time_to_first_chunk_seconds", "Attempt start to first streamed text",
+                                     ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("llmsrv_inflight_requests", "Requests admitted and not yet answered",
+              registry=r).set_function(lambda: service.statistics().inflight)
+        self.transitions = Counter("llmsrv_breaker_transitions", "Circuit breaker state changes",
+                                   ["provider", "to"], registry=r)
+        self.rate_limited = Counter("llmsrv_rate_limited", "Attempts refused by a rate limit (ours or upstream)",
+                                    ["provider", "limit"], registry=r)
+        self.tokens = Counter("llmsrv_tokens", "Tokens used", ["provider", "direction"], registry=r)
+        self.cost = Counter("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"], registry=r)
+        self.cancellations = Counter("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
+        r.register(_BreakerStates(service))
+
+    def render(self) -> bytes:
+        return bytes(prometheus_client.generate_latest(self.registry))
+
+
+# ---- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------------
+
+def ready(service: Service) -> bool:
+    return (service.bus.is_connected and not service.draining
+            and any(p.status().available for p in service.providers.values()))
+
+
+def http_answer(service: Service, path: str) -> tuple[int, str, bytes]:
+    if path == "/metrics":
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, service.metrics.render()
+    if path == "/healthz":
+        return 200, "application/json", encode(health_document(service))
+    if path == "/readyz":
+        ok = ready(service)
+        return (200 if ok else 503), "application/json", encode({"ready": ok})
+    return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
+
+
+async def serve_http(service: Service, host: str, port: int,
+                     *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A small HTTP/1.1 responder (h11 on trio sockets) for the three operations endpoints."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(functools.partial(_http_connection, service), listeners)
+
+
+async def _http_connection(service: Service, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        with trio.move_on_after(10):  # one request per connection, read within 10 s
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(16384)))
+                    continue
+                if not isinstance(event, h11.Request):
+                    return
+                method, target = event.method.decode(), event.target.decode().partition("?")[0]
+                status, ctype, body = (http_answer(service, target) if method in ("GET", "HEAD")
+                                       else (405, "text/plain", b"only GET\n"))
+                headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+                await stream.send_all(conn.send(h11.Data(data=body if method == "GET" else b"")))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        return
+    finally:
+        await stream.aclose()

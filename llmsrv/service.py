@@ -40,7 +40,7 @@ from . import errors, messages, routing
 from .bus import Bus, Incoming
 from .config import Config, Price
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
-from .ops import health_document, micro_subscriptions
+from .ops import Metrics, health_document, micro_subscriptions, serve_http
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.registry import build_providers
 from .resilience import ProviderGuard, RedisBreakerBoard, call_guarded, in_background
@@ -170,6 +170,8 @@ class Service:
         self.board = (RedisBreakerBoard(storage, f"llmsrv:{cfg.nats.queue}:breaker:")
                       if storage.startswith("redis") else None)
         self.transitions: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.metrics = Metrics(self)
+        self.http_port: int | None = None  # the bound port of /metrics, /healthz, /readyz
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -198,6 +200,10 @@ class Service:
                 log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
             if self.board is not None:
                 nursery.start_soon(self._sync_breakers, self.board)
+            server = self.cfg.server
+            if server.http_port:
+                self.http_port = await nursery.start(serve_http, self, server.http_host, server.http_port)
+                log.info("metrics and health on http://%s:%d/metrics", server.http_host, self.http_port)
             log.info("serving %s (queue %s), instance %s", self.subject_request, queue, self.instance_id)
             task_status.started(self)
             await self._stop.wait()
@@ -260,6 +266,7 @@ class Service:
 
     def _reject(self, msg: Incoming, exc: errors.LlmsrvError) -> None:
         self._requests += 1
+        self._record(exc.error_code.lower(), "", "", None)
         self._reply_error(msg.reply, exc, _peek_correlation_id(msg), stream=False)
 
     def _on_cancel(self, msg: Incoming) -> None:
@@ -319,6 +326,7 @@ class Service:
             timeout_ms = self._timeout_ms(request, headers)
         except errors.LlmsrvError as exc:
             self._reply_error(msg.reply, exc, _peek_correlation_id(msg), stream=False)
+            self._record(exc.error_code.lower(), "", "", received)
             return
         cid = request.correlation_id or headers.get("Llm-Correlation-Id") or messages.new_correlation_id()
         stream = request.stream and bool(msg.reply)
@@ -332,15 +340,33 @@ class Service:
             if live.scope.cancelled_caught:
                 raise self._cancellation_error(live.reason, timeout_ms)
             self._reply(msg.reply, self.subject_response, encode(response), STREAM_END if stream else None)
+            provider, _, model = response.model.partition(":")
+            self._record("ok", provider, model, received)
+            self._record_usage(provider, response)
         except errors.LlmsrvError as exc:
             self._reply_error(msg.reply, exc, cid, stream)
+            last = exc.attempts[-1] if exc.attempts else None
+            self._record(exc.error_code.lower(), last.provider if last else "", last.model if last else "", received)
         except Exception:
             log.exception("internal error serving request %s", cid)
             self._reply_error(msg.reply, errors.InternalError("internal error; see server log"), cid, stream)
+            self._record("internal_error", "", "", received)
         finally:
             lives.remove(live)
             if not lives:
                 del self._live[cid]
+
+    def _record(self, outcome: str, provider: str, model: str, received: float | None) -> None:
+        self.metrics.requests.labels(provider, model, outcome).inc()
+        if received is not None:
+            self.metrics.request_duration.observe(trio.current_time() - received)
+
+    def _record_usage(self, provider: str, response: LLMResponse) -> None:
+        m = self.metrics
+        m.tokens.labels(provider, "input").inc(response.usage.prompt_tokens)
+        m.tokens.labels(provider, "output").inc(response.usage.completion_tokens)
+        if response.cost_cents:
+            m.cost.labels(provider).inc(response.cost_cents)
 
     def _timeout_ms(self, request: LLMRequest, headers: Mapping[str, str]) -> int:
         server = self.cfg.server
@@ -353,8 +379,8 @@ class Service:
             timeout_ms = int(raw)
         return min(timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
 
-    @staticmethod
-    def _cancellation_error(reason: str | None, timeout_ms: int) -> errors.LlmsrvError:
+    def _cancellation_error(self, reason: str | None, timeout_ms: int) -> errors.LlmsrvError:
+        self.metrics.cancellations.labels(reason or "deadline").inc()
         if reason == "client":
             return errors.Cancelled("cancelled by the client (llm.cancel); the provider call was stopped")
         if reason == "shutdown":
@@ -433,8 +459,35 @@ class Service:
         provider = self.providers[target.provider]
         call = msgspec.structs.replace(call, model=target.model)
         timeout_s = getattr(self.cfg.providers, target.provider).timeout_ms / 1000
-        return await call_guarded(self.guards[target.provider], estimate_call_tokens(call), timeout_s,
-                                  lambda: provider.complete(call, on_delta))
+        started = trio.current_time()
+        if on_delta is not None:
+            on_delta = self._timing_first_chunk(target.provider, started, on_delta)
+        called = True
+        try:
+            return await call_guarded(self.guards[target.provider], estimate_call_tokens(call), timeout_s,
+                                      lambda: provider.complete(call, on_delta))
+        except errors.CircuitOpen:
+            called = False  # refused before any call: no duration to record
+            raise
+        except errors.RateLimited as exc:
+            self.metrics.rate_limited.labels(target.provider, getattr(exc, "limit", "upstream")).inc()
+            raise
+        finally:
+            if called:
+                self.metrics.provider_call.labels(target.provider).observe(trio.current_time() - started)
+
+    def _timing_first_chunk(self, provider: str, started: float, on_delta: OnDelta) -> OnDelta:
+        histogram = self.metrics.first_chunk.labels(provider)
+        seen = False
+
+        def timed(text: str) -> None:
+            nonlocal seen
+            if not seen:
+                seen = True
+                histogram.observe(trio.current_time() - started)
+            on_delta(text)
+
+        return timed
 
     def _cost_cents(self, target: routing.Target, completion: Completion) -> float:
         price: Price | None = getattr(self.cfg.providers, target.provider).prices.get(target.model)
@@ -460,6 +513,7 @@ class Service:
 
     def _on_transition(self, provider: str, old: str, new: str) -> None:
         self.transitions[(provider, new)] += 1
+        self.metrics.transitions.labels(provider, new).inc()
         log.warning("circuit breaker of provider %s: %s -> %s", provider, old, new)
         until = self.guards[provider].breaker.open_until() if provider in self.guards else None
         if self.board is not None and until is not None:

@@ -1,0 +1,92 @@
+"""Operations over real sockets: Prometheus /metrics, /healthz and /readyz on the HTTP port."""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmsrv.client import ReplyError
+from llmsrv.natsserver import free_port
+
+from .conftest import running, user
+
+ENC = msgspec.json.encode
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_count_what_happened(nats_url: str) -> None:
+    port = free_port()
+    async with running(nats_url, server={"http_port": port},
+                       providers={"mock": {"rpm": "4/minute", "tokens_per_second": 200}}) as h:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{h.service.http_port}") as http:
+            await h.client.complete({"messages": user("a b c d"), "model": "mock:echo"})
+            await h.client.stream({"messages": user("x y"), "model": "mock:echo"}, lambda c: None)
+            await h.error_of(ENC({"messages": []}))
+            with trio.move_on_after(0.005):  # client cancel of a slow lorem stream
+                await h.client.complete({"messages": user(), "model": "mock:lorem", "max_tokens": 500})
+            err = await h.error_of(ENC({"messages": user(), "model": "mock:lorem", "timeout_ms": 20}))
+            assert err["error_code"] in ("TIMEOUT", "RATE_LIMITED")
+            with trio.fail_after(2):
+                while h.service.statistics().inflight:
+                    await trio.sleep(0.01)
+            for _ in range(2):  # the 4/minute budget is spent by now: rate limited
+                try:
+                    await h.client.complete({"messages": user(), "model": "mock:echo", "timeout_ms": 200})
+                except ReplyError:
+                    pass
+            metrics = await http.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    s = _samples(metrics.text)
+    ok = ("llmsrv_requests_total", (("model", "echo"), ("outcome", "ok"), ("provider", "mock")))
+    assert s[ok] == 2
+    assert s[("llmsrv_requests_total", (("model", ""), ("outcome", "validation_error"), ("provider", "")))] == 1
+    assert s[("llmsrv_cancellations_total", (("reason", "client"),))] == 1
+    assert s[("llmsrv_rate_limited_total", (("limit", "rpm"), ("provider", "mock")))] >= 1
+    assert s[("llmsrv_time_to_first_chunk_seconds_count", (("provider", "mock"),))] >= 1
+    assert s[("llmsrv_tokens_total", (("direction", "input"), ("provider", "mock")))] >= 2
+    assert s[("llmsrv_request_duration_seconds_count", ())] >= 5
+    assert s[("llmsrv_provider_call_duration_seconds_count", (("provider", "mock"),))] >= 3
+    assert s[("llmsrv_inflight_requests", ())] == 0
+    assert s[("llmsrv_breaker_state", (("provider", "mock"),))] == 0
+    assert not any(name.endswith("_created") for name, _ in s)
+
+
+async def test_breaker_metrics(nats_url: str) -> None:
+    async with running(nats_url, server={"http_port": free_port()}, routing={"retry": {"max_attempts": 1}},
+                       providers={"mock": {"error_rate": 1.0, "breaker_threshold": 1}}) as h:
+        await h.error_of(ENC({"messages": user(), "model": "mock:echo"}))
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{h.service.http_port}/metrics")).text
+    s = _samples(text)
+    assert s[("llmsrv_breaker_state", (("provider", "mock"),))] == 2
+    assert s[("llmsrv_breaker_transitions_total", (("provider", "mock"), ("to", "open")))] == 1
+    assert s[("llmsrv_requests_total", (("model", "echo"), ("outcome", "provider_error"), ("provider", "mock")))] == 1
+
+
+async def test_healthz_and_readyz(nats_url: str) -> None:
+    async with running(nats_url, server={"http_port": free_port(), "drain_grace_s": 5},
+                       providers={"mock": {"latency_ms": 1000}}) as h:
+        base = f"http://127.0.0.1:{h.service.http_port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            health = await http.get("/healthz")
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            assert health.json()["providers"]["mock"]["state"] == "available"
+            assert (await http.get("/readyz")).status_code == 200
+            assert (await http.get("/nope")).status_code == 404
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(h.client.complete, {"messages": user(), "model": "mock:echo"})
+                await trio.sleep(0.2)
+                h.service.shutdown()
+                await trio.sleep(0.1)
+                draining = await http.get("/readyz")
+                assert draining.status_code == 503 and draining.json() == {"ready": False}
+                assert (await http.get("/healthz")).json()["status"] == "draining"
