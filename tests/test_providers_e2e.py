@@ -1,0 +1,74 @@
+"""Real providers end to end: a NATS request routed to a provider whose upstream is a fake server.
+
+Also the cross-cutting guarantee: a canary key never appears in replies or logs, whatever the
+upstream echoes back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import pytest
+
+from llmsrv.messages import StreamChunk
+
+from .conftest import running, user
+from .fakes import FakeUpstream, Json, Request, Sse
+
+CANARY = "sk-ant-canary-0c9d1e7a"
+ENC = msgspec.json.encode
+
+
+def _claude(request: Request) -> Json | Sse:
+    if request.headers.get("x-api-key") != CANARY:
+        return Json({"type": "error", "error": {"type": "authentication_error",
+                                                "message": f"invalid x-api-key {request.headers.get('x-api-key')}"}},
+                    status=401)
+    if request.json().get("stream"):
+        events: list[tuple[str, object]] = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+                "stop_reason": None, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *[("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": piece}})
+              for piece in ("Hel", "lo ", "there")],
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 3}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return Sse(events, interval_s=0.03)
+    return Json({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                 "content": [{"type": "text", "text": "Hello there"}], "stop_reason": "end_turn",
+                 "usage": {"input_tokens": 12, "output_tokens": 3}})
+
+
+async def test_claude_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", CANARY)
+    async with FakeUpstream(_claude) as up, running(nats_url, providers={"claude": {"base_url": up.url}}) as h:
+        reply = await h.client.complete({"messages": user("hi"), "model": "claude:sonnet"})
+        chunks: list[StreamChunk] = []
+        streamed = await h.client.stream({"messages": user("hi"), "model": "claude:sonnet"}, chunks.append)
+        auto = await h.client.complete({"messages": user("Design a distributed system architecture, step by step")})
+    assert (reply.text, reply.model, reply.finish_reason) == ("Hello there", "claude:claude-sonnet-4-5", "stop")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.tokens_used) == (12, 3, 15)
+    assert reply.cost_cents == pytest.approx((12 * 3.0 + 3 * 15.0) / 1e6 * 100)  # default price table
+    assert "".join(c.delta for c in chunks) == streamed.text == "Hello there" and len(chunks) >= 2
+    assert auto.model == "claude:claude-sonnet-4-5"  # auto routing now finds a provider with credentials
+    assert up.requests[0].json()["model"] == "claude-sonnet-4-5"
+
+
+async def test_canary_key_never_in_replies_or_logs(nats_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", CANARY + "-wrong")  # the fake echoes the bad key back
+    async with FakeUpstream(_claude) as up, running(nats_url, providers={"claude": {"base_url": up.url}}) as h:
+        msg = await h.raw(ENC({"messages": user(), "model": "claude:sonnet"}))
+        health = await h.client.request_json("health")
+    body = msg.data.decode()
+    assert "MISSING_CREDENTIALS" in body and "credentials refused" in body
+    assert CANARY not in body and CANARY not in str(msg.headers) and CANARY not in str(health)
+    assert CANARY not in caplog.text
