@@ -196,6 +196,7 @@ DEFAULTS: dict[str, Any] = {
         "codex": _prices({"gpt-5-codex": (1.25, 10.0), "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0),
                           "gpt-4.1": (2.0, 8.0), "gpt-4o": (2.5, 10.0), "o3-mini": (1.1, 4.4)}),
         "gemini": _prices({"gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5)}),
+        "jules": {"timeout_ms": 600000},  # agent tasks take minutes; the request deadline still applies
     },
     "routing": {
         # CONTRACT section 5, as data.
