@@ -1,0 +1,280 @@
+"""The ``gemini`` provider: Google's Gemini API with an API key (generateContent, streamGenerateContent).
+
+Wire shapes come from the public Gemini API reference:
+* https://ai.google.dev/api/generate-content -- ``POST /v1beta/models/{model}:generateContent`` and
+  ``:streamGenerateContent?alt=sse`` (each SSE ``data:`` is one GenerateContentResponse chunk),
+  ``contents``/``systemInstruction``/``generationConfig``, ``Candidate.finishReason``, ``UsageMetadata``
+* https://ai.google.dev/gemini-api/docs/function-calling -- ``tools[].functionDeclarations``,
+  ``functionCall`` parts in replies, ``functionResponse`` parts in requests
+* https://ai.google.dev/api/models -- ``GET /v1beta/models`` (models.list, spends no tokens)
+* https://ai.google.dev/gemini-api/docs/troubleshooting -- ``{"error": {"code", "message", "status"}}``
+* https://ai.google.dev/gemini-api/docs/api-key -- the key goes in the ``x-goog-api-key`` header (never
+  ``?key=``, so it cannot leak into a logged URL)
+
+Translation decisions
+---------------------
+* ``system`` messages -> ``systemInstruction.parts`` (one text part each). ``user`` -> role ``user``,
+  ``assistant`` -> role ``model``. Adjacent messages landing on the same role are merged into one turn,
+  because the API wants user and model turns to alternate.
+* ``tool`` messages -> a ``user`` turn with one ``functionResponse`` part. Our messages carry no call id
+  or function name, so: content that is a JSON object ``{"name": str, "response": {...}}`` is sent as the
+  functionResponse itself; otherwise ``name`` is the only declared tool's name (``"tool"`` when there
+  are several or none) and ``response`` is the content's JSON object, or ``{"output": value}`` where
+  value is the content parsed as JSON, else the raw text ("output" is the key the API documents).
+* ``finishReason``: a reply with ``functionCall`` parts -> ``tool_calls`` (the API says STOP there);
+  MAX_TOKENS -> ``length``; STOP, SAFETY, RECITATION and anything else -> ``stop`` with whatever text
+  came: a filtered answer is a short answer, not an upstream failure (no breaker trip, no fallback).
+* A prompt refused before any candidate (``promptFeedback.blockReason``) -> ``ValidationFailed``: the
+  caller's content, so neither retried nor counted against the breaker.
+* Usage: ``promptTokenCount``; ``candidatesTokenCount + thoughtsTokenCount`` (thinking is billed as output).
+* Thought-summary parts (``"thought": true``) are not part of the answer text.
+* Gemini answers a bad key with 400 INVALID_ARGUMENT ("API key not valid"), not 401: such a 400 is
+  mapped to ``MissingCredentials`` so the router falls back and ``probe()`` reports ``invalid``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+
+from .. import errors
+from ..messages import Message, Tool, ToolCall, Usage
+from . import Call, Completion, OnDelta, ProviderStatus
+from .http import HttpProvider, map_transport_errors, redact
+
+API = "/v1beta"
+
+# ---- the parts of a GenerateContentResponse we read (unknown fields are ignored) -------------------
+
+
+class _FunctionCall(msgspec.Struct):
+    name: str
+    args: dict[str, Any] = {}
+    id: str | None = None
+
+
+class _Part(msgspec.Struct, rename="camel"):
+    text: str | None = None
+    thought: bool = False
+    function_call: _FunctionCall | None = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] = []
+
+
+class _Candidate(msgspec.Struct, rename="camel"):
+    content: _Content | None = None
+    finish_reason: str | None = None
+
+
+class _UsageMetadata(msgspec.Struct, rename="camel"):
+    prompt_token_count: int = 0
+    candidates_token_count: int = 0
+    thoughts_token_count: int = 0
+
+
+class _PromptFeedback(msgspec.Struct, rename="camel"):
+    block_reason: str | None = None
+
+
+class _Error(msgspec.Struct):
+    code: int = 0
+    message: str = ""
+    status: str = ""
+
+
+class _Response(msgspec.Struct, rename="camel"):
+    candidates: list[_Candidate] = []
+    usage_metadata: _UsageMetadata | None = None
+    prompt_feedback: _PromptFeedback | None = None
+    error: _Error | None = None  # only inside a stream; HTTP errors are mapped from the status
+
+
+_decode_response = msgspec.json.Decoder(_Response).decode
+
+# ---- request translation (pure) -------------------------------------------------------------------
+
+
+def _tool_response(content: str, tools: Sequence[Tool]) -> dict[str, Any]:
+    try:
+        value: Any = msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        value = content
+    if (isinstance(value, dict) and isinstance(value.get("name"), str)
+            and isinstance(value.get("response"), dict) and len(value) == 2):
+        return value
+    name = tools[0].function.name if len(tools) == 1 else "tool"
+    return {"name": name, "response": value if isinstance(value, dict) else {"output": value}}
+
+
+def _contents(messages: Sequence[Message], tools: Sequence[Tool]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(contents, system texts): our messages as alternating Gemini turns."""
+    contents: list[dict[str, Any]] = []
+    system: list[str] = []
+    for message in messages:
+        if message.role == "system":
+            system.append(message.content)
+            continue
+        role = "model" if message.role == "assistant" else "user"
+        part = ({"functionResponse": _tool_response(message.content, tools)} if message.role == "tool"
+                else {"text": message.content})
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].append(part)
+        else:
+            contents.append({"role": role, "parts": [part]})
+    return contents, system
+
+
+def _declaration(tool: Tool) -> dict[str, Any]:
+    fn = tool.function
+    decl: dict[str, Any] = {"name": fn.name}
+    if fn.description:
+        decl["description"] = fn.description
+    if fn.parameters is not None:
+        decl["parameters"] = fn.parameters
+    return decl
+
+
+def request_body(call: Call) -> dict[str, Any]:
+    contents, system = _contents(call.messages, call.tools)
+    if not contents:  # only system messages: the API needs at least one turn
+        contents, system = [{"role": "user", "parts": [{"text": text} for text in system]}], []
+    body: dict[str, Any] = {
+        "contents": contents,
+        "generationConfig": {"maxOutputTokens": call.max_tokens, "temperature": call.temperature},
+    }
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    if call.tools:
+        body["tools"] = [{"functionDeclarations": [_declaration(tool) for tool in call.tools]}]
+    return body
+
+
+# ---- reply accumulation (pure) --------------------------------------------------------------------
+
+
+class _Reply:
+    """Folds one GenerateContentResponse (or every chunk of a stream, in order) into a Completion."""
+
+    def __init__(self, provider: str, secrets: Sequence[str | None]) -> None:
+        self.provider = provider
+        self.secrets = secrets
+        self.text: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.finish_reason: str | None = None
+        self.usage = _UsageMetadata()
+        self.block_reason: str | None = None
+
+    def add(self, chunk: _Response) -> str:
+        """Take one chunk in; return its answer text."""
+        if chunk.error is not None:
+            raise self._stream_error(chunk.error)
+        if chunk.usage_metadata is not None:  # cumulative: the last one is the total
+            self.usage = chunk.usage_metadata
+        if chunk.prompt_feedback is not None and chunk.prompt_feedback.block_reason:
+            self.block_reason = chunk.prompt_feedback.block_reason
+        if not chunk.candidates:
+            return ""
+        candidate = chunk.candidates[0]
+        if candidate.finish_reason:
+            self.finish_reason = candidate.finish_reason
+        pieces: list[str] = []
+        for part in candidate.content.parts if candidate.content else ():
+            if part.function_call is not None:
+                fc = part.function_call
+                self.tool_calls.append(ToolCall(id=fc.id or f"call_{uuid.uuid4().hex[:24]}", name=fc.name,
+                                                arguments=msgspec.json.encode(fc.args).decode()))
+            elif part.text and not part.thought:
+                pieces.append(part.text)
+        piece = "".join(pieces)
+        if piece:
+            self.text.append(piece)
+        return piece
+
+    def completion(self) -> Completion:
+        if self.finish_reason is None:
+            if self.block_reason:
+                raise errors.ValidationFailed(f"{self.provider} refused the prompt (blockReason {self.block_reason})")
+            raise errors.ProviderError(f"{self.provider}: stream cut (ended without a finishReason)")
+        if self.tool_calls:
+            finish = "tool_calls"
+        elif self.finish_reason == "MAX_TOKENS":
+            finish = "length"
+        else:
+            finish = "stop"  # STOP, SAFETY, RECITATION, OTHER...: keep the text we got
+        usage = Usage(prompt_tokens=self.usage.prompt_token_count,
+                      completion_tokens=self.usage.candidates_token_count + self.usage.thoughts_token_count)
+        return Completion(text="".join(self.text), usage=usage, finish_reason=finish, tool_calls=self.tool_calls)
+
+    def _stream_error(self, error: _Error) -> errors.LlmsrvError:
+        detail = redact(f"{error.status or error.code}: {error.message}"[:300], self.secrets)
+        message = f"{self.provider} stream failed: {detail}"
+        if error.code == 429 or error.status == "RESOURCE_EXHAUSTED":
+            return errors.RateLimited(message)
+        return errors.ProviderError(message)
+
+
+@contextmanager
+def _bad_key_is_credentials() -> Iterator[None]:
+    """Gemini rejects an invalid or expired key with 400 INVALID_ARGUMENT; that is a credentials error."""
+    try:
+        yield
+    except errors.ValidationFailed as exc:
+        if "api key" not in exc.message.lower():
+            raise
+        detail = exc.message.removeprefix("the request was rejected upstream: ")
+        raise errors.MissingCredentials(f"credentials refused: {detail}") from None
+
+
+# ---- the provider ---------------------------------------------------------------------------------
+
+
+class GeminiProvider(HttpProvider):
+    name = "gemini"
+    key_env = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    default_base_url = "https://generativelanguage.googleapis.com"
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-goog-api-key": self.key or ""}
+
+    async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
+        model = quote(call.model.removeprefix("models/"), safe="")
+        body = request_body(call)
+        reply = _Reply(self.name, self.secrets)
+        with _bad_key_is_credentials():
+            if on_delta is None:
+                async with self.open("POST", f"{API}/models/{model}:generateContent", headers=self._headers(),
+                                     json=body) as response:
+                    with map_transport_errors(self.name, self.secrets):
+                        reply.add(_decode_response(await response.aread()))
+            else:
+                async with self.open("POST", f"{API}/models/{model}:streamGenerateContent", headers=self._headers(),
+                                     json=body, params={"alt": "sse"}) as response:
+                    async for event in self.events(response):
+                        if not event.data.strip():
+                            continue
+                        with map_transport_errors(self.name, self.secrets):
+                            chunk = _decode_response(event.data)
+                        piece = reply.add(chunk)
+                        if piece:
+                            on_delta(piece)
+        return reply.completion()
+
+    async def probe(self) -> ProviderStatus:
+        status = self.status()
+        if not status.available:
+            return status
+        try:
+            with _bad_key_is_credentials():
+                await self.call_json("GET", f"{API}/models", headers=self._headers(), params={"pageSize": "1"})
+        except errors.MissingCredentials as exc:
+            return ProviderStatus(False, exc.message, state="invalid")
+        except errors.LlmsrvError as exc:
+            return ProviderStatus(False, exc.message)
+        return ProviderStatus(True)
