@@ -83,6 +83,18 @@ def retry_after_ms(headers: httpx.Headers) -> int | None:
         return max(1, math.ceil((when.timestamp() - time.time()) * 1000)) if when else None
 
 
+def _retry_info_ms(body: bytes) -> int | None:
+    """Google APIs put the retry hint in the body: ``error.details[] RetryInfo.retryDelay = "36s"``."""
+    try:
+        details = msgspec.json.decode(body)["error"]["details"]
+        for item in details:
+            if str(item.get("@type", "")).endswith("RetryInfo"):
+                return max(1, math.ceil(float(str(item["retryDelay"]).rstrip("s")) * 1000))
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return None
+
+
 def _detail(body: bytes) -> str:
     """The human part of an upstream error body (most APIs use {"error": {"message": ...}})."""
     try:
@@ -112,7 +124,7 @@ def error_for_status(provider: str, status: int, body: bytes, headers: httpx.Hea
     if status in (408, 504):
         return errors.ProviderTimeout(where)
     if status == 429:
-        return errors.RateLimited(where, retry_after_ms=retry_after_ms(headers))
+        return errors.RateLimited(where, retry_after_ms=retry_after_ms(headers) or _retry_info_ms(body))
     return errors.ProviderError(where, retry_after_ms=retry_after_ms(headers) if status == 503 else None)
 
 
