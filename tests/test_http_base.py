@@ -42,7 +42,8 @@ def _provider(url: str, **cfg: object) -> Plain:
     (Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"trunc"), errors.ProviderError, "PROVIDER_ERROR"),
     (Raw(b""), errors.ProviderError, "PROVIDER_ERROR"),
     (Json(b"not json at all"), errors.ProviderError, "PROVIDER_ERROR"),
-], ids=["400", "401-echoes-key", "403", "404", "408", "504", "429", "429-google-retry-info", "500", "529", "truncated", "reset",
+], ids=["400", "401-echoes-key", "403", "404", "408", "504", "429", "429-google-retry-info",
+        "500", "529", "truncated", "reset",
         "malformed"])
 async def test_error_mapping(reply: object, error: type[Exception], code: str) -> None:
     async with FakeUpstream(lambda r: reply) as up:  # type: ignore[arg-type, return-value]

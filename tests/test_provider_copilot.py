@@ -1,0 +1,224 @@
+"""The Copilot provider against one real fake server that answers both the GitHub token exchange and
+the Copilot chat API: one exchange for many concurrent calls, refresh after expiry, a 401 drops the
+cached token, no token in any error; and end to end over real NATS."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from llmsrv import errors
+from llmsrv.config import ProviderConfig
+from llmsrv.messages import StreamChunk, ToolCall, Usage
+from llmsrv.providers.copilot import TOKEN_PATH, CopilotProvider
+from llmsrv.providers.openai import parse_chat
+
+from .conftest import running, user
+from .fakes import FakeUpstream, Hang, Json, Request, Sse
+from .test_provider_openai import call_of, chat_reply, text_stream
+
+GH_TOKEN = "gho_canaryGitHubToken42"
+
+
+class FakeCopilot:
+    """State behind the fake: every exchange mints a new Copilot token; the chat API checks it."""
+
+    def __init__(self, lifetime_s: float = 1800.0, exchange_delay_s: float = 0.0) -> None:
+        self.lifetime_s = lifetime_s
+        self.exchange_delay_s = exchange_delay_s
+        self.tokens: list[str] = []
+        self.refuse: set[str] = set()  # Copilot tokens the chat API answers 401 to
+        self.hang_next_exchange = False
+        self.up: FakeUpstream | None = None
+
+    def handler(self, request: Request) -> Json | Sse | Hang:
+        assert self.up is not None
+        if request.path == TOKEN_PATH:
+            if self.hang_next_exchange:
+                self.hang_next_exchange = False
+                return Hang()
+            if request.headers.get("authorization") != f"token {GH_TOKEN}":
+                return Json({"message": f"Bad credentials for {request.headers.get('authorization')}"}, status=401)
+            token = f"tid=abc;exp={int(time.time() + self.lifetime_s)};sku=free;8kp=1:copilot{len(self.tokens)}"
+            self.tokens.append(token)
+            return Json({"token": token, "expires_at": time.time() + self.lifetime_s, "refresh_in": 1500,
+                         "endpoints": {"api": self.up.url, "proxy": "https://proxy.example"}},
+                        delay_s=self.exchange_delay_s)
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if bearer not in self.tokens or bearer in self.refuse:
+            return Json({"error": {"message": f"unauthorized: token {bearer} expired", "code": "unauthorized"}},
+                        status=401)
+        if request.path == "/models":
+            return Json({"data": [{"id": "gpt-4o", "capabilities": {"type": "chat"}}], "object": "list"})
+        if request.json().get("stream"):
+            return Sse(text_stream(["Co", "pi", "lot"], (6, 3)))
+        return Json(chat_reply(f"answer #{len(self.chat_requests())}", usage=(5, 2)))
+
+    def chat_requests(self) -> list[Request]:
+        assert self.up is not None
+        return [r for r in self.up.requests if r.path == "/chat/completions"]
+
+    def exchanges(self) -> list[Request]:
+        assert self.up is not None
+        return [r for r in self.up.requests if r.path == TOKEN_PATH]
+
+    async def __aenter__(self) -> FakeCopilot:
+        self.up = await FakeUpstream(self.handler).__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.up is not None
+        await self.up.__aexit__(*exc)
+
+    def provider(self, env: dict[str, str] | None = None) -> CopilotProvider:
+        assert self.up is not None
+        return CopilotProvider(ProviderConfig(base_url=self.up.url),
+                               {"COPILOT_GITHUB_TOKEN": GH_TOKEN} if env is None else env)
+
+
+async def test_the_exchanged_token_is_what_the_chat_call_sends() -> None:
+    async with FakeCopilot() as fake:
+        completion = await fake.provider().complete(call_of("gpt-4o"))
+    assert (completion.text, completion.usage) == ("answer #1", Usage(5, 2))
+    [exchange] = fake.exchanges()
+    assert exchange.method == "GET" and exchange.headers["authorization"] == f"token {GH_TOKEN}"
+    [chat] = fake.chat_requests()
+    assert chat.headers["authorization"] == f"Bearer {fake.tokens[0]}"
+    assert chat.headers["copilot-integration-id"] == "vscode-chat"
+    assert chat.headers["openai-intent"] == "conversation-panel"
+    assert chat.headers["editor-version"].startswith("vscode/")
+    assert chat.headers["editor-plugin-version"].startswith("copilot-chat/")
+    assert chat.headers["user-agent"].startswith("GitHubCopilotChat/")
+    assert chat.json() == {"model": "gpt-4o", "max_tokens": 50, "temperature": 0.3, "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]}
+
+
+async def test_one_exchange_for_many_concurrent_requests() -> None:
+    async with FakeCopilot(exchange_delay_s=0.1) as fake:
+        provider = fake.provider()
+        texts: list[str] = []
+
+        async def one() -> None:
+            texts.append((await provider.complete(call_of("gpt-4o"))).text)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(25):
+                nursery.start_soon(one)
+        await provider.complete(call_of("gpt-4o"))  # and the cached token serves later calls too
+    assert len(fake.exchanges()) == 1 == provider.statistics().exchanges
+    assert len(texts) == 25 and len(fake.chat_requests()) == 26
+    assert {r.headers["authorization"] for r in fake.chat_requests()} == {f"Bearer {fake.tokens[0]}"}
+
+
+async def test_refresh_after_expiry() -> None:
+    # expires_at 60.4 s ahead: fresh for the 0.4 s before the 60 s safety margin.
+    async with FakeCopilot(lifetime_s=60.4) as fake:
+        provider = fake.provider()
+        await provider.complete(call_of("gpt-4o"))
+        await provider.complete(call_of("gpt-4o"))
+        assert len(fake.exchanges()) == 1
+        fresh_until = provider.statistics().fresh_until
+        assert fresh_until is not None
+        await trio.sleep(max(0.0, fresh_until - time.time()) + 0.05)
+        await provider.complete(call_of("gpt-4o"))
+    assert len(fake.exchanges()) == 2
+    assert [r.headers["authorization"] for r in fake.chat_requests()] == \
+        [f"Bearer {fake.tokens[0]}"] * 2 + [f"Bearer {fake.tokens[1]}"]
+
+
+async def test_a_401_drops_the_cached_token_and_no_token_leaks() -> None:
+    async with FakeCopilot() as fake:
+        provider = fake.provider()
+        await provider.complete(call_of("gpt-4o"))
+        fake.refuse.add(fake.tokens[0])  # revoked upstream; the body echoes it
+        with pytest.raises(errors.MissingCredentials) as info:
+            await provider.complete(call_of("gpt-4o"))
+        again = await provider.complete(call_of("gpt-4o"))
+    assert again.text == "answer #3"
+    assert len(fake.exchanges()) == 2
+    assert fake.chat_requests()[-1].headers["authorization"] == f"Bearer {fake.tokens[1]}"
+    assert fake.tokens[0] not in info.value.message and GH_TOKEN not in info.value.message
+    assert "401" in info.value.message
+
+
+async def test_exchange_refusals_are_credential_errors_without_tokens() -> None:
+    async with FakeCopilot() as fake:
+        with pytest.raises(errors.MissingCredentials) as refused:
+            await fake.provider({"GITHUB_TOKEN": "gho_wrongTokenEchoed"}).complete(call_of("gpt-4o"))
+        probe = await fake.provider({"GH_TOKEN": "gho_wrongTokenEchoed"}).probe()
+    assert "gho_wrongTokenEchoed" not in refused.value.message
+    assert (probe.available, probe.state) == (False, "invalid") and "gho_wrong" not in (probe.reason or "")
+
+    async with FakeUpstream(lambda r: Json({"message": "Not Found"}, status=404)) as up:
+        provider = CopilotProvider(ProviderConfig(base_url=up.url), {"GH_TOKEN": GH_TOKEN})
+        with pytest.raises(errors.MissingCredentials, match="no Copilot access"):
+            await provider.complete(call_of("gpt-4o"))
+
+
+async def test_streaming_through_copilot() -> None:
+    async with FakeCopilot() as fake:
+        deltas: list[str] = []
+        completion = await fake.provider().complete(call_of("gpt-4o"), deltas.append)
+    assert deltas == ["Co", "pi", "lot"] and completion.text == "Copilot"
+    assert completion.usage == Usage(6, 3)
+    assert fake.chat_requests()[0].json()["stream_options"] == {"include_usage": True}
+
+
+async def test_cancelled_exchange_closes_its_connection_and_frees_the_lock() -> None:
+    async with FakeCopilot() as fake:
+        provider = fake.provider()
+        fake.hang_next_exchange = True
+        with trio.move_on_after(0.2):
+            await provider.complete(call_of("gpt-4o"))
+        cancelled_at = trio.current_time()
+        seen = await fake.up.wait_disconnect()  # type: ignore[union-attr]
+        with trio.fail_after(2):
+            completion = await provider.complete(call_of("gpt-4o"))
+    assert seen - cancelled_at < 0.05
+    assert completion.text == "answer #1" and len(fake.exchanges()) == 2
+
+
+async def test_probe_lists_models_with_the_copilot_token() -> None:
+    async with FakeCopilot() as fake:
+        status = await fake.provider().probe()
+        missing = await fake.provider({}).probe()
+    assert status.available
+    assert (missing.available, missing.state) == (False, "missing")
+    with pytest.raises(errors.MissingCredentials, match="COPILOT_GITHUB_TOKEN"):
+        await fake.provider({}).complete(call_of("gpt-4o"))
+    assert [r.path for r in fake.up.requests] == [TOKEN_PATH, "/models"]  # type: ignore[union-attr]
+    assert fake.up.requests[1].headers["authorization"] == f"Bearer {fake.tokens[0]}"  # type: ignore[union-attr]
+
+
+def test_text_and_tool_calls_split_over_two_choices() -> None:
+    # Copilot can answer (n=1) with the text in one choice and the tool calls in another.
+    data = chat_reply("Let me check.", usage=(9, 4))
+    data["choices"].append({"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+        {"id": "tooluse_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]}})
+    completion = parse_chat(data, call_of("claude-sonnet-4"))
+    assert (completion.text, completion.finish_reason) == ("Let me check.", "tool_calls")
+    assert list(completion.tool_calls) == [ToolCall("tooluse_1", "get_weather", '{"city":"Oslo"}')]
+
+
+def test_token_sources_and_defaults() -> None:
+    env = {"COPILOT_GITHUB_TOKEN": "a1234", "GITHUB_TOKEN": "b1234", "GH_TOKEN": "c1234"}
+    assert CopilotProvider(ProviderConfig(), env).key == "a1234"
+    assert CopilotProvider(ProviderConfig(), {"GITHUB_TOKEN": "b1234", "GH_TOKEN": "c1234"}).key == "b1234"
+    assert CopilotProvider(ProviderConfig(), {"GH_TOKEN": "c1234"}).key == "c1234"
+    assert CopilotProvider(ProviderConfig(), {}).base_url == "https://api.github.com"
+    assert CopilotProvider(ProviderConfig(), {}).status().state == "missing"
+
+
+async def test_copilot_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COPILOT_GITHUB_TOKEN", GH_TOKEN)
+    async with FakeCopilot() as fake, \
+            running(nats_url, providers={"copilot": {"base_url": fake.up.url}}) as h:  # type: ignore[union-attr]
+        reply = await h.client.complete({"messages": user("hi"), "model": "copilot:gpt-4o"})
+        chunks: list[StreamChunk] = []
+        streamed = await h.client.stream({"messages": user("hi"), "model": "copilot:gpt-4o"}, chunks.append)
+    assert (reply.text, reply.model, reply.usage) == ("answer #1", "copilot:gpt-4o", Usage(5, 2))
+    assert streamed.text == "Copilot" == "".join(c.delta for c in chunks)
+    assert (streamed.model, streamed.usage) == ("copilot:gpt-4o", Usage(6, 3))
+    assert len(fake.exchanges()) == 1

@@ -1,0 +1,451 @@
+"""The OpenAI-compatible providers (codex, github, openrouter, openai_compat) against a real fake
+upstream speaking Chat Completions and the Responses API: bodies, headers, streaming, tool calls,
+error mapping, cancellation, probes; and codex end to end over real NATS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from llmsrv import errors
+from llmsrv.config import ProviderConfig
+from llmsrv.messages import FunctionDef, Message, StreamChunk, Tool, ToolCall, Usage
+from llmsrv.providers import Call
+from llmsrv.providers.openai import (
+    CodexProvider,
+    GitHubModelsProvider,
+    OpenAICompatProvider,
+    OpenRouterProvider,
+    chat_body,
+    is_responses_only,
+)
+
+from .conftest import running, user
+from .fakes import FakeUpstream, Hang, Json, Raw, Request, Sse
+
+CANARY = "sk-canary-5d1e0b7a93"
+WEATHER = Tool(type="function", function=FunctionDef(
+    name="get_weather", description="Weather for a city",
+    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
+
+
+def call_of(model: str = "gpt-4.1", tools: tuple[Tool, ...] = ()) -> Call:
+    return Call(model=model, messages=[Message("system", "be brief"), Message("user", "hello")],
+                max_tokens=50, temperature=0.3, tools=tools)
+
+
+def chat_reply(text: str | None = "Hi there", tool_calls: list[dict[str, Any]] | None = None,
+               finish: str = "stop", usage: tuple[int, int] = (12, 3), model: str = "gpt-4.1") -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}}
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4.1",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], "usage": None}
+
+
+def text_stream(pieces: list[str], usage: tuple[int, int] = (12, 3)) -> list[Any]:
+    """What Chat Completions streams with include_usage: role, content pieces, finish, usage, [DONE]."""
+    return [chunk({"role": "assistant", "content": ""}), *[chunk({"content": p}) for p in pieces],
+            chunk(finish="stop"),
+            {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4.1",
+             "choices": [], "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                      "total_tokens": sum(usage)}},
+            "[DONE]"]
+
+
+def codex(url: str, **cfg: Any) -> CodexProvider:
+    return CodexProvider(ProviderConfig(base_url=url, **cfg), {"OPENAI_API_KEY": CANARY})
+
+
+def reply_once(reply: Any) -> Any:
+    return lambda request: reply
+
+
+# ---- Chat Completions ------------------------------------------------------------------------
+
+
+async def test_chat_text_usage_and_request() -> None:
+    async with FakeUpstream(reply_once(Json(chat_reply()))) as up:
+        completion = await codex(up.url + "/v1").complete(call_of())
+    assert (completion.text, completion.usage, completion.finish_reason) == ("Hi there", Usage(12, 3), "stop")
+    assert completion.tool_calls == ()
+    request = up.requests[0]
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["authorization"] == f"Bearer {CANARY}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == {
+        "model": "gpt-4.1", "max_tokens": 50, "temperature": 0.3,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]}
+
+
+@pytest.mark.parametrize(("model", "reasoning"), [
+    ("gpt-4.1", False), ("gpt-4o-mini", False), ("o1", True), ("o3-mini", True), ("o4-mini", True),
+    ("gpt-5", True), ("gpt-5-mini", True), ("openai/o3-mini", True), ("openai/gpt-4.1", False),
+    ("codex-mini-latest", True), ("llama3:8b", False),
+])
+def test_max_tokens_and_temperature_rule(model: str, reasoning: bool) -> None:
+    body = chat_body(call_of(model), model, stream=False)
+    if reasoning:
+        assert body["max_completion_tokens"] == 50
+        assert "max_tokens" not in body and "temperature" not in body
+    else:
+        assert (body["max_tokens"], body["temperature"]) == (50, 0.3)
+        assert "max_completion_tokens" not in body
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("gpt-5-codex", True), ("codex-mini-latest", True), ("gpt-5.1-codex-max", True), ("o3-pro", True),
+    ("o3-deep-research", True), ("gpt-5", False), ("o3-mini", False), ("gpt-4.1", False),
+])
+def test_responses_only_rule(model: str, expected: bool) -> None:
+    assert is_responses_only(model) is expected
+
+
+async def test_tools_go_out_in_openai_format_and_tool_calls_come_back() -> None:
+    reply = chat_reply(text=None, finish="tool_calls", tool_calls=[
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}])
+    async with FakeUpstream(reply_once(Json(reply))) as up:
+        completion = await codex(up.url).complete(call_of(tools=(WEATHER,)))
+    assert completion.finish_reason == "tool_calls" and completion.text == ""
+    assert list(completion.tool_calls) == [ToolCall("call_a", "get_weather", '{"city":"Oslo"}'),
+                                           ToolCall("call_b", "get_weather", '{"city":"Rome"}')]
+    assert up.requests[0].json()["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+async def test_streaming_chunks_in_order() -> None:
+    pieces = ["Hel", "lo", ", wor", "ld", "!"]
+    async with FakeUpstream(reply_once(Sse(text_stream(pieces, (20, 5)), interval_s=0.03))) as up:
+        got: list[tuple[str, float]] = []
+        completion = await codex(up.url).complete(call_of(), lambda d: got.append((d, trio.current_time())))
+    assert [d for d, _ in got] == pieces
+    assert got[-1][1] - got[0][1] > 0.06  # handed on as they arrived (0.03 s apart), not all at the end
+    assert completion.text == "".join(pieces) == "Hello, world!"
+    assert (completion.usage, completion.finish_reason) == (Usage(20, 5), "stop")
+    body = up.requests[0].json()
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+async def test_streamed_tool_call_fragments_are_assembled_by_index() -> None:
+    def frag(index: int, **kw: Any) -> dict[str, Any]:
+        return chunk({"tool_calls": [{"index": index, **kw}]})
+
+    events = [
+        chunk({"role": "assistant", "content": None}),
+        frag(0, id="call_a", type="function", function={"name": "get_weather", "arguments": ""}),
+        frag(0, function={"arguments": '{"ci'}),
+        frag(1, id="call_b", type="function", function={"name": "get_weather", "arguments": '{"city"'}),
+        frag(0, function={"arguments": 'ty": "Oslo"}'}),
+        frag(1, function={"arguments": ': "Rome"}'}),
+        chunk(finish="tool_calls"), "[DONE]",
+    ]
+    async with FakeUpstream(reply_once(Sse(events))) as up:
+        deltas: list[str] = []
+        completion = await codex(up.url).complete(call_of(tools=(WEATHER,)), deltas.append)
+    assert deltas == [] and completion.text == ""
+    assert completion.finish_reason == "tool_calls"
+    assert list(completion.tool_calls) == [ToolCall("call_a", "get_weather", '{"city": "Oslo"}'),
+                                           ToolCall("call_b", "get_weather", '{"city": "Rome"}')]
+    assert completion.usage.prompt_tokens > 0  # no usage chunk: estimated
+
+
+@pytest.mark.parametrize("reply", [
+    Sse(text_stream(["a", "b"])[:-1]),  # everything but [DONE]
+    Sse(text_stream(["a", "b", "c"]), cut_after=2),  # connection closed mid-stream
+], ids=["no-done", "connection-cut"])
+async def test_stream_cut(reply: Sse) -> None:
+    async with FakeUpstream(reply_once(reply)) as up:
+        with pytest.raises(errors.ProviderError) as info:
+            await codex(up.url).complete(call_of(), lambda d: None)
+    assert info.value.error_code == "PROVIDER_ERROR"
+    if reply.cut_after is None:
+        assert "stream cut" in info.value.message
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    ({"message": f"Rate limit reached for key {CANARY}", "type": "requests", "code": "rate_limit_exceeded"},
+     errors.RateLimited),
+    ({"message": f"upstream died ({CANARY})", "type": "server_error", "code": None}, errors.ProviderError),
+    ({"code": 429, "message": "Provider rate limited"}, errors.RateLimited),  # OpenRouter's numeric codes
+], ids=["openai-rate-limit", "server-error", "openrouter-429"])
+async def test_error_object_inside_a_stream(error: dict[str, Any], expected: type[Exception]) -> None:
+    events = [chunk({"content": "partial"}), {"error": error}, "[DONE]"]
+    async with FakeUpstream(reply_once(Sse(events))) as up:
+        deltas: list[str] = []
+        with pytest.raises(expected) as info:
+            await codex(up.url).complete(call_of(), deltas.append)
+    assert deltas == ["partial"]
+    assert CANARY not in str(info.value) and CANARY not in info.value.message  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("reply", "expected", "retry_after_ms"), [
+    (Json({"error": {"message": "Invalid 'max_tokens'", "type": "invalid_request_error", "code": None}},
+          status=400), errors.ValidationFailed, None),
+    (Json({"error": {"message": f"Incorrect API key provided: {CANARY}", "type": "invalid_request_error",
+                     "code": "invalid_api_key"}}, status=401), errors.MissingCredentials, None),
+    (Json({"error": {"message": "The model `gpt-9` does not exist", "type": "invalid_request_error",
+                     "code": "model_not_found"}}, status=404), errors.ProviderNotFound, None),
+    (Json({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+          status=429, headers={"retry-after": "3"}), errors.RateLimited, 3000),
+    (Json({"error": {"message": "Rate limit reached", "type": "tokens", "code": "rate_limit_exceeded"}},
+          status=429, headers={"retry-after-ms": "1500", "retry-after": "2"}), errors.RateLimited, 1500),
+    (Json({"error": {"message": "The server had an error", "type": "server_error", "code": None}}, status=500),
+     errors.ProviderError, None),
+    (Json(b"<html>bad gateway</html>"), errors.ProviderError, None),
+    (Json({"choices": []}), errors.ProviderError, None),
+    (Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n{\"choices\": ["), errors.ProviderError, None),
+], ids=["400", "401", "404", "429-retry-after", "429-retry-after-ms", "500", "malformed-json",
+        "malformed-shape", "truncated"])
+async def test_status_and_body_mapping(reply: Any, expected: type[errors.LlmsrvError],
+                                       retry_after_ms: int | None) -> None:
+    async with FakeUpstream(reply_once(reply)) as up:
+        with pytest.raises(expected) as info:
+            await codex(up.url).complete(call_of())
+    assert CANARY not in str(info.value) and CANARY not in info.value.message
+    assert info.value.retry_after_ms == retry_after_ms
+
+
+async def test_malformed_stream_chunk() -> None:
+    async with FakeUpstream(reply_once(Sse([chunk({"content": "a"}), "{not json", "[DONE]"]))) as up:
+        with pytest.raises(errors.ProviderError, match="malformed"):
+            await codex(up.url).complete(call_of(), lambda d: None)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+async def test_cancel_closes_the_upstream_connection(streamed: bool) -> None:
+    reply = Sse(text_stream(["x"] * 100), interval_s=0.05) if streamed else Hang()
+    async with FakeUpstream(reply_once(reply)) as up:
+        deltas: list[str] = []
+        with trio.move_on_after(0.3) as scope:
+            await codex(up.url).complete(call_of(), deltas.append if streamed else None)
+        cancelled_at = trio.current_time()
+        seen = await up.wait_disconnect()
+    assert scope.cancelled_caught
+    assert seen - cancelled_at < 0.05
+    assert not streamed or 0 < len(deltas) < 100
+
+
+async def test_probe_lists_models_and_never_spends_tokens() -> None:
+    def handler(request: Request) -> Json:
+        if request.headers.get("authorization") != f"Bearer {CANARY}":
+            return Json({"error": {"message": "Incorrect API key provided: sk-wrong", "code": "invalid_api_key"}},
+                        status=401)
+        return Json({"object": "list", "data": [{"id": "gpt-4.1", "object": "model"}]})
+
+    async with FakeUpstream(handler) as up:
+        assert (await codex(up.url).probe()).available
+        wrong = await CodexProvider(ProviderConfig(base_url=up.url), {"OPENAI_API_KEY": "sk-wrong"}).probe()
+        missing = await CodexProvider(ProviderConfig(base_url=up.url), {}).probe()
+    assert (wrong.available, wrong.state) == (False, "invalid") and "sk-wrong" not in (wrong.reason or "")
+    assert (missing.available, missing.state) == (False, "missing")
+    assert [(r.method, r.path) for r in up.requests] == [("GET", "/models")] * 2  # none for the missing key
+
+
+async def test_probe_unavailable_on_server_error() -> None:
+    async with FakeUpstream(reply_once(Json({"error": {"message": "down"}}, status=503))) as up:
+        status = await codex(up.url).probe()
+    assert (status.available, status.state) == (False, "available") and "503" in (status.reason or "")
+
+
+def test_codex_credentials_and_defaults() -> None:
+    assert CodexProvider(ProviderConfig(), {}).base_url == "https://api.openai.com/v1"
+    assert CodexProvider(ProviderConfig(), {"CODEX_API_KEY": "k2"}).key == "k2"
+    assert CodexProvider(ProviderConfig(), {"OPENAI_API_KEY": "k1", "CODEX_API_KEY": "k2"}).key == "k1"
+    assert "OPENAI_API_KEY" in (CodexProvider(ProviderConfig(), {}).status().reason or "")
+
+
+# ---- Responses API (codex) -------------------------------------------------------------------
+
+
+def response_object(text: str = "Done.", status: str = "completed", tool: bool = False,
+                    usage: tuple[int, int] = (30, 7)) -> dict[str, Any]:
+    output: list[dict[str, Any]] = [{"id": "rs_1", "type": "reasoning", "summary": []}]
+    if tool:
+        output.append({"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_9",
+                       "name": "get_weather", "arguments": '{"city":"Oslo"}'})
+    else:
+        output.append({"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                       "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    return {"id": "resp_1", "object": "response", "status": status, "model": "gpt-5-codex", "output": output,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "error": None, "usage": {"input_tokens": usage[0], "output_tokens": usage[1],
+                                     "total_tokens": sum(usage)}}
+
+
+async def test_responses_api_text() -> None:
+    async with FakeUpstream(reply_once(Json(response_object()))) as up:
+        completion = await codex(up.url + "/v1").complete(call_of("gpt-5-codex"))
+    assert (completion.text, completion.usage, completion.finish_reason) == ("Done.", Usage(30, 7), "stop")
+    request = up.requests[0]
+    assert request.path == "/v1/responses" and request.headers["authorization"] == f"Bearer {CANARY}"
+    assert request.json() == {"model": "gpt-5-codex", "instructions": "be brief", "max_output_tokens": 50,
+                              "store": False, "input": [{"role": "user", "content": "hello"}]}
+
+
+async def test_responses_api_tool_call() -> None:
+    async with FakeUpstream(reply_once(Json(response_object(tool=True)))) as up:
+        completion = await codex(up.url).complete(call_of("codex-mini-latest", tools=(WEATHER,)))
+    assert completion.finish_reason == "tool_calls"
+    assert list(completion.tool_calls) == [ToolCall("call_9", "get_weather", '{"city":"Oslo"}')]
+    assert up.requests[0].json()["tools"] == [{
+        "type": "function", "name": "get_weather", "description": "Weather for a city", "strict": False,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+def response_events(pieces: list[str], final: dict[str, Any] | None = None) -> list[Any]:
+    events: list[Any] = [("response.created", {"type": "response.created", "sequence_number": 0,
+                                               "response": {**response_object(), "status": "in_progress"}})]
+    for i, piece in enumerate(pieces):
+        events.append(("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_1",
+                                                      "output_index": 1, "content_index": 0, "delta": piece,
+                                                      "sequence_number": i + 1}))
+    if final is not None:
+        events.append((f"response.{final['status']}", {"type": f"response.{final['status']}", "response": final,
+                                                       "sequence_number": len(pieces) + 1}))
+    return events
+
+
+async def test_responses_api_streaming() -> None:
+    pieces = ["Do", "ne", "."]
+    async with FakeUpstream(reply_once(Sse(response_events(pieces, response_object("Done."))))) as up:
+        deltas: list[str] = []
+        completion = await codex(up.url).complete(call_of("gpt-5-codex"), deltas.append)
+    assert deltas == pieces and completion.text == "Done."
+    assert (completion.usage, completion.finish_reason) == (Usage(30, 7), "stop")
+    assert up.requests[0].json()["stream"] is True
+
+
+async def test_responses_api_incomplete_is_length() -> None:
+    final = response_object("Do", status="incomplete")
+    async with FakeUpstream(reply_once(Sse(response_events(["Do"], final)))) as up:
+        completion = await codex(up.url).complete(call_of("gpt-5-codex"), lambda d: None)
+    assert (completion.text, completion.finish_reason) == ("Do", "length")
+
+
+@pytest.mark.parametrize(("tail", "expected", "text"), [
+    ([("response.failed", {"type": "response.failed", "response": {
+        **response_object(), "status": "failed", "output": [],
+        "error": {"code": "server_error", "message": f"boom {CANARY}"}}})], errors.ProviderError, "boom"),
+    ([("error", {"type": "error", "code": "rate_limit_exceeded", "message": "slow down", "param": None,
+                 "sequence_number": 3})], errors.RateLimited, "slow down"),
+    ([], errors.ProviderError, "stream cut"),
+], ids=["failed", "error-event", "no-terminal-event"])
+async def test_responses_api_stream_errors(tail: list[Any], expected: type[errors.LlmsrvError], text: str) -> None:
+    async with FakeUpstream(reply_once(Sse(response_events(["a"]) + tail))) as up:
+        with pytest.raises(expected) as info:
+            await codex(up.url).complete(call_of("gpt-5-codex"), lambda d: None)
+    assert text in info.value.message and CANARY not in info.value.message
+
+
+# ---- github, openrouter, openai_compat -------------------------------------------------------
+
+
+async def test_github_models() -> None:
+    assert GitHubModelsProvider(ProviderConfig(), {}).base_url == "https://models.github.ai/inference"
+    async with FakeUpstream(lambda r: Json(chat_reply(model="openai/gpt-4.1"))) as up:
+        provider = GitHubModelsProvider(ProviderConfig(base_url=up.url + "/inference"), {"GH_TOKEN": CANARY})
+        completion = await provider.complete(call_of("openai/gpt-4.1"))
+        assert (await provider.probe()).available
+    assert completion.text == "Hi there"
+    chat, catalog = up.requests
+    assert chat.path == "/inference/chat/completions" and chat.json()["model"] == "openai/gpt-4.1"
+    assert catalog.path == "/catalog/models"
+    for request in (chat, catalog):
+        assert request.headers["authorization"] == f"Bearer {CANARY}"
+        assert request.headers["x-github-api-version"] == "2022-11-28"
+
+
+async def test_openrouter_auto_model_and_attribution_headers() -> None:
+    assert OpenRouterProvider(ProviderConfig(), {}).base_url == "https://openrouter.ai/api/v1"
+    async with FakeUpstream(lambda r: Json(chat_reply(model="anthropic/claude-sonnet-4.5"))) as up:
+        env = {"OPENROUTER_API_KEY": CANARY}
+        await OpenRouterProvider(ProviderConfig(base_url=up.url + "/api/v1"), env).complete(call_of("auto"))
+        await OpenRouterProvider(ProviderConfig(base_url=up.url + "/api/v1"),
+                                 {**env, "OPENROUTER_HTTP_REFERER": "https://example.org/app"}).complete(
+            call_of("anthropic/claude-sonnet-4.5"))
+    first, second = up.requests
+    assert first.path == "/api/v1/chat/completions" and first.json()["model"] == "openrouter/auto"
+    assert first.headers["authorization"] == f"Bearer {CANARY}" and first.headers["x-title"] == "llmsrv"
+    assert "http-referer" not in first.headers
+    assert second.json()["model"] == "anthropic/claude-sonnet-4.5"
+    assert second.headers["http-referer"] == "https://example.org/app" and second.headers["x-title"] == "llmsrv"
+
+
+async def test_openrouter_stream_with_keepalive_comments_and_midstream_error() -> None:
+    # OpenRouter sends ": OPENROUTER PROCESSING" comments; errors mid-generation come as a data chunk.
+    body = (b": OPENROUTER PROCESSING\n\n"
+            + b"data: " + msgspec.json.encode(chunk({"content": "Hel"})) + b"\n\n"
+            + b": OPENROUTER PROCESSING\n\n"
+            + b"data: " + msgspec.json.encode(chunk({"content": "lo"})) + b"\n\n"
+            + b"data: " + msgspec.json.encode({**chunk(finish="error"), "error": {
+                "code": 502, "message": "Provider disconnected"}}) + b"\n\n"
+            + b"data: [DONE]\n\n")
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+    async with FakeUpstream(reply_once(Raw(head + body))) as up:
+        deltas: list[str] = []
+        provider = OpenRouterProvider(ProviderConfig(base_url=up.url), {"OPENROUTER_API_KEY": CANARY})
+        with pytest.raises(errors.ProviderError, match="Provider disconnected"):
+            await provider.complete(call_of("openrouter/auto"), deltas.append)
+    assert deltas == ["Hel", "lo"]
+
+
+async def test_openai_compat_without_key_or_base_url() -> None:
+    missing = OpenAICompatProvider(ProviderConfig(), {})
+    assert not missing.status().available and "base_url" in (missing.status().reason or "")
+    assert not (await missing.probe()).available
+    async with FakeUpstream(lambda r: Json(chat_reply(model="llama3:8b"))) as up:
+        keyless = OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1"), {})
+        assert keyless.status().available
+        completion = await keyless.complete(call_of("llama3:8b"))
+        assert (await keyless.probe()).available
+        keyed = OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1", api_key_env="MY_VLLM_KEY"),
+                                     {"MY_VLLM_KEY": CANARY, "OPENAI_COMPAT_API_KEY": "other"})
+        await keyed.complete(call_of("llama3:8b"))
+        await OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1"),
+                                   {"OPENAI_COMPAT_API_KEY": "compat-key"}).complete(call_of("llama3:8b"))
+    assert completion.text == "Hi there"
+    chat, models, with_key, with_default_key = up.requests
+    assert (chat.path, models.path) == ("/v1/chat/completions", "/v1/models")
+    assert "authorization" not in chat.headers and "authorization" not in models.headers
+    assert with_key.headers["authorization"] == f"Bearer {CANARY}"
+    assert with_default_key.headers["authorization"] == "Bearer compat-key"
+
+
+# ---- end to end over NATS --------------------------------------------------------------------
+
+
+async def test_codex_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+
+    def handler(request: Request) -> Json | Sse:
+        body = request.json()
+        if request.path == "/v1/responses":
+            return Sse(response_events(["co", "dex"], response_object("codex", usage=(9, 2))))
+        if body.get("stream"):
+            return Sse(text_stream(["str", "eam", "ed"], (8, 3)), interval_s=0.01)
+        return Json(chat_reply("plain answer", usage=(11, 4)))
+
+    async with FakeUpstream(handler) as up, \
+            running(nats_url, providers={"codex": {"base_url": up.url + "/v1"}}) as h:
+        reply = await h.client.complete({"messages": user("hi"), "model": "codex:gpt-4.1"})
+        chunks: list[StreamChunk] = []
+        streamed = await h.client.stream({"messages": user("hi"), "model": "codex:gpt-4.1"}, chunks.append)
+        responses = await h.client.stream({"messages": user("hi"), "model": "codex:gpt-5-codex"}, lambda c: None)
+    assert (reply.text, reply.model, reply.usage) == ("plain answer", "codex:gpt-4.1", Usage(11, 4))
+    assert reply.tokens_used == 15 and reply.finish_reason == "stop"
+    assert streamed.text == "streamed" == "".join(c.delta for c in chunks)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert (streamed.model, streamed.usage) == ("codex:gpt-4.1", Usage(8, 3))
+    assert (responses.text, responses.model, responses.usage) == ("codex", "codex:gpt-5-codex", Usage(9, 2))
+    assert [r.path for r in up.requests] == ["/v1/chat/completions"] * 2 + ["/v1/responses"]
