@@ -38,6 +38,8 @@ TaskType = Literal[
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     role: Role
     content: Annotated[str, msgspec.Meta(min_length=1)]
+    # extension: on a ``tool`` message, the id of the tool call it answers (OpenAI's field)
+    tool_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
 
 
 class FunctionDef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

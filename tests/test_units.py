@@ -193,3 +193,17 @@ async def test_streamer_first_chunk_at_once_then_every_interval(
     assert times == [0.0, 0.025, 0.05, 0.075, 0.1]
     assert [c["seq"] for _, c in sent] == [0, 1, 2, 3, 4]
     assert "".join(c["delta"] for _, c in sent) == "t" * 10
+
+
+def test_tool_call_id_extension_reaches_openai_shapes() -> None:
+    from llmsrv.providers import Call
+    from llmsrv.providers.openai import chat_body, responses_body
+
+    request = messages.decode_request(msgspec.json.encode({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_9"}]}))
+    call = Call(model="gpt-4o", messages=request.messages, max_tokens=10, temperature=0.1)
+    assert chat_body(call, "gpt-4o", stream=False)["messages"][1] == {
+        "role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_9"}
+    assert responses_body(call, stream=False)["input"][1] == {
+        "type": "function_call_output", "call_id": "call_9", "output": '{"temp": 3}'}

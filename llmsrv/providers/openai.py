@@ -30,8 +30,8 @@ Rules
   the default). Other models get ``max_tokens`` and ``temperature``, which every compatible server reads.
 * **Responses-only models** (``codex`` provider): ``codex`` in the name (``gpt-5-codex``,
   ``codex-mini-latest``...), ``o<n>-pro`` and ``*-deep-research`` are served only by ``/responses``.
-* Messages go as they are; a ``tool`` message carries its ``tool_call_id`` when the message has one
-  (``Message`` has no such field yet). ``/responses`` has no ``tool`` role: with a call id it becomes a
+* Messages go as they are; a ``tool`` message carries its ``tool_call_id`` when the request gives one
+  (an llmsrv extension of the contract's ``{role, content}``). ``/responses`` has no ``tool`` role: with a call id it becomes a
   ``function_call_output`` item, without one a ``user`` message.
 * ``probe()`` only lists models (``GET {base}/models``; GitHub: the catalog): it never spends tokens.
 """
@@ -83,15 +83,10 @@ def _function(tool: Tool) -> dict[str, Any]:
     return out
 
 
-def _tool_call_id(message: Message) -> str | None:
-    value = getattr(message, "tool_call_id", None)  # not in Message yet: see the module docstring
-    return value if isinstance(value, str) and value else None
-
-
 def _chat_message(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.role == "tool" and (call_id := _tool_call_id(message)):
-        out["tool_call_id"] = call_id
+    if message.role == "tool" and message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
     return out
 
 
@@ -112,7 +107,7 @@ def chat_body(call: Call, model: str, *, stream: bool) -> dict[str, Any]:
 
 def _input_item(message: Message) -> dict[str, Any]:
     if message.role == "tool":
-        if call_id := _tool_call_id(message):
+        if call_id := message.tool_call_id:
             return {"type": "function_call_output", "call_id": call_id, "output": message.content}
         return {"role": "user", "content": message.content}
     return {"role": message.role, "content": message.content}
