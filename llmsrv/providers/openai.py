@@ -31,8 +31,8 @@ Rules
 * **Responses-only models** (``codex`` provider): ``codex`` in the name (``gpt-5-codex``,
   ``codex-mini-latest``...), ``o<n>-pro`` and ``*-deep-research`` are served only by ``/responses``.
 * Messages go as they are; a ``tool`` message carries its ``tool_call_id`` when the request gives one
-  (an llmsrv extension of the contract's ``{role, content}``). ``/responses`` has no ``tool`` role: with a call id it becomes a
-  ``function_call_output`` item, without one a ``user`` message.
+  (an llmsrv extension of the contract's ``{role, content}``). ``/responses`` has no ``tool`` role:
+  with a call id it becomes a ``function_call_output`` item, without one a ``user`` message.
 * ``probe()`` only lists models (``GET {base}/models``; GitHub: the catalog): it never spends tokens.
 """
 
