@@ -7,10 +7,10 @@ times below come from one clock.
 
 * cancellation latency: from publishing ``llm.cancel`` for an in-flight request whose upstream
   never answers, to the fake upstream seeing its connection closed;
-* streaming overhead: time to first chunk seen by an llmsrv client. The fake upstream sends its
-  first event the moment it has read the request (its own time to first chunk is ~0), so this
-  is what llmsrv adds: NATS both ways, validation, routing, the HTTP request, SSE parsing, and
-  the chunk publish (the first chunk is not held for coalescing).
+* streaming overhead: time to first chunk seen by an llmsrv client, minus the fake upstream's own
+  time to first chunk as a direct httpx client sees it (same request, measured in the same run,
+  interleaved). The difference is what llmsrv adds: NATS both ways, validation, routing, the
+  guard, SSE parsing and the chunk publish (the first chunk is not held for coalescing).
 
     python bench/provider_latency.py [--runs 200]
 """
@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+import httpx_sse
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,10 +70,12 @@ async def main(runs: int) -> None:
                     await nursery.start(service.run)
                     async with Client.connect(nats_server.url, cfg.nats.subject_prefix) as client:
                         cancel_ms = await cancellation(client, up, runs)
-                        overhead_ms = await first_chunk(client, runs)
+                        through, direct = await first_chunk(client, up.url, runs)
                     service.shutdown()
     print(line("cancel -> upstream closed", cancel_ms))
-    print(line("time to first chunk", overhead_ms))
+    print(line("first chunk via llmsrv", through))
+    print(line("first chunk direct", direct))
+    print(line("streaming overhead", [a - b for a, b in zip(through, direct, strict=True)]))
 
 
 async def cancellation(client: Client, up: FakeUpstream, runs: int) -> list[float]:
@@ -100,19 +104,28 @@ async def cancellation(client: Client, up: FakeUpstream, runs: int) -> list[floa
     return out
 
 
-async def first_chunk(client: Client, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        first: list[float] = []
+async def first_chunk(client: Client, url: str, runs: int) -> tuple[list[float], list[float]]:
+    through, direct = [], []
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(runs):
+            first: list[float] = []
 
-        def on_chunk(chunk: object, first: list[float] = first) -> None:
-            if not first:
-                first.append(trio.current_time())
+            def on_chunk(chunk: object, first: list[float] = first) -> None:
+                if not first:
+                    first.append(trio.current_time())
 
-        start = trio.current_time()
-        await client.stream({"messages": [{"role": "user", "content": "hi"}], "model": "openai_compat:m"}, on_chunk)
-        out.append((first[0] - start) * 1000)
-    return out
+            start = trio.current_time()
+            await client.stream({"messages": [{"role": "user", "content": "hi"}], "model": "openai_compat:m"},
+                                on_chunk)
+            through.append((first[0] - start) * 1000)
+
+            start = trio.current_time()
+            async with http.stream("POST", "/chat/completions", json=body) as response:
+                async for _ in httpx_sse.EventSource(response).aiter_sse():
+                    direct.append((trio.current_time() - start) * 1000)
+                    break
+    return through, direct
 
 
 if __name__ == "__main__":
