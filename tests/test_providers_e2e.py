@@ -7,6 +7,7 @@ upstream echoes back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -72,3 +73,58 @@ async def test_canary_key_never_in_replies_or_logs(nats_url: str, monkeypatch: p
     assert "MISSING_CREDENTIALS" in body and "credentials refused" in body
     assert CANARY not in body and CANARY not in str(msg.headers) and CANARY not in str(health)
     assert CANARY not in caplog.text
+
+
+def _openai_compatible(seen_auth: list[str | None]) -> Callable[[Request], Json | Sse]:
+    """A chat-completions server that answers with a tool call (plain) or text (streamed)."""
+
+    def handler(request: Request) -> Json | Sse:
+        seen_auth.append(request.headers.get("authorization"))
+        body = request.json()
+        if body.get("stream"):
+            def chunk(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+                return {"id": "c", "object": "chat.completion.chunk", "model": body["model"],
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return Sse([chunk({"role": "assistant", "content": "str"}), chunk({"content": "eamed"}),
+                        chunk({}, "stop"),
+                        {"id": "c", "object": "chat.completion.chunk", "model": body["model"], "choices": [],
+                         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
+                        "[DONE]"], interval_s=0.03)
+        return Json({"id": "c", "object": "chat.completion", "model": body["model"], "choices": [{
+            "index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}})
+
+    return handler
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(("key", "env", "model", "sent_model"), [
+    ("openai_compat", None, "openai_compat:llama-3-8b", "llama-3-8b"),
+    ("github", "GITHUB_TOKEN", "github:openai/gpt-4.1", "openai/gpt-4.1"),
+    ("openrouter", "OPENROUTER_API_KEY", "openrouter:auto", "openrouter/auto"),
+])
+async def test_openai_compatible_providers_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch, key: str,
+                                                     env: str | None, model: str, sent_model: str) -> None:
+    for name in ("GITHUB_TOKEN", "GH_TOKEN", "OPENROUTER_API_KEY", "OPENAI_COMPAT_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    if env:
+        monkeypatch.setenv(env, CANARY)
+    auth: list[str | None] = []
+    async with FakeUpstream(_openai_compatible(auth)) as up, \
+            running(nats_url, providers={key: {"base_url": up.url}}) as h:
+        reply = await h.client.complete({"messages": user("weather in Oslo?"), "model": model, "tools": [TOOL]})
+        chunks: list[StreamChunk] = []
+        streamed = await h.client.stream({"messages": user("hi"), "model": model}, chunks.append)
+    assert reply.finish_reason == "tool_calls" and reply.model == model
+    assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == [("call_1", "get_weather", '{"city": "Oslo"}')]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (9, 5)
+    assert streamed.text == "streamed" == "".join(c.delta for c in chunks)
+    assert (streamed.usage.prompt_tokens, streamed.usage.completion_tokens) == (4, 2)
+    assert up.requests[0].json()["model"] == sent_model
+    assert up.requests[0].json()["tools"][0]["function"]["name"] == "get_weather"
+    assert auth[0] == (f"Bearer {CANARY}" if env else None)
