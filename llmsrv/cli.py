@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -112,6 +113,9 @@ async def _serve_async(cfg: Config, url: str) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
             await nursery.start(service.run)
+            # Everything built at start-up lives until exit: keep it out of the garbage
+            # collector's scans, which otherwise walk it again and again under load.
+            gc.freeze()
             print(f"llmsrv: ready on {redact_url(url)} subject {service.subject_request}", flush=True)
             await service.stopped.wait()
             nursery.cancel_scope.cancel()

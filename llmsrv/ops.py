@@ -128,6 +128,28 @@ class Metrics:
         self.cost = Counter("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"], registry=r)
         self.cancellations = Counter("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
         r.register(_BreakerStates(service))
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: ``labels()`` costs ~3.5 us, a cached child's ``inc`` ~0.6."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
+        self.child(self.requests, provider, model, outcome).inc()
+        if seconds is not None:
+            self.request_duration.observe(seconds)
+
+    def usage(self, provider: str, prompt_tokens: int, completion_tokens: int, cost_cents: float) -> None:
+        if prompt_tokens:
+            self.child(self.tokens, provider, "input").inc(prompt_tokens)
+        if completion_tokens:
+            self.child(self.tokens, provider, "output").inc(completion_tokens)
+        if cost_cents:
+            self.child(self.cost, provider).inc(cost_cents)
 
     def render(self) -> bytes:
         return bytes(prometheus_client.generate_latest(self.registry))

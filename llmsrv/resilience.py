@@ -143,6 +143,8 @@ class Breaker:
             self._probes -= 1
         if outcome == "neutral" or ticket.generation != self._generation:
             return
+        if outcome == "success" and self._last_state == CLOSED and not self._ctx.failure_count:
+            return  # the common case: nothing to count, nothing to reset
         if outcome == "success":
             self._ctx.handle_end_request()
         else:
@@ -367,12 +369,16 @@ class Admission:
 
 
 async def call_guarded(guard: ProviderGuard, estimated_tokens: int, timeout_s: float,
-                       call: Callable[[], Awaitable[Completion]]) -> Completion:
-    """One provider call through its guard, under its per-attempt timeout (``timeout_ms``)."""
+                       call: Callable[[], Awaitable[Completion]], deadline: float = math.inf) -> Completion:
+    """One provider call through its guard, under its per-attempt timeout (``timeout_ms``).
+
+    ``deadline`` is the request's (its cancel scope already enforces it): when the attempt's own
+    limit is not earlier, no second cancel scope is needed.
+    """
     started = trio.current_time()
     async with guard.attempt(estimated_tokens) as admission:
         limit = started + timeout_s
-        if limit >= trio.current_effective_deadline():  # the request's deadline comes first anyway
+        if limit >= deadline:
             completion = await call()
         else:
             with trio.move_on_at(limit) as scope:

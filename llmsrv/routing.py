@@ -146,6 +146,12 @@ class Route(msgspec.Struct, frozen=True):
     targets: list[Target]
     complexity: str | None  # None: an explicit model; else the complexity of the auto route
 
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Whose state the plan reads: the targets' providers, and mock for an auto route."""
+        names = [t.provider for t in self.targets] + ([FALLBACK[0]] if self.complexity is not None else [])
+        return tuple(dict.fromkeys(names))
+
 
 def route(request: LLMRequest, routing: RoutingConfig) -> Route:
     if request.provider is not None:

@@ -357,16 +357,11 @@ class Service:
                 del self._live[cid]
 
     def _record(self, outcome: str, provider: str, model: str, received: float | None) -> None:
-        self.metrics.requests.labels(provider, model, outcome).inc()
-        if received is not None:
-            self.metrics.request_duration.observe(trio.current_time() - received)
+        self.metrics.request(provider, model, outcome, None if received is None else trio.current_time() - received)
 
     def _record_usage(self, provider: str, response: LLMResponse) -> None:
-        m = self.metrics
-        m.tokens.labels(provider, "input").inc(response.usage.prompt_tokens)
-        m.tokens.labels(provider, "output").inc(response.usage.completion_tokens)
-        if response.cost_cents:
-            m.cost.labels(provider).inc(response.cost_cents)
+        self.metrics.usage(provider, response.usage.prompt_tokens, response.usage.completion_tokens,
+                           response.cost_cents)
 
     def _timeout_ms(self, request: LLMRequest, headers: Mapping[str, str]) -> int:
         server = self.cfg.server
@@ -380,7 +375,7 @@ class Service:
         return min(timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
 
     def _cancellation_error(self, reason: str | None, timeout_ms: int) -> errors.LlmsrvError:
-        self.metrics.cancellations.labels(reason or "deadline").inc()
+        self.metrics.child(self.metrics.cancellations, reason or "deadline").inc()
         if reason == "client":
             return errors.Cancelled("cancelled by the client (llm.cancel); the provider call was stopped")
         if reason == "shutdown":
@@ -404,8 +399,7 @@ class Service:
 
     def _plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)
-        names = {t.provider for t in found.targets} | {routing.FALLBACK[0]}
-        states = {name: self._state(name) for name in names if name in self.providers}
+        states = {name: self._state(name) for name in found.providers if name in self.providers}
         return routing.filter_plan(found, states, request.provider)
 
     def _state(self, name: str) -> routing.ProviderState:
@@ -446,7 +440,7 @@ class Service:
                 target.provider, target.model, "ok", ms)], self._cost_cents(target, completion))
 
         async def attempt(target: routing.Target) -> Completion:
-            return await self._attempt(target, call, on_delta)
+            return await self._attempt(target, call, on_delta, deadline)
 
         result = await self.router.run(
             lambda: self._plan(request), attempt, deadline,
@@ -455,7 +449,8 @@ class Service:
         return _response(result.completion, result.target.spec, cid, result.attempts,
                          self._cost_cents(result.target, result.completion))
 
-    async def _attempt(self, target: routing.Target, call: Call, on_delta: OnDelta | None) -> Completion:
+    async def _attempt(self, target: routing.Target, call: Call, on_delta: OnDelta | None,
+                       deadline: float) -> Completion:
         provider = self.providers[target.provider]
         call = msgspec.structs.replace(call, model=target.model)
         timeout_s = getattr(self.cfg.providers, target.provider).timeout_ms / 1000
@@ -464,20 +459,21 @@ class Service:
             on_delta = self._timing_first_chunk(target.provider, started, on_delta)
         called = True
         try:
-            return await call_guarded(self.guards[target.provider], estimate_call_tokens(call), timeout_s,
-                                      lambda: provider.complete(call, on_delta))
+            guard = self.guards[target.provider]
+            tokens = estimate_call_tokens(call) if guard.limiter.enabled else 0
+            return await call_guarded(guard, tokens, timeout_s, lambda: provider.complete(call, on_delta), deadline)
         except errors.CircuitOpen:
             called = False  # refused before any call: no duration to record
             raise
         except errors.RateLimited as exc:
-            self.metrics.rate_limited.labels(target.provider, getattr(exc, "limit", "upstream")).inc()
+            self.metrics.child(self.metrics.rate_limited, target.provider, getattr(exc, "limit", "upstream")).inc()
             raise
         finally:
             if called:
-                self.metrics.provider_call.labels(target.provider).observe(trio.current_time() - started)
+                self.metrics.child(self.metrics.provider_call, target.provider).observe(trio.current_time() - started)
 
     def _timing_first_chunk(self, provider: str, started: float, on_delta: OnDelta) -> OnDelta:
-        histogram = self.metrics.first_chunk.labels(provider)
+        histogram = self.metrics.child(self.metrics.first_chunk, provider)
         seen = False
 
         def timed(text: str) -> None:
@@ -513,7 +509,7 @@ class Service:
 
     def _on_transition(self, provider: str, old: str, new: str) -> None:
         self.transitions[(provider, new)] += 1
-        self.metrics.transitions.labels(provider, new).inc()
+        self.metrics.child(self.metrics.transitions, provider, new).inc()
         log.warning("circuit breaker of provider %s: %s -> %s", provider, old, new)
         until = self.guards[provider].breaker.open_until() if provider in self.guards else None
         if self.board is not None and until is not None:
