@@ -52,9 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--probe", action="store_true",
                        help="also make one authenticated call per available provider (a model list: no tokens spent)")
 
-    status = sub.add_parser("status", help="ask a running instance for its health document")
+    status = sub.add_parser("status", help="print every running instance's status (llm.admin.status)")
     status.add_argument("--nats-url")
     status.add_argument("--config")
+
+    breaker = sub.add_parser("breaker", help="operate circuit breakers (llm.admin.breaker.*)")
+    breaker_sub = breaker.add_subparsers(dest="action", required=True)
+    breaker_set = breaker_sub.add_parser("set", help="retune a provider's breaker on every instance")
+    breaker_set.add_argument("provider")
+    breaker_set.add_argument("--threshold", type=int, help="consecutive failures that open it")
+    breaker_set.add_argument("--ttl", type=float, metavar="SECONDS", help="how long it stays open")
+    breaker_set.add_argument("--nats-url")
+    breaker_set.add_argument("--config")
     return p
 
 
@@ -81,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = cfg.nats.url or DEFAULT_CLIENT_URL
         if args.command == "ask":
             return trio.run(_ask, cfg, url, args)
-        return trio.run(_status, cfg, url)
+        if args.command == "breaker":
+            command = {"provider": args.provider, "threshold": args.threshold, "ttl_s": args.ttl}
+            return trio.run(_admin, cfg, url, "admin.breaker.set", {k: v for k, v in command.items() if v is not None})
+        return trio.run(_admin, cfg, url, "admin.status", {})
     except (BusError, BaseExceptionGroup) as exc:
         error = bus_error_in(exc)
         if error is None:
@@ -172,10 +184,15 @@ async def _cancel_on_sigint(scope: trio.CancelScope) -> None:
             return
 
 
-async def _status(cfg: Config, url: str) -> int:
+async def _admin(cfg: Config, url: str, subject: str, body: dict[str, object]) -> int:
+    """Send an admin command to every instance and print each one's answer."""
     async with Client.connect(url, cfg.nats.subject_prefix, cfg.nats) as client:
-        print(json.dumps(await client.request_json("health"), indent=2))
-    return 0
+        replies = await client.gather(subject, body)
+    print(json.dumps(replies, indent=2))
+    if not replies:
+        print(f"llmsrv: no instance answered on {cfg.nats.subject_prefix}.{subject}", file=sys.stderr)
+        return 1
+    return 1 if any("error_code" in r for r in replies) else 0
 
 
 # ---- check ---------------------------------------------------------------------------------

@@ -127,6 +127,17 @@ class Client:
         finally:
             del self._waiters[token]
 
+    async def gather(self, subject: str, body: Mapping[str, Any], wait_s: float = 0.5) -> list[dict[str, Any]]:
+        """Publish to ``<prefix>.<subject>`` and collect every instance's reply for ``wait_s``."""
+        replies: list[dict[str, Any]] = []
+        with self._one_reply() as (reply_to, inbox):
+            self.bus.publish_nowait(f"{self.prefix}.{subject}", messages.encode(body), reply=reply_to)
+            with trio.move_on_after(wait_s):
+                async for msg in inbox:
+                    if (msg.headers or {}).get("Status") != "503":
+                        replies.append(messages.decode_reply(msg.data))
+        return replies
+
     async def request_json(self, subject: str, timeout_s: float = 5.0) -> dict[str, Any]:
         """A plain request/reply on ``<prefix>.<subject>`` (health, admin)."""
         msg = await self.request_raw(f"{self.prefix}.{subject}", b"{}", timeout_s=timeout_s)

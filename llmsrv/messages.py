@@ -120,7 +120,16 @@ class CancelRequest(msgspec.Struct, frozen=True):
     correlation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
+class BreakerSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``llm.admin.breaker.set``: retune one provider's breaker on every instance."""
+
+    provider: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    threshold: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    ttl_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
+
+
 _request_decoder = msgspec.json.Decoder(LLMRequest)
+_breaker_set_decoder = msgspec.json.Decoder(BreakerSet)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 
 encode = msgspec.json.Encoder().encode
@@ -155,6 +164,11 @@ def decode_request(data: bytes) -> LLMRequest:
 
 def decode_cancel(data: bytes) -> CancelRequest:
     result: CancelRequest = _decode(_cancel_decoder, data)
+    return result
+
+
+def decode_breaker_set(data: bytes) -> BreakerSet:
+    result: BreakerSet = _decode(_breaker_set_decoder, data)
     return result
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import h11
+import msgspec
 import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -47,6 +48,14 @@ def health_document(service: Service) -> dict[str, Any]:
         "version": __version__,
         "inflight": stats.inflight,
     }
+
+
+def status_document(service: Service) -> dict[str, Any]:
+    """``llm.admin.status``: the health document plus breakers, limits and counters."""
+    doc = health_document(service)
+    doc["breakers"] = {name: msgspec.to_builtins(guard.snapshot()) for name, guard in service.guards.items()}
+    doc["stats"] = msgspec.to_builtins(service.statistics())
+    return doc
 
 
 def _identity(service: Service, kind: str) -> dict[str, Any]:

@@ -87,6 +87,14 @@ class Breaker:
     def state(self) -> str:
         return _PURGATORY_STATE[self._ctx.state]
 
+    @property
+    def threshold(self) -> int:
+        return int(self._ctx.threshold)
+
+    @property
+    def ttl_s(self) -> float:
+        return float(self._ctx.ttl)
+
     def tune(self, threshold: int | None = None, ttl_s: float | None = None) -> None:
         if threshold is not None:
             self._ctx.threshold = threshold

@@ -40,7 +40,7 @@ from . import errors, messages, routing
 from .bus import Bus, Incoming
 from .config import Config, Price
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
-from .ops import Metrics, health_document, micro_subscriptions, serve_http
+from .ops import Metrics, health_document, micro_subscriptions, serve_http, status_document
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
 from .providers.registry import build_providers
 from .resilience import ProviderGuard, RedisBreakerBoard, call_guarded, in_background
@@ -144,6 +144,7 @@ class Service:
         p = cfg.nats.subject_prefix
         self.subject_request, self.subject_cancel = f"{p}.request", f"{p}.cancel"
         self.subject_health = f"{p}.health"
+        self.subject_admin = f"{p}.admin"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
         self._parked: list[trio.lowlevel.Task] = []  # idle workers, the most recently idle last
         self._backlog: collections.deque[Incoming] = collections.deque()
@@ -190,6 +191,9 @@ class Service:
             other_subs = [
                 await bus.subscribe(self.subject_cancel, self._on_cancel),
                 await bus.subscribe(self.subject_health, self._on_health, queue),
+                # admin commands reach every instance (no queue group); NATS permissions guard them
+                await bus.subscribe(f"{self.subject_admin}.status", self._on_admin_status),
+                await bus.subscribe(f"{self.subject_admin}.breaker.set", self._on_breaker_set),
             ]
             for subject, handler in micro_subscriptions(self):
                 other_subs.append(await bus.subscribe(subject, handler))
@@ -281,6 +285,28 @@ class Service:
     def _on_health(self, msg: Incoming) -> None:
         if msg.reply:
             self.bus.publish_nowait(msg.reply, encode(health_document(self)))
+
+    def _on_admin_status(self, msg: Incoming) -> None:
+        if msg.reply:
+            self.bus.publish_nowait(msg.reply, encode(status_document(self)))
+
+    def _on_breaker_set(self, msg: Incoming) -> None:
+        try:
+            command = messages.decode_breaker_set(msg.data)
+            guard = self.guards.get(command.provider)
+            if guard is None:
+                raise errors.ProviderNotFound(f"no provider {command.provider!r} on this instance")
+        except errors.LlmsrvError as exc:
+            if msg.reply:
+                self.bus.publish_nowait(msg.reply, messages.error_body(exc, ""), messages.error_headers(exc))
+            return
+        guard.breaker.tune(command.threshold, command.ttl_s)
+        log.warning("breaker of provider %s retuned by admin: threshold=%s ttl_s=%s",
+                    command.provider, guard.breaker.threshold, guard.breaker.ttl_s)
+        if msg.reply:
+            self.bus.publish_nowait(msg.reply, encode({
+                "instance_id": self.instance_id, "provider": command.provider,
+                "threshold": guard.breaker.threshold, "ttl_s": guard.breaker.ttl_s}))
 
     # ---- workers ---------------------------------------------------------------------------
 

@@ -90,3 +90,46 @@ async def test_healthz_and_readyz(nats_url: str) -> None:
                 draining = await http.get("/readyz")
                 assert draining.status_code == 503 and draining.json() == {"ready": False}
                 assert (await http.get("/healthz")).json()["status"] == "draining"
+
+
+async def test_admin_status_and_breaker_set_reach_every_instance(nats_url: str) -> None:
+    import uuid
+
+    fleet = {"subject_prefix": f"f{uuid.uuid4().hex[:8]}"}  # two instances on the same subjects
+    async with running(nats_url, nats=fleet) as a, running(nats_url, nats=fleet) as b:
+        statuses = await a.client.gather("admin.status", {})
+        assert sorted(s["instance_id"] for s in statuses) == sorted([a.service.instance_id, b.service.instance_id])
+        assert all(s["breakers"]["mock"]["breaker"]["state"] == "closed" for s in statuses)
+        done = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5})
+        assert len(done) == 2 and all((r["threshold"], r["ttl_s"]) == (2, 7.5) for r in done)
+        assert (b.service.guards["mock"].breaker.threshold, b.service.guards["mock"].breaker.ttl_s) == (2, 7.5)
+        bad = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 0})
+        unknown = await a.client.gather("admin.breaker.set", {"provider": "acme"})
+    assert {r["error_code"] for r in bad} == {"VALIDATION_ERROR"} and "$.threshold" in bad[0]["error"]
+    assert {r["error_code"] for r in unknown} == {"PROVIDER_NOT_FOUND"}
+
+
+def test_cli_status_and_breaker_set(nats_server: object) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    url = nats_server.url  # type: ignore[attr-defined]
+    env = {**os.environ, "LLMSRV__NATS__SUBJECT_PREFIX": f"c{uuid.uuid4().hex[:8]}", "LLMSRV__SERVER__HTTP_PORT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "llmsrv", "serve", "--nats-url", url], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert server.stdout is not None
+        while b"ready" not in server.stdout.readline():
+            pass
+        status = subprocess.run([sys.executable, "-m", "llmsrv", "status", "--nats-url", url],
+                                env=env, capture_output=True, timeout=30)
+        tuned = subprocess.run([sys.executable, "-m", "llmsrv", "breaker", "set", "mock", "--threshold", "3",
+                                "--ttl", "9", "--nats-url", url], env=env, capture_output=True, timeout=30)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(20)
+    assert status.returncode == 0 and msgspec.json.decode(status.stdout)[0]["status"] == "ok"
+    assert tuned.returncode == 0 and msgspec.json.decode(tuned.stdout)[0]["threshold"] == 3
