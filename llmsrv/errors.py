@@ -113,18 +113,3 @@ class Timeout(LlmsrvError):
 class InternalError(LlmsrvError):
     error_code = "INTERNAL_ERROR"
     status = 500
-
-
-BY_CODE: dict[str, type[LlmsrvError]] = {
-    cls.error_code: cls
-    for cls in (
-        InvalidJson, ValidationFailed, InvalidTool, PayloadTooLarge, ProviderNotFound,
-        MissingCredentials, Cancelled, RateLimited, CircuitOpen, Overloaded, ShuttingDown,
-        ProviderError, Timeout, InternalError,
-    )
-}
-
-
-def from_code(code: str, message: str, retry_after_ms: int | None = None) -> LlmsrvError:
-    """Rebuild the exception a reply describes (used by the client API)."""
-    return BY_CODE.get(code, LlmsrvError)(message, retry_after_ms=retry_after_ms)
