@@ -39,7 +39,7 @@ def build() -> dict[str, Callable[[], Awaitable[object]]]:
     limited = MockConfig(rpm="100000000/minute", tpm="100000000000/minute")
     mock = MockProvider(cfg)
     router = Router(RetryConfig())
-    route = routing.Route([TARGET], None)
+    route = routing.Route([TARGET], None, ("mock",))
 
     async def bare() -> Completion:
         return await mock.complete(CALL)

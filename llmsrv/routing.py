@@ -145,12 +145,12 @@ class Route(msgspec.Struct, frozen=True):
 
     targets: list[Target]
     complexity: str | None  # None: an explicit model; else the complexity of the auto route
+    providers: tuple[str, ...] = ()  # whose state the plan reads (targets', and mock for auto)
 
-    @property
-    def providers(self) -> tuple[str, ...]:
-        """Whose state the plan reads: the targets' providers, and mock for an auto route."""
-        names = [t.provider for t in self.targets] + ([FALLBACK[0]] if self.complexity is not None else [])
-        return tuple(dict.fromkeys(names))
+
+def _route(targets: list[Target], complexity: str | None) -> Route:
+    names = [t.provider for t in targets] + ([FALLBACK[0]] if complexity is not None else [])
+    return Route(targets, complexity, tuple(dict.fromkeys(names)))
 
 
 def route(request: LLMRequest, routing: RoutingConfig) -> Route:
@@ -158,9 +158,9 @@ def route(request: LLMRequest, routing: RoutingConfig) -> Route:
         _check_provider(request.provider)
     target = explicit_target(request, routing)
     if target is not None:
-        return Route([target], None)
+        return _route([target], None)
     complexity = request.complexity or infer_complexity(request.messages, routing.complexity)
-    return Route(candidates(request, routing, complexity), complexity)
+    return _route(candidates(request, routing, complexity), complexity)
 
 
 def plan(request: LLMRequest, routing: RoutingConfig, states: Mapping[str, ProviderState]) -> Plan:
@@ -188,7 +188,7 @@ def filter_plan(found: Route, states: Mapping[str, ProviderState], hint: str | N
     if found.complexity is not None and not keep and all(s.reason == "missing_credentials" for s in skipped):
         if hint not in (None, "mock"):
             raise errors.MissingCredentials(f"provider {hint!r} has no usable credentials")
-        return filter_plan(Route([Target(*FALLBACK)], found.complexity), states, hint)
+        return filter_plan(_route([Target(*FALLBACK)], found.complexity), states, hint)
     return Plan(keep, skipped, found.complexity)
 
 

@@ -48,6 +48,7 @@ from .router import Router
 
 log = logging.getLogger("llmsrv.service")
 
+UP = routing.ProviderState()  # available, breaker admits, rate limits have room
 STREAM_CHUNK = {"Llm-Stream": "chunk"}
 STREAM_END = {"Llm-Stream": "end"}
 
@@ -433,7 +434,8 @@ class Service:
         guard = self.guards.get(name)
         if guard is None or not available:
             return routing.ProviderState(available)
-        return routing.ProviderState(True, guard.breaker.blocked_for(), guard.limiter.blocked_for())
+        circuit, rate = guard.breaker.blocked_for(), guard.limiter.blocked_for()
+        return UP if circuit is None and rate is None else routing.ProviderState(True, circuit, rate)
 
     async def _execute(self, request: LLMRequest, cid: str, deadline: float,
                        stream_to: str | None) -> LLMResponse:

@@ -22,6 +22,9 @@ _LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod
           "incididunt ut labore et dolore magna aliqua").split()
 
 
+AVAILABLE = ProviderStatus(available=True)
+
+
 class MockStatistics(msgspec.Struct, frozen=True):
     calls: int
     completed: int
@@ -65,7 +68,7 @@ class MockProvider:
         self._n = _Counters()
 
     def status(self) -> ProviderStatus:
-        return ProviderStatus(available=True)
+        return AVAILABLE
 
     def has_model(self, model: str) -> bool:
         return model in self.models
