@@ -57,6 +57,8 @@ class ServerConfig(_Frozen, frozen=True):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
     http_host: str = "127.0.0.1"
     stream_flush_ms: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 25
+    worker_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # then an idle worker task retires...
+    min_idle_workers: Annotated[int, msgspec.Meta(ge=1)] = 8  # ...unless only this many are idle
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

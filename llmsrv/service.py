@@ -12,8 +12,10 @@ message is handed straight to the worker that went idle last (``trio.lowlevel.re
 most recently used worker has warm caches: measured 101-123 vs 137-150 us CPU per request with a
 FIFO memory channel); with no idle worker it waits in a backlog and a new worker is started, so
 the pool grows to the peak concurrency (at most ``max_inflight``) and a new request never waits
-for an old one. Reusing tasks instead of spawning one per message keeps the trio side cheap
-(LIBRARY-NOTES: 0.47x vs 0.79x of plain asyncio).
+for an old one. Workers idle for ``worker_idle_s`` retire (the least recently used first), down to
+``min_idle_workers`` idle ones, so a burst does not leave its tasks behind. Reusing tasks instead
+of spawning one per message keeps the trio side cheap (LIBRARY-NOTES: 0.47x vs 0.79x of plain
+asyncio).
 
 Each request's cancel scope has the request's deadline. ``llm.cancel`` cancels the scope of the
 matching correlation id; shutdown cancels all of them after the drain grace. The scope records
@@ -147,7 +149,8 @@ class Service:
         self.subject_health = f"{p}.health"
         self.subject_admin = f"{p}.admin"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
-        self._parked: list[trio.lowlevel.Task] = []  # idle workers, the most recently idle last
+        # idle workers and since when, the most recently idle last (handed work first)
+        self._parked: collections.deque[tuple[trio.lowlevel.Task, float]] = collections.deque()
         self._backlog: collections.deque[Incoming] = collections.deque()
         self._live: dict[str, list[_Live]] = {}
         self._inflight = 0
@@ -200,6 +203,7 @@ class Service:
                 other_subs.append(await bus.subscribe(subject, handler))
             await bus.flush()  # subscriptions are live on the server once this returns
             self._spawn_worker()
+            nursery.start_soon(self._retire_idle_workers)
             for name, provider in self.providers.items():
                 status = provider.status()
                 log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
@@ -263,7 +267,7 @@ class Service:
         else:
             self._inflight += 1
             if self._parked:  # hand it straight to the worker that went idle last (warm caches)
-                trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(msg))
+                trio.lowlevel.reschedule(self._parked.pop()[0], outcome.Value(msg))
             else:
                 self._backlog.append(msg)
                 if self._workers < self.cfg.server.max_inflight:
@@ -311,6 +315,16 @@ class Service:
 
     # ---- workers ---------------------------------------------------------------------------
 
+    async def _retire_idle_workers(self) -> None:
+        """After a burst, let the workers that stayed idle for ``worker_idle_s`` go (keeping a few)."""
+        idle_s, keep = self.cfg.server.worker_idle_s, self.cfg.server.min_idle_workers
+        while True:
+            await trio.sleep(idle_s / 2)
+            now = trio.current_time()
+            while len(self._parked) > keep and now - self._parked[0][1] >= idle_s:
+                self._workers -= 1
+                trio.lowlevel.reschedule(self._parked.popleft()[0], outcome.Value(None))
+
     def _spawn_worker(self) -> None:
         assert self._nursery is not None
         self._workers += 1
@@ -318,9 +332,10 @@ class Service:
 
     async def _worker(self) -> None:
         task = trio.lowlevel.current_task()
+        entry = (task, 0.0)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            self._parked.remove(task)
+            self._parked.remove(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
         while True:
@@ -328,8 +343,11 @@ class Service:
                 msg = self._backlog.popleft()
                 await trio.lowlevel.cancel_shielded_checkpoint()  # let others run; never lose msg
             else:
-                self._parked.append(task)
+                entry = (task, trio.current_time())
+                self._parked.append(entry)
                 msg = await trio.lowlevel.wait_task_rescheduled(abort)
+                if msg is None:  # retired by _retire_idle_workers
+                    return
             started = time.perf_counter_ns()
             try:
                 await self._serve(msg)

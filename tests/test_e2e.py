@@ -309,3 +309,19 @@ async def test_health_and_micro_discovery(nats_url: str) -> None:
     assert ping["type"] == "io.nats.micro.v1.ping_response" and ping["name"] == "llmsrv"
     assert info["endpoints"][0]["subject"] == f"{h.prefix}.request"
     assert stats["endpoints"][0]["num_requests"] >= 1
+
+
+async def test_idle_workers_retire_after_a_burst(nats_url: str) -> None:
+    async with running(nats_url, server={"worker_idle_s": 0.2, "min_idle_workers": 2},
+                       providers={"mock": {"latency_ms": 300}}) as h:
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(h.client.complete, {"messages": user(f"b{i}"), "model": "mock:echo"})
+        assert h.service.statistics().workers >= 30  # one task per concurrent request
+        with trio.fail_after(5):
+            while h.service.statistics().workers > 2:
+                await trio.sleep(0.05)
+        stats = h.service.statistics()
+        assert stats.idle_workers == stats.workers == 2
+        reply = await h.client.complete({"messages": user("still served"), "model": "mock:echo"})
+    assert reply.text == "still served"
