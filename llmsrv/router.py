@@ -77,7 +77,7 @@ class Router:
         while True:
             current = plan()
             if not current.candidates:
-                await self._wait_or_raise(current, deadline, last)
+                await self._wait_or_raise(current, deadline, last, attempts)
                 continue
             todo = current.candidates[: self.retry.max_attempts - used]
             used += len(todo)
@@ -153,20 +153,25 @@ class Router:
             return winner[0], last
         return None, failures[-1] if failures else last
 
-    async def _wait_or_raise(self, current: Plan, deadline: float, last: errors.LlmsrvError | None) -> None:
+    async def _wait_or_raise(self, current: Plan, deadline: float, last: errors.LlmsrvError | None,
+                             attempts: list[Attempt]) -> None:
+        """Nothing can be tried now: wait for rate-limit headroom if the deadline allows, else end.
+
+        When this request already failed somewhere (e.g. its failures just opened the breaker),
+        that failure is the answer, with the attempts that led to it.
+        """
         limited = [s.retry_after_ms or 1 for s in current.skipped if s.reason == "rate_limited"]
         opened = [s.retry_after_ms or 1 for s in current.skipped if s.reason == "circuit_open"]
+        if limited and trio.current_time() + min(limited) / 1000 < deadline:
+            await trio.sleep(min(limited) / 1000)
+            return
+        if last is not None:
+            raise _with_attempts(last, attempts)
         if limited:
-            wait_ms = min(limited)
-            if trio.current_time() + wait_ms / 1000 < deadline:
-                await trio.sleep(wait_ms / 1000)
-                return
-            raise errors.RateLimited("every candidate provider is rate limited", retry_after_ms=wait_ms)
+            raise errors.RateLimited("every candidate provider is rate limited", retry_after_ms=min(limited))
         if opened:
             raise errors.CircuitOpen("every candidate provider's circuit breaker is open",
                                      retry_after_ms=min(opened))
-        if last is not None:
-            raise last
         raise errors.MissingCredentials("no candidate provider has usable credentials")
 
 

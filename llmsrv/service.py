@@ -477,7 +477,10 @@ class Service:
                         streamer: Streamer | None) -> LLMResponse:
         on_delta = streamer.on_delta if streamer is not None else None
         if not self.cfg.routing.resilience:  # the bare path: first candidate, no guard, no retry
-            target = self._plan(request).candidates[0]
+            candidates = self._plan(request).candidates
+            if not candidates:
+                raise errors.MissingCredentials("no candidate provider can be used now")
+            target = candidates[0]
             started = trio.current_time()
             completion = await self.providers[target.provider].complete(
                 msgspec.structs.replace(call, model=target.model), on_delta)

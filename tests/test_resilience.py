@@ -406,3 +406,11 @@ async def test_cancel_during_backoff_leaves_guard_clean(autojump_clock: trio.tes
         await router.run(_fixed(A), attempt, deadline=100)
     snap = guard.breaker.snapshot()
     assert guard.bulkhead.borrowed_tokens == 0 and snap.probes_in_flight == 0 and snap.failures == 1
+
+
+async def test_own_failure_beats_the_breaker_it_opened(autojump_clock: trio.testing.MockClock) -> None:
+    plans = iter([Plan([A], []), Plan([], [Skip(A, "circuit_open", 30000)])])
+    attempt = _script({A: [(0.1, errors.ProviderError("502"))]}, [])
+    with pytest.raises(errors.ProviderError) as info:
+        await ROUTER.run(lambda: next(plans), attempt, deadline=10)
+    assert [a.outcome for a in info.value.attempts] == ["provider_error"]
