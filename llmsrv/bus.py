@@ -219,6 +219,11 @@ class Bus:
     # ---- state -----------------------------------------------------------------------------
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (its INFO ``max_payload``)."""
+        return int(self._nc.max_payload)
+
+    @property
     def is_connected(self) -> bool:
         return bool(self._nc.is_connected)
 

@@ -46,6 +46,10 @@ class NatsConfig(_Frozen, frozen=True):
     initial_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # then start-up fails
     reconnect_time_wait_s: NonNegFloat = 1.0
     max_reconnect_attempts: int = -1  # -1: forever
+    # nats-py drops a subscription's messages once this many (or bytes) wait unprocessed
+    # (a "slow consumer"); drops are counted in llmsrv_nats_dropped_total and logged.
+    pending_msgs_limit: PositiveInt = 524288
+    pending_bytes_limit: PositiveInt = 134217728
 
 
 class ServerConfig(_Frozen, frozen=True):
@@ -53,6 +57,9 @@ class ServerConfig(_Frozen, frozen=True):
     default_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 30000
     max_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] = 600000
     max_request_bytes: PositiveInt = 1048576
+    max_json_depth: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 64  # deeper: VALIDATION_ERROR
+    max_upstream_bytes: PositiveInt = 16777216  # a larger upstream body is cut off: PROVIDER_ERROR
+    max_queue_ms: PositiveInt = 1000  # admitted but not started within this: OVERLOADED
     drain_grace_s: NonNegFloat = 10.0
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
     http_host: str = "127.0.0.1"
@@ -60,6 +67,9 @@ class ServerConfig(_Frozen, frozen=True):
     worker_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # then an idle worker task retires...
     min_idle_workers: Annotated[int, msgspec.Meta(ge=1)] = 8  # ...unless only this many are idle
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # httpx/httpcore loggers stay at warning (they log upstream headers); true lets them log at
+    # log_level, still through the redacting filter
+    wire_debug: bool = False
 
 
 class Price(_Frozen, frozen=True):
@@ -85,9 +95,13 @@ class ProviderConfig(_Frozen, frozen=True):
     # replaced per call. Empty: the provider's default command.
     command: tuple[str, ...] = ()
     kill_grace_s: NonNegFloat = 2.0  # after SIGTERM to the process group, SIGKILL
+    # "model": one breaker per provider:model (failures of the whole provider count for all of
+    # its models); "provider": one breaker for the provider
+    breaker_scope: Literal["model", "provider"] = "model"
 
 
 class MockConfig(ProviderConfig, frozen=True):
+    max_concurrency: PositiveInt = 100000  # the mock is for load tests: its bulkhead must not be the cap
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     tokens_per_second: NonNegFloat = 0.0  # 0: the whole text at once
     error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
