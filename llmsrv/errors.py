@@ -15,6 +15,8 @@
     +-- ShuttingDown                SHUTTING_DOWN       503
     +-- ProviderError               PROVIDER_ERROR      502  (retryable upstream failure)
     |   +-- ProviderTimeout         PROVIDER_ERROR      502  (one attempt ran out of time)
+    |   +-- UpstreamTooLarge        PROVIDER_ERROR      502  (body over max_upstream_bytes; never retried on that target)
+    +-- ResponseTooLarge            RESPONSE_TOO_LARGE  502  (the reply would exceed NATS max_payload)
     +-- Timeout                     TIMEOUT             504
     +-- InternalError               INTERNAL_ERROR      500
 
@@ -103,6 +105,15 @@ class ProviderError(LlmsrvError):
 
 class ProviderTimeout(ProviderError):
     """One attempt took longer than its provider's ``timeout_ms`` (the request may go on)."""
+
+
+class UpstreamTooLarge(ProviderError):
+    """An upstream body passed ``[server] max_upstream_bytes``; reading it again would not help."""
+
+
+class ResponseTooLarge(LlmsrvError):
+    error_code = "RESPONSE_TOO_LARGE"
+    status = 502
 
 
 class Timeout(LlmsrvError):
