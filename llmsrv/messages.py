@@ -2,13 +2,15 @@
 
 Pure: no I/O. Requests are decoded and validated in one pass by a module-level typed msgspec
 decoder; unknown fields are rejected so typos never pass silently. ``decode_request`` raises only
-``errors.RequestError`` subclasses, whatever bytes it is given.
+``errors.RequestError`` subclasses, whatever bytes it is given: before any (recursive) decode,
+``check_depth`` refuses JSON nested deeper than ``[server] max_json_depth``, naming where.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -135,7 +137,68 @@ _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 encode = msgspec.json.Encoder().encode
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+DEFAULT_MAX_DEPTH = 64
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:,]', re.DOTALL)
+_SKELETON_DELETE = bytes(range(256)).translate(None, b'[]{}"')  # every byte but brackets and quotes
+_TO_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+def check_depth(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    """Raise ``ValidationFailed`` naming the path when ``data`` nests deeper than ``max_depth``.
+
+    Iterative, C-speed in the common case: fewer brackets than the limit cannot nest deeper; else
+    strings are blanked out and matched bracket pairs peeled off one level per pass. Only input
+    that is not fully peeled within ``max_depth`` passes (too deep, or unbalanced) is walked
+    token by token, to find out and to name where it goes too deep.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return
+    # Drop escaped backslashes, then escaped quotes: every quote left delimits a string. Keep only
+    # quotes and brackets; strings without brackets become "" and vanish in one pass.
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = unescaped.translate(_TO_SQUARE, _SKELETON_DELETE).replace(b'""', b"")
+    if b'"' in skeleton:
+        skeleton = b"".join(skeleton.split(b'"')[::2])
+    for _ in range(max_depth):
+        skeleton = skeleton.replace(b"[]", b"")
+        if not skeleton:
+            return
+    where = _path_at_depth(data, max_depth)
+    if where is not None:
+        raise errors.ValidationFailed(
+            f"JSON nested deeper than {max_depth} levels (server.max_json_depth) - at `{where}`")
+
+
+def _path_at_depth(data: bytes, max_depth: int) -> str | None:
+    """The JSON path of the first container that opens past ``max_depth`` levels."""
+    stack: list[list[Any]] = []  # [kind, key or index, expecting a key]
+    last_string = b""
+    for match in _TOKEN.finditer(data):
+        token = match.group()
+        if token in (b"{", b"["):
+            if len(stack) >= max_depth:
+                return _render_path(stack)
+            stack.append([token, 0 if token == b"[" else "", token == b"{"])
+        elif token in (b"}", b"]"):
+            if stack:
+                stack.pop()
+        elif token == b":":
+            if stack and stack[-1][0] == b"{":
+                stack[-1][1] = last_string[1:-1].decode("utf-8", "replace")[:40]
+        elif token == b",":
+            if stack and stack[-1][0] == b"[":
+                stack[-1][1] += 1
+        else:
+            last_string = token
+    return None
+
+
+def _render_path(stack: list[list[Any]]) -> str:
+    return "$" + "".join(f"[{key}]" if kind == b"[" else f".{key}" for kind, key, _ in stack)
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    check_depth(data, max_depth)
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
@@ -149,9 +212,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
         raise errors.InvalidJson(f"body is not valid UTF-8 JSON: {exc}") from None
 
 
-def decode_request(data: bytes) -> LLMRequest:
+def decode_request(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> LLMRequest:
     """Decode and validate an ``llm.request`` body, or raise a ``RequestError``."""
-    request: LLMRequest = _decode(_request_decoder, data)
+    request: LLMRequest = _decode(_request_decoder, data, max_depth)
     for i, tool in enumerate(request.tools or ()):
         params = tool.function.parameters
         if params is not None and params.get("type", "object") != "object":
@@ -170,6 +233,28 @@ def decode_cancel(data: bytes) -> CancelRequest:
 def decode_breaker_set(data: bytes) -> BreakerSet:
     result: BreakerSet = _decode(_breaker_set_decoder, data)
     return result
+
+
+def header_int(headers: Any, name: str, low: int, high: int) -> int | None:
+    """A header holding a whole number: ASCII digits only, ``low..high``; absent -> None."""
+    raw = headers.get(name) if headers else None
+    if raw is None:
+        return None
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not (0 < len(text) <= len(str(high)) and text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        shown = raw[:32] if isinstance(raw, str) else type(raw).__name__
+        raise errors.ValidationFailed(f"header {name} must be ASCII digits, an integer {low}..{high}; got {shown!r}")
+    return int(text)
+
+
+def header_correlation_id(headers: Any) -> str | None:
+    """``Llm-Correlation-Id``: used when the body has none; 1..128 characters."""
+    raw = headers.get("Llm-Correlation-Id") if headers else None
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str) or len(raw) > 128:
+        raise errors.ValidationFailed("header Llm-Correlation-Id must be 1..128 characters")
+    return raw
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:

@@ -15,7 +15,11 @@ each held). Within it:
   if the wait would end after it, the last error is the answer.
 * **Rate limits**: when the plan is empty because every candidate is rate limited, the router
   waits for the earliest headroom if the deadline allows, else answers ``RATE_LIMITED`` with
-  ``retry_after_ms``. When every candidate's breaker is open: ``CIRCUIT_OPEN`` at once.
+  ``retry_after_ms``. When every candidate's breaker is open: ``CIRCUIT_OPEN`` at once. A
+  ``RATE_LIMITED`` answer always carries ``retry_after_ms``: the upstream's hint, else the limiter's,
+  else the backoff the router would have waited next.
+* **Oversized bodies**: a target whose body passed ``max_upstream_bytes`` is not tried again in
+  this request (reading it again would cost the same); other candidates still are.
 * **Streaming**: once a chunk went out, a failure ends the request (no fallback mid-stream).
 * **Hedging** (off by default): trio's happy-eyeballs shape. The first candidate starts; if it has
   neither succeeded nor failed after the hedge delay, the next starts too, and so on; a failure
@@ -47,9 +51,14 @@ class Result(msgspec.Struct):
     attempts: list[Attempt]
 
 
+TOO_LARGE = "too_large"
+
+
 def outcome_of(exc: BaseException) -> str:
     if isinstance(exc, errors.ProviderTimeout):
         return "timeout"
+    if isinstance(exc, errors.UpstreamTooLarge):
+        return TOO_LARGE
     if isinstance(exc, errors.LlmsrvError):
         return exc.error_code.lower()
     return "error"
@@ -70,6 +79,16 @@ class Router:
                   hedge_delay: Callable[[Target], float] | None = None,
                   streamed: Callable[[], bool] = lambda: False) -> Result:
         """Answer with the first successful attempt, or raise the error that ends the request."""
+        try:
+            return await self._run(plan, attempt, deadline, hedge_delay, streamed)
+        except errors.RateLimited as exc:
+            if exc.retry_after_ms is None:  # the upstream gave no hint: the backoff is the best guess
+                exc.retry_after_ms = max(1, min(self.retry.backoff_max_ms,
+                                                self.retry.backoff_base_ms << len(exc.attempts)))
+            raise
+
+    async def _run(self, plan: Callable[[], Plan], attempt: RunAttempt, deadline: float,
+                   hedge_delay: Callable[[Target], float] | None, streamed: Callable[[], bool]) -> Result:
         attempts: list[Attempt] = []
         last: errors.LlmsrvError | None = None
         used = 0
@@ -79,7 +98,12 @@ class Router:
             if not current.candidates:
                 await self._wait_or_raise(current, deadline, last, attempts)
                 continue
-            todo = current.candidates[: self.retry.max_attempts - used]
+            spent = {(a.provider, a.model) for a in attempts if a.outcome == TOO_LARGE}
+            todo = [t for t in current.candidates if (t.provider, t.model) not in spent]
+            if not todo:
+                assert last is not None
+                raise _with_attempts(last, attempts)
+            todo = todo[: self.retry.max_attempts - used]
             used += len(todo)
             if hedge_delay is not None and len(todo) > 1:
                 result, last = await self._hedged(todo, attempt, attempts, hedge_delay, last)

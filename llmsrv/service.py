@@ -39,7 +39,7 @@ import outcome
 import trio
 
 from . import errors, messages, routing
-from .bus import Bus, Incoming
+from .bus import Bus, Handler, Incoming
 from .config import Config, Price
 from .messages import LLMRequest, LLMResponse, StreamChunk, encode
 from .ops import Metrics, health_document, micro_subscriptions, serve_http, status_document
@@ -53,6 +53,7 @@ log = logging.getLogger("llmsrv.service")
 UP = routing.ProviderState()  # available, breaker admits, rate limits have room
 STREAM_CHUNK = {"Llm-Stream": "chunk"}
 STREAM_END = {"Llm-Stream": "end"}
+REPLY_HEADROOM = 2048  # of max_payload, for headers (Nats-Service-Error is cut at 1024)
 
 
 class _Peek(msgspec.Struct):
@@ -62,14 +63,15 @@ class _Peek(msgspec.Struct):
 _peek_decoder = msgspec.json.Decoder(_Peek)
 
 
-def _peek_correlation_id(msg: Incoming) -> str:
-    """Best-effort correlation id of a request we will not fully decode."""
-    cid = (msg.headers or {}).get("Llm-Correlation-Id")
-    if cid:
-        return cid
+def _peek_correlation_id(msg: Incoming, max_depth: int) -> str:
+    """Best-effort correlation id of a request we will not fully decode (never raises)."""
     try:
+        cid = messages.header_correlation_id(msg.headers)
+        if cid:
+            return cid
+        messages.check_depth(msg.data, max_depth)
         found = _peek_decoder.decode(msg.data).correlation_id
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (errors.LlmsrvError, msgspec.DecodeError, UnicodeDecodeError):
         found = None
     return found if isinstance(found, str) and 0 < len(found) <= 128 else messages.new_correlation_id()
 
@@ -92,8 +94,10 @@ class _Live:
 class Streamer:
     """Coalesces deltas into chunks: the first at once, then at most one per ``interval``."""
 
-    def __init__(self, publish: Callable[[bytes], None], correlation_id: str, interval: float) -> None:
+    def __init__(self, publish: Callable[[bytes], None], correlation_id: str, interval: float,
+                 max_chunk_chars: int = 1 << 30) -> None:
         self._publish, self._cid, self._interval = publish, correlation_id, interval
+        self._max_chars = max_chunk_chars  # a chunk must fit in one NATS message
         self._buf: list[str] = []
         self._last = -math.inf
         self._wakeup = trio.Event()
@@ -113,11 +117,13 @@ class Streamer:
     def flush(self) -> None:
         if not self._buf:
             return
-        chunk = StreamChunk(correlation_id=self._cid, seq=self.seq, delta="".join(self._buf))
+        text = "".join(self._buf)
         self._buf.clear()
-        self.seq += 1
+        for at in range(0, len(text), self._max_chars):
+            self._publish(encode(StreamChunk(correlation_id=self._cid, seq=self.seq,
+                                             delta=text[at:at + self._max_chars])))
+            self.seq += 1
         self._last = trio.current_time()
-        self._publish(encode(chunk))
 
     async def run(self) -> None:
         while True:
@@ -151,7 +157,7 @@ class Service:
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
         # idle workers and since when, the most recently idle last (handed work first)
         self._parked: collections.deque[tuple[trio.lowlevel.Task, float]] = collections.deque()
-        self._backlog: collections.deque[Incoming] = collections.deque()
+        self._backlog: collections.deque[tuple[Incoming, float]] = collections.deque()  # and when admitted
         self._live: dict[str, list[_Live]] = {}
         self._inflight = 0
         self._workers = 0
@@ -191,16 +197,17 @@ class Service:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             bus, queue = self.bus, self.cfg.nats.queue
-            request_sub = await bus.subscribe(self.subject_request, self._on_request, queue)
-            other_subs = [
-                await bus.subscribe(self.subject_cancel, self._on_cancel),
-                await bus.subscribe(self.subject_health, self._on_health, queue),
+            request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_request), queue)
+            others: list[tuple[str, Handler, str]] = [
+                (self.subject_cancel, self._on_cancel, ""),
+                (self.subject_health, self._on_health, queue),
                 # admin commands reach every instance (no queue group); NATS permissions guard them
-                await bus.subscribe(f"{self.subject_admin}.status", self._on_admin_status),
-                await bus.subscribe(f"{self.subject_admin}.breaker.set", self._on_breaker_set),
+                (f"{self.subject_admin}.status", self._on_admin_status, ""),
+                (f"{self.subject_admin}.breaker.set", self._on_breaker_set, ""),
+                *((subject, handler, "") for subject, handler in micro_subscriptions(self)),
             ]
-            for subject, handler in micro_subscriptions(self):
-                other_subs.append(await bus.subscribe(subject, handler))
+            other_subs = [await bus.subscribe(subject, self._guarded(handler), group)
+                          for subject, handler, group in others]
             await bus.flush()  # subscriptions are live on the server once this returns
             self._spawn_worker()
             nursery.start_soon(self._retire_idle_workers)
@@ -258,25 +265,45 @@ class Service:
 
     # ---- admission (runs in the nats-py callback: synchronous, never blocks) ---------------
 
+    def _guarded(self, handler: Handler) -> Handler:
+        """The boundary of a subscription: a handler's failure is logged and answered, never raised."""
+        def guarded(msg: Incoming) -> None:
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("internal error handling a message on %s", str(msg.subject)[:200])
+                if msg.reply:
+                    self._reply_error(msg.reply, errors.InternalError("internal error; see server log"),
+                                      _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream=False)
+
+        return guarded
+
     def _on_request(self, msg: Incoming) -> None:
         if self._draining:
             self._reject(msg, errors.ShuttingDown("instance is draining; retry on another instance"))
         elif self._inflight >= self.cfg.server.max_inflight:
             self._reject(msg, errors.Overloaded(
-                f"instance at max_inflight={self.cfg.server.max_inflight}; retry later"))
+                f"instance at max_inflight={self.cfg.server.max_inflight}; retry later",
+                retry_after_ms=self._overload_retry_ms()))
         else:
             self._inflight += 1
+            item = (msg, trio.current_time())
             if self._parked:  # hand it straight to the worker that went idle last (warm caches)
-                trio.lowlevel.reschedule(self._parked.pop()[0], outcome.Value(msg))
+                trio.lowlevel.reschedule(self._parked.pop()[0], outcome.Value(item))
             else:
-                self._backlog.append(msg)
+                self._backlog.append(item)
                 if self._workers < self.cfg.server.max_inflight:
                     self._spawn_worker()
 
     def _reject(self, msg: Incoming, exc: errors.LlmsrvError) -> None:
         self._requests += 1
         self._record(exc.error_code.lower(), "", "", None)
-        self._reply_error(msg.reply, exc, _peek_correlation_id(msg), stream=False)
+        self._reply_error(msg.reply, exc, _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream=False)
+
+    def _overload_retry_ms(self) -> int:
+        """What an ``OVERLOADED`` caller is told to wait: about one mean request time (50 ms..5 s)."""
+        mean_ms = self._processing_ns / max(1, self._requests) / 1e6
+        return int(min(5000, max(50, mean_ms)))
 
     def _on_cancel(self, msg: Incoming) -> None:
         try:
@@ -340,17 +367,19 @@ class Service:
 
         while True:
             if self._backlog:
-                msg = self._backlog.popleft()
+                item = self._backlog.popleft()
                 await trio.lowlevel.cancel_shielded_checkpoint()  # let others run; never lose msg
             else:
                 entry = (task, trio.current_time())
                 self._parked.append(entry)
-                msg = await trio.lowlevel.wait_task_rescheduled(abort)
-                if msg is None:  # retired by _retire_idle_workers
+                item = await trio.lowlevel.wait_task_rescheduled(abort)
+                if item is None:  # retired by _retire_idle_workers
                     return
             started = time.perf_counter_ns()
             try:
-                await self._serve(msg)
+                await self._serve(*item)
+            except Exception:  # the boundary in _serve failed to answer: keep the worker anyway
+                log.exception("could not answer a request")
             finally:
                 self._processing_ns += time.perf_counter_ns() - started
                 self._inflight -= 1
@@ -359,47 +388,76 @@ class Service:
 
     # ---- one request -----------------------------------------------------------------------
 
-    async def _serve(self, msg: Incoming) -> None:
+    async def _serve(self, msg: Incoming, admitted: float) -> None:
+        """Serve one request to its one reply: the per-request boundary (nothing escapes it)."""
         received = trio.current_time()
         self._requests += 1
-        headers = msg.headers or {}
+        server = self.cfg.server
+        cid, stream = "", False
         try:
-            if len(msg.data) > self.cfg.server.max_request_bytes:
+            if received - admitted > server.max_queue_ms / 1000:
+                raise errors.Overloaded(
+                    f"waited {round((received - admitted) * 1000)} ms to start, over max_queue_ms="
+                    f"{server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
+            if len(msg.data) > server.max_request_bytes:
                 raise errors.PayloadTooLarge(
-                    f"body is {len(msg.data)} bytes; the limit is {self.cfg.server.max_request_bytes}")
-            request = messages.decode_request(msg.data)
-            timeout_ms = self._timeout_ms(request, headers)
-        except errors.LlmsrvError as exc:
-            self._reply_error(msg.reply, exc, _peek_correlation_id(msg), stream=False)
-            self._record(exc.error_code.lower(), "", "", received)
-            return
-        cid = request.correlation_id or headers.get("Llm-Correlation-Id") or messages.new_correlation_id()
-        stream = request.stream and bool(msg.reply)
-        live = _Live(received + timeout_ms / 1000)
-        lives = self._live.setdefault(cid, [])
-        lives.append(live)
-        try:
-            with live.scope:
-                response = await self._execute(request, cid, live.scope.deadline,
-                                               msg.reply if stream else None)
-            if live.scope.cancelled_caught:
-                raise self._cancellation_error(live.reason, timeout_ms)
-            self._reply(msg.reply, self.subject_response, encode(response), STREAM_END if stream else None)
+                    f"body is {len(msg.data)} bytes; the limit is {server.max_request_bytes}")
+            request = messages.decode_request(msg.data, server.max_json_depth)
+            headers = msg.headers or {}
+            timeout_ms = min(request.timeout_ms or messages.header_int(headers, "Llm-Timeout-Ms", 1, 600000)
+                             or server.default_timeout_ms, server.max_timeout_ms)
+            cid = request.correlation_id or messages.header_correlation_id(headers) or messages.new_correlation_id()
+            stream = request.stream and bool(msg.reply)
+            response = await self._live_request(request, cid, received + timeout_ms / 1000, timeout_ms,
+                                                msg.reply if stream else None)
+            body = encode(response)
+            if len(body) > self._max_reply_bytes():
+                body = self._fit(response, stream)
+            self._reply(msg.reply, self.subject_response, body, STREAM_END if stream else None)
             provider, _, model = response.model.partition(":")
             self._record("ok", provider, model, received)
             self._record_usage(provider, response)
         except errors.LlmsrvError as exc:
-            self._reply_error(msg.reply, exc, cid, stream)
             last = exc.attempts[-1] if exc.attempts else None
-            self._record(exc.error_code.lower(), last.provider if last else "", last.model if last else "", received)
+            self._fail(msg, exc, cid, stream, received, last.provider if last else "", last.model if last else "")
         except Exception:
-            log.exception("internal error serving request %s", cid)
-            self._reply_error(msg.reply, errors.InternalError("internal error; see server log"), cid, stream)
-            self._record("internal_error", "", "", received)
+            log.exception("internal error serving request %s", cid or "(not decoded)")
+            self._fail(msg, errors.InternalError("internal error; see server log"), cid, stream, received)
+
+    async def _live_request(self, request: LLMRequest, cid: str, deadline: float, timeout_ms: int,
+                            stream_to: str | None) -> LLMResponse:
+        """Run the request in a cancel scope that ``llm.cancel``, shutdown and the deadline reach."""
+        live = _Live(deadline)
+        lives = self._live.setdefault(cid, [])
+        lives.append(live)
+        try:
+            with live.scope:
+                return await self._execute(request, cid, deadline, stream_to)
+            raise self._cancellation_error(live.reason, timeout_ms)  # reached only when cancelled
         finally:
             lives.remove(live)
             if not lives:
                 del self._live[cid]
+
+    def _fail(self, msg: Incoming, exc: errors.LlmsrvError, cid: str, stream: bool, received: float,
+              provider: str = "", model: str = "") -> None:
+        self._reply_error(msg.reply, exc, cid or _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream)
+        self._record(exc.error_code.lower(), provider, model, received)
+
+    def _max_reply_bytes(self) -> int:
+        return self.bus.max_payload - REPLY_HEADROOM
+
+    def _fit(self, response: LLMResponse, stream: bool) -> bytes:
+        """A reply over the server's max_payload: a stream's final leaves out the text its chunks
+        carried; anything else is ``RESPONSE_TOO_LARGE``."""
+        limit = self._max_reply_bytes()
+        if stream:
+            body = encode(msgspec.structs.replace(response, text=""))
+            if len(body) <= limit:
+                return body
+        raise errors.ResponseTooLarge(
+            f"the reply would be over the NATS server's max_payload ({limit + REPLY_HEADROOM} bytes)"
+            + ("" if stream else "; ask with \"stream\": true to receive the text in chunks"))
 
     def _record(self, outcome: str, provider: str, model: str, received: float | None) -> None:
         self.metrics.request(provider, model, outcome, None if received is None else trio.current_time() - received)
@@ -407,17 +465,6 @@ class Service:
     def _record_usage(self, provider: str, response: LLMResponse) -> None:
         self.metrics.usage(provider, response.usage.prompt_tokens, response.usage.completion_tokens,
                            response.cost_cents)
-
-    def _timeout_ms(self, request: LLMRequest, headers: Mapping[str, str]) -> int:
-        server = self.cfg.server
-        timeout_ms = request.timeout_ms
-        if timeout_ms is None and "Llm-Timeout-Ms" in headers:
-            raw = headers["Llm-Timeout-Ms"]
-            if not raw.isdigit() or not 1 <= int(raw) <= 600000:
-                raise errors.ValidationFailed(
-                    f"header Llm-Timeout-Ms must be an integer 1..600000, got {raw[:32]!r}")
-            timeout_ms = int(raw)
-        return min(timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
 
     def _cancellation_error(self, reason: str | None, timeout_ms: int) -> errors.LlmsrvError:
         self.metrics.child(self.metrics.cancellations, reason or "deadline").inc()
@@ -465,12 +512,19 @@ class Service:
         def publish(chunk: bytes) -> None:
             self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
 
-        streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000)
+        streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000,
+                            max_chunk_chars=max(1, self._max_reply_bytes() // 6))  # \u00XX: 6 bytes a char
+        failure: errors.LlmsrvError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(streamer.run)
-            response = await self._dispatch(request, call, cid, deadline, streamer)
+            try:
+                response = await self._dispatch(request, call, cid, deadline, streamer)
+            except errors.LlmsrvError as exc:  # raised out of the nursery it would be a group
+                failure = exc
             nursery.cancel_scope.cancel()
         streamer.flush()
+        if failure is not None:
+            raise failure
         return response
 
     async def _dispatch(self, request: LLMRequest, call: Call, cid: str, deadline: float,
