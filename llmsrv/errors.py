@@ -15,13 +15,16 @@
     +-- ShuttingDown                SHUTTING_DOWN       503
     +-- ProviderError               PROVIDER_ERROR      502  (retryable upstream failure)
     |   +-- ProviderTimeout         PROVIDER_ERROR      502  (one attempt ran out of time)
-    |   +-- UpstreamTooLarge        PROVIDER_ERROR      502  (body over max_upstream_bytes; never retried on that target)
+    |   +-- ProviderUnreachable     PROVIDER_ERROR      502  (no connection to the upstream at all)
+    |   +-- UpstreamTooLarge        PROVIDER_ERROR      502  (over max_upstream_bytes; that target is not retried)
     +-- ResponseTooLarge            RESPONSE_TOO_LARGE  502  (the reply would exceed NATS max_payload)
     +-- Timeout                     TIMEOUT             504
     +-- InternalError               INTERNAL_ERROR      500
 
 Each class carries a stable ``error_code`` and ``status``; the message is for humans and must
 never contain a secret. ``retry_after_ms`` is set where the contract asks for it.
+``provider_wide`` marks failures of a provider as a whole (no connection, refused credentials):
+with per-model breakers they count against every model of the provider.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 class LlmsrvError(Exception):
     error_code = "INTERNAL_ERROR"
     status = 500
+    provider_wide = False
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
@@ -71,6 +75,7 @@ class ProviderNotFound(RequestError):
 class MissingCredentials(LlmsrvError):
     error_code = "MISSING_CREDENTIALS"
     status = 401
+    provider_wide = True
 
 
 class Cancelled(LlmsrvError):
@@ -105,6 +110,12 @@ class ProviderError(LlmsrvError):
 
 class ProviderTimeout(ProviderError):
     """One attempt took longer than its provider's ``timeout_ms`` (the request may go on)."""
+
+
+class ProviderUnreachable(ProviderError):
+    """The upstream could not be reached (connection refused, DNS, TLS): every model is affected."""
+
+    provider_wide = True
 
 
 class UpstreamTooLarge(ProviderError):

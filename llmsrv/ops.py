@@ -37,7 +37,10 @@ def health_document(service: Service) -> dict[str, Any]:
         status = provider.status()
         guard = service.guards.get(name)
         providers[name] = {"available": status.available, "state": status.state, "reason": status.reason,
-                           "breaker": guard.breaker.state if guard else "closed"}
+                           "breaker": guard.breaker.state if guard else "closed",
+                           # per-model breakers (breaker_scope = "model") that are not closed
+                           "models": {m: b.state for m, b in guard.models.items() if b.state != "closed"}
+                           if guard else {}}
     stats = service.statistics()
     return {
         "status": "draining" if service.draining else "ok",
@@ -53,7 +56,7 @@ def health_document(service: Service) -> dict[str, Any]:
 def status_document(service: Service) -> dict[str, Any]:
     """``llm.admin.status``: the health document plus breakers, limits and counters."""
     doc = health_document(service)
-    doc["breakers"] = {name: msgspec.to_builtins(guard.snapshot()) for name, guard in service.guards.items()}
+    doc["breakers"] = {name: msgspec.to_builtins(guard.statistics()) for name, guard in service.guards.items()}
     doc["stats"] = msgspec.to_builtins(service.statistics())
     return doc
 
@@ -109,9 +112,15 @@ class _BreakerStates(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("llmsrv_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
                                    labels=["provider"])
+        models = GaugeMetricFamily("llmsrv_model_breaker_state",
+                                   "Per-model breaker state (breaker_scope = model): 0 closed, 1 half-open, 2 open",
+                                   labels=["provider", "model"])
         for name, guard in self._service.guards.items():
             family.add_metric([name], STATE_CODE[guard.breaker.state])
+            for model, breaker in guard.models.items():
+                models.add_metric([name, model], STATE_CODE[breaker.state])
         yield family
+        yield models
 
 
 class Metrics:

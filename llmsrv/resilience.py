@@ -11,7 +11,13 @@ charges the rate limits (requests and an estimate of tokens; no headroom -> ``Ra
 * an upstream failure (``ProviderError``, an attempt timeout, any unexpected exception) -> breaker
   failure;
 * neutral -> nothing: ``trio.Cancelled`` (client cancel, request deadline, shutdown) and caller
-  errors (``RequestError``, ``MissingCredentials``) say nothing about the provider's health.
+  errors (``RequestError``) say nothing about the provider's health.
+
+Breaker scope (``breaker_scope``): with ``"model"`` (the default) each ``provider:model`` has a
+breaker of its own beside the provider's, and a call needs both to admit it. A failure of one
+model counts on that model's breaker only, so ``mock:fail`` cannot close off ``mock:echo``; a
+failure of the provider as a whole (``provider_wide``: no connection, refused credentials) counts
+on the provider's breaker, which stops every model. With ``"provider"`` there is one breaker.
 
 Everything is released in ``finally``: a cancelled request leaves no bulkhead slot, no half-open
 probe slot and no pending breaker state behind.
@@ -105,6 +111,10 @@ class Breaker:
         state = self.state
         retry = max(0.0, self._opened_at + self._ctx.ttl - self._clock()) if state == OPEN else 0.0
         return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes)
+
+    def is_clean(self) -> bool:
+        """Closed, with no failure counted and no probe out: nothing worth remembering."""
+        return self.state == CLOSED and not self._ctx.failure_count and not self._probes
 
     def blocked_for(self) -> float | None:
         """Seconds until this breaker admits a call again, or None if it would admit one now."""
@@ -216,6 +226,7 @@ class RateLimiter:
         self._rpm: RateLimitItem | None = parse(rpm) if rpm else None
         self._tpm: RateLimitItem | None = parse(tpm) if tpm else None
         self._blocked_until = 0.0
+        self._blocked_by: str | None = None  # the limit that refused last
         self._last_sweep = 0.0
 
     @property
@@ -226,6 +237,11 @@ class RateLimiter:
         """Seconds until the limit that last refused a call has room again; None if none did."""
         remaining = self._blocked_until - self._wall()
         return remaining if remaining > 0 else None
+
+    def statistics(self) -> RateLimitSnapshot:
+        """What the last refusal taught, without asking the storage (safe on the event loop)."""
+        remaining = self.blocked_for()
+        return RateLimitSnapshot(self._blocked_by if remaining else None, remaining or 0.0)
 
     def snapshot(self, tokens: int = 1) -> RateLimitSnapshot:
         """A full check of both limits (for status displays and tests; not on the hot path)."""
@@ -275,6 +291,7 @@ class RateLimiter:
     def _limited(self, kind: str, item: RateLimitItem) -> errors.RateLimited:
         retry = self._retry_after(item)
         self._blocked_until = max(self._blocked_until, self._wall() + retry)
+        self._blocked_by = kind
         exc = errors.RateLimited(f"provider {self.name!r} is over its {kind} limit ({item})",
                                  retry_after_ms=math.ceil(retry * 1000))
         exc.limit = kind  # type: ignore[attr-defined]
@@ -293,40 +310,83 @@ class GuardSnapshot(msgspec.Struct, frozen=True):
     rate: RateLimitSnapshot
     in_flight: int
     max_concurrency: int
+    models: dict[str, BreakerSnapshot] = {}  # per-model breakers that are not closed and clean
+
+
+MAX_MODEL_BREAKERS = 1024  # model names come from requests: bound what they can make us keep
 
 
 class ProviderGuard:
-    """Breaker + rate limits + bulkhead of one provider, as one async door."""
+    """Breaker(s) + rate limits + bulkhead of one provider, as one async door."""
 
     def __init__(self, name: str, cfg: ProviderConfig, *, clock: Clock = trio.current_time,
                  wall: Callable[[], float] | None = None, on_transition: OnTransition | None = None,
                  storage_uri: str = "memory://", max_probes: int = 1) -> None:
         self.name = name
+        self._breaker_args = (max_probes, clock, on_transition)
         self.breaker = Breaker(name, cfg.breaker_threshold, cfg.breaker_ttl_s, max_probes, clock,
                                on_transition)
+        self.per_model = cfg.breaker_scope == "model"
+        self.models: dict[str, Breaker] = {}
         self.limiter = RateLimiter(name, cfg.rpm, cfg.tpm, storage_uri, wall)
         self.bulkhead = trio.CapacityLimiter(cfg.max_concurrency)
         self.latency = LatencyWindow()
 
-    def snapshot(self, tokens: int = 1) -> GuardSnapshot:
-        stats = self.bulkhead.statistics()
-        return GuardSnapshot(self.breaker.snapshot(), self.limiter.snapshot(tokens),
-                             stats.borrowed_tokens, int(stats.total_tokens))
+    def model_breaker(self, model: str | None) -> Breaker | None:
+        """The breaker of ``provider:model`` (made on first use), or None in provider scope."""
+        if not self.per_model or not model:
+            return None
+        found = self.models.get(model)
+        if found is None:
+            if len(self.models) >= MAX_MODEL_BREAKERS:
+                self._forget_clean_breakers()
+                if len(self.models) >= MAX_MODEL_BREAKERS:
+                    return None  # still full of failing models: the provider's breaker stands in
+            found = self.models[model] = Breaker(f"{self.name}:{model}", self.breaker.threshold,
+                                                 self.breaker.ttl_s, *self._breaker_args)
+        return found
 
-    def attempt(self, estimated_tokens: int) -> Admission:
-        """``async with guard.attempt(tokens) as admission:`` admits one call (see module doc)."""
-        return Admission(self, estimated_tokens)
+    def _forget_clean_breakers(self) -> None:
+        for model, breaker in list(self.models.items()):
+            if breaker.is_clean():
+                del self.models[model]
+
+    def breakers(self) -> dict[str, Breaker]:
+        """Every breaker of this provider by name (``provider`` and ``provider:model``)."""
+        return {self.name: self.breaker, **{b.name: b for b in self.models.values()}}
+
+    def model_blocked_for(self, model: str) -> float | None:
+        """Seconds until ``model``'s own breaker admits a call (None: it would now, or has none)."""
+        found = self.models.get(model) if self.models else None
+        return found.blocked_for() if found is not None else None
+
+    def tune(self, threshold: int | None, ttl_s: float | None) -> None:
+        for breaker in self.breakers().values():
+            breaker.tune(threshold, ttl_s)
+
+    def statistics(self) -> GuardSnapshot:
+        """A frozen snapshot; no I/O (the rate limit part is what the last refusal taught)."""
+        stats = self.bulkhead.statistics()
+        models = {m: b.snapshot() for m, b in self.models.items() if not b.is_clean()}
+        return GuardSnapshot(self.breaker.snapshot(), self.limiter.statistics(),
+                             stats.borrowed_tokens, int(stats.total_tokens), models)
+
+    def attempt(self, estimated_tokens: int, model: str | None = None) -> Admission:
+        """``async with guard.attempt(tokens, model) as admission:`` admits one call (see module doc)."""
+        return Admission(self, estimated_tokens, self.model_breaker(model))
 
 
 class Admission:
     """One admitted call. The body sets ``tokens`` to the real usage on success."""
 
-    __slots__ = ("_guard", "_estimate", "_ticket", "_holding", "tokens")
+    __slots__ = ("_guard", "_estimate", "_ticket", "_model", "_model_ticket", "_holding", "tokens")
 
-    def __init__(self, guard: ProviderGuard, estimated_tokens: int) -> None:
+    def __init__(self, guard: ProviderGuard, estimated_tokens: int, model_breaker: Breaker | None) -> None:
         self._guard = guard
         self._estimate = estimated_tokens
         self._ticket: Ticket | None = None
+        self._model = model_breaker
+        self._model_ticket: Ticket | None = None
         self._holding = False
         self.tokens: int | None = None
 
@@ -334,6 +394,8 @@ class Admission:
         guard = self._guard
         self._ticket = guard.breaker.admit()
         try:
+            if self._model is not None:
+                self._model_ticket = self._model.admit()
             try:
                 guard.bulkhead.acquire_nowait()  # a free slot costs no trip through the scheduler
             except trio.WouldBlock:
@@ -361,30 +423,39 @@ class Admission:
                     in_background(limiter.correct, self._estimate, self.tokens)
                 else:
                     limiter.correct(self._estimate, self.tokens)
-        elif isinstance(exc, errors.RequestError | errors.MissingCredentials) or not isinstance(exc, Exception):
+        elif isinstance(exc, errors.RequestError) or not isinstance(exc, Exception):
             outcome = "neutral"  # the caller's fault, or trio.Cancelled / KeyboardInterrupt
         else:
             outcome = "failure"
-        self._release(outcome)
+        if outcome == "failure" and self._model is not None and not getattr(exc, "provider_wide", False):
+            self._release("neutral", "failure")  # this model's failure: the provider's other models are fine
+        elif outcome == "failure":
+            self._release("failure", "neutral")
+        else:
+            self._release(outcome, outcome)
 
-    def _release(self, outcome: str) -> None:
+    def _release(self, provider_outcome: str, model_outcome: str = "neutral") -> None:
         if self._holding:
             self._holding = False
             self._guard.bulkhead.release()
         if self._ticket is not None:
-            self._guard.breaker.record(self._ticket, outcome)
+            self._guard.breaker.record(self._ticket, provider_outcome)
             self._ticket = None
+        if self._model_ticket is not None and self._model is not None:
+            self._model.record(self._model_ticket, model_outcome)
+            self._model_ticket = None
 
 
 async def call_guarded(guard: ProviderGuard, estimated_tokens: int, timeout_s: float,
-                       call: Callable[[], Awaitable[Completion]], deadline: float = math.inf) -> Completion:
+                       call: Callable[[], Awaitable[Completion]], deadline: float = math.inf,
+                       model: str | None = None) -> Completion:
     """One provider call through its guard, under its per-attempt timeout (``timeout_ms``).
 
     ``deadline`` is the request's (its cancel scope already enforces it): when the attempt's own
     limit is not earlier, no second cancel scope is needed.
     """
     started = trio.current_time()
-    async with guard.attempt(estimated_tokens) as admission:
+    async with guard.attempt(estimated_tokens, model) as admission:
         limit = started + timeout_s
         if limit >= deadline:
             completion = await call()

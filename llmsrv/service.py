@@ -53,7 +53,6 @@ log = logging.getLogger("llmsrv.service")
 UP = routing.ProviderState()  # available, breaker admits, rate limits have room
 STREAM_CHUNK = {"Llm-Stream": "chunk"}
 STREAM_END = {"Llm-Stream": "end"}
-REPLY_HEADROOM = 2048  # of max_payload, for headers (Nats-Service-Error is cut at 1024)
 
 
 class _Peek(msgspec.Struct):
@@ -332,8 +331,8 @@ class Service:
             if msg.reply:
                 self.bus.publish_nowait(msg.reply, messages.error_body(exc, ""), messages.error_headers(exc))
             return
-        guard.breaker.tune(command.threshold, command.ttl_s)
-        log.warning("breaker of provider %s retuned by admin: threshold=%s ttl_s=%s",
+        guard.tune(command.threshold, command.ttl_s)
+        log.warning("breakers of provider %s retuned by admin: threshold=%s ttl_s=%s",
                     command.provider, guard.breaker.threshold, guard.breaker.ttl_s)
         if msg.reply:
             self.bus.publish_nowait(msg.reply, encode({
@@ -411,9 +410,10 @@ class Service:
             response = await self._live_request(request, cid, received + timeout_ms / 1000, timeout_ms,
                                                 msg.reply if stream else None)
             body = encode(response)
-            if len(body) > self._max_reply_bytes():
-                body = self._fit(response, stream)
-            self._reply(msg.reply, self.subject_response, body, STREAM_END if stream else None)
+            end = STREAM_END if stream else None
+            if len(body) > self._max_reply_bytes(end):
+                body = self._fit(response, end)
+            self._reply(msg.reply, self.subject_response, body, end)
             provider, _, model = response.model.partition(":")
             self._record("ok", provider, model, received)
             self._record_usage(provider, response)
@@ -444,20 +444,20 @@ class Service:
         self._reply_error(msg.reply, exc, cid or _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream)
         self._record(exc.error_code.lower(), provider, model, received)
 
-    def _max_reply_bytes(self) -> int:
-        return self.bus.max_payload - REPLY_HEADROOM
+    def _max_reply_bytes(self, headers: Mapping[str, str] | None) -> int:
+        """What a body may take of the server's max_payload beside these headers (NATS/1.0 block)."""
+        return self.bus.max_payload - (12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) if headers else 0)
 
-    def _fit(self, response: LLMResponse, stream: bool) -> bytes:
+    def _fit(self, response: LLMResponse, stream_end: dict[str, str] | None) -> bytes:
         """A reply over the server's max_payload: a stream's final leaves out the text its chunks
         carried; anything else is ``RESPONSE_TOO_LARGE``."""
-        limit = self._max_reply_bytes()
-        if stream:
+        if stream_end is not None:
             body = encode(msgspec.structs.replace(response, text=""))
-            if len(body) <= limit:
+            if len(body) <= self._max_reply_bytes(stream_end):
                 return body
         raise errors.ResponseTooLarge(
-            f"the reply would be over the NATS server's max_payload ({limit + REPLY_HEADROOM} bytes)"
-            + ("" if stream else "; ask with \"stream\": true to receive the text in chunks"))
+            f"the reply would be over the NATS server's max_payload ({self.bus.max_payload} bytes)"
+            + ("" if stream_end else "; ask with \"stream\": true to receive the text in chunks"))
 
     def _record(self, outcome: str, provider: str, model: str, received: float | None) -> None:
         self.metrics.request(provider, model, outcome, None if received is None else trio.current_time() - received)
@@ -492,6 +492,11 @@ class Service:
     def _plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)
         states = {name: self._state(name) for name in found.providers if name in self.providers}
+        for target in found.targets:  # a model whose own breaker is open is skipped by itself
+            guard = self.guards.get(target.provider)
+            blocked = guard.model_blocked_for(target.model) if guard is not None else None
+            if blocked is not None:
+                states[target.spec] = routing.ProviderState(True, blocked)
         return routing.filter_plan(found, states, request.provider)
 
     def _state(self, name: str) -> routing.ProviderState:
@@ -513,13 +518,14 @@ class Service:
             self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
 
         streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000,
-                            max_chunk_chars=max(1, self._max_reply_bytes() // 6))  # \u00XX: 6 bytes a char
-        failure: errors.LlmsrvError | None = None
+                            # a chunk's fields take < 200 bytes; a character at most 6 (\u00XX)
+                            max_chunk_chars=max(1, (self._max_reply_bytes(STREAM_CHUNK) - 200) // 6))
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(streamer.run)
             try:
                 response = await self._dispatch(request, call, cid, deadline, streamer)
-            except errors.LlmsrvError as exc:  # raised out of the nursery it would be a group
+            except Exception as exc:  # raised out of the nursery it would come wrapped in a group
                 failure = exc
             nursery.cancel_scope.cancel()
         streamer.flush()
@@ -564,7 +570,8 @@ class Service:
         try:
             guard = self.guards[target.provider]
             tokens = estimate_call_tokens(call) if guard.limiter.enabled else 0
-            return await call_guarded(guard, tokens, timeout_s, lambda: provider.complete(call, on_delta), deadline)
+            return await call_guarded(guard, tokens, timeout_s, lambda: provider.complete(call, on_delta), deadline,
+                                      target.model)
         except errors.CircuitOpen:
             called = False  # refused before any call: no duration to record
             raise
@@ -610,26 +617,29 @@ class Service:
 
         return delay
 
-    def _on_transition(self, provider: str, old: str, new: str) -> None:
+    def _on_transition(self, name: str, old: str, new: str) -> None:
+        """``name`` is ``provider`` or, for a per-model breaker, ``provider:model``."""
+        provider = name.partition(":")[0]
         self.transitions[(provider, new)] += 1
         self.metrics.child(self.metrics.transitions, provider, new).inc()
-        log.warning("circuit breaker of provider %s: %s -> %s", provider, old, new)
-        until = self.guards[provider].breaker.open_until() if provider in self.guards else None
+        log.warning("circuit breaker of %s: %s -> %s", name, old, new)
+        breaker = self.guards[provider].breakers().get(name) if provider in self.guards else None
+        until = breaker.open_until() if breaker is not None else None
         if self.board is not None and until is not None:
-            in_background(self.board.publish_open, provider, time.time() + until - trio.current_time())
+            in_background(self.board.publish_open, name, time.time() + until - trio.current_time())
 
     async def _sync_breakers(self, board: RedisBreakerBoard) -> None:
         """Adopt the openings other instances published (see ``RedisBreakerBoard``)."""
-        names = list(self.guards)
         while True:
+            breakers = {name: b for guard in self.guards.values() for name, b in guard.breakers().items()}
             try:
-                opened = await trio.to_thread.run_sync(board.fetch, names, abandon_on_cancel=True)
+                opened = await trio.to_thread.run_sync(board.fetch, list(breakers), abandon_on_cancel=True)
             except Exception as exc:  # Redis down: keep the local breakers, try again later
                 log.warning("breaker board unreachable: %s: %s", type(exc).__name__, exc)
                 opened = {}
             now = time.time()
             for name, until in opened.items():
-                self.guards[name].breaker.adopt_open(until - now)
+                breakers[name].adopt_open(until - now)
             await trio.sleep(self.cfg.routing.breaker_sync_s)
 
     # ---- replies ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 import trio
 
 from .conftest import running, user
@@ -19,9 +20,10 @@ async def test_fallback_shows_every_attempt(nats_url: str) -> None:
         ("mock", "fail", "provider_error"), ("mock", "echo", "ok")]
 
 
-async def test_failures_open_the_breaker_then_circuit_open(nats_url: str) -> None:
+@pytest.mark.parametrize("scope", ["provider", "model"])
+async def test_failures_open_the_breaker_then_circuit_open(nats_url: str, scope: str) -> None:
     async with running(nats_url, providers={"mock": {"error_rate": 1.0, "breaker_threshold": 2,
-                                                     "breaker_ttl_s": 30}},
+                                                     "breaker_ttl_s": 30, "breaker_scope": scope}},
                        routing={"retry": {"max_attempts": 1}}) as h:
         first = await h.error_of(ENC({"messages": user(), "model": "mock:echo"}))
         second = await h.error_of(ENC({"messages": user(), "model": "mock:echo"}))
@@ -33,7 +35,11 @@ async def test_failures_open_the_breaker_then_circuit_open(nats_url: str) -> Non
     assert third["error_code"] == "CIRCUIT_OPEN" and third["_headers"]["Nats-Service-Error-Code"] == "503"
     assert 29000 < third["retry_after_ms"] <= 30000
     assert calls == 2  # the open breaker kept the third request away from the provider
-    assert health["providers"]["mock"]["breaker"] == "open"
+    if scope == "provider":
+        assert health["providers"]["mock"]["breaker"] == "open"
+    else:  # only mock:echo's own breaker opened; the provider's stays closed for its other models
+        assert health["providers"]["mock"]["breaker"] == "closed"
+        assert health["providers"]["mock"]["models"] == {"echo": "open"}
     assert h.service.transitions[("mock", "open")] == 1
 
 

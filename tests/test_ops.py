@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import msgspec
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -60,14 +61,19 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
     assert not any(name.endswith("_created") for name, _ in s)
 
 
-async def test_breaker_metrics(nats_url: str) -> None:
+@pytest.mark.parametrize("scope", ["provider", "model"])
+async def test_breaker_metrics(nats_url: str, scope: str) -> None:
     async with running(nats_url, server={"http_port": free_port()}, routing={"retry": {"max_attempts": 1}},
-                       providers={"mock": {"error_rate": 1.0, "breaker_threshold": 1}}) as h:
+                       providers={"mock": {"error_rate": 1.0, "breaker_threshold": 1, "breaker_scope": scope}}) as h:
         await h.error_of(ENC({"messages": user(), "model": "mock:echo"}))
         async with httpx.AsyncClient() as http:
             text = (await http.get(f"http://127.0.0.1:{h.service.http_port}/metrics")).text
     s = _samples(text)
-    assert s[("llmsrv_breaker_state", (("provider", "mock"),))] == 2
+    if scope == "provider":
+        assert s[("llmsrv_breaker_state", (("provider", "mock"),))] == 2
+    else:
+        assert s[("llmsrv_breaker_state", (("provider", "mock"),))] == 0
+        assert s[("llmsrv_model_breaker_state", (("model", "echo"), ("provider", "mock")))] == 2
     assert s[("llmsrv_breaker_transitions_total", (("provider", "mock"), ("to", "open")))] == 1
     assert s[("llmsrv_requests_total", (("model", "echo"), ("outcome", "provider_error"), ("provider", "mock")))] == 1
 

@@ -173,10 +173,16 @@ def _guard(**kw: object) -> ProviderGuard:
 async def test_guard_records_outcomes(virtual_wall: Callable[[], float],
                                       autojump_clock: trio.testing.MockClock) -> None:
     guard = _guard()
-    for exc in (errors.ValidationFailed("bad"), errors.MissingCredentials("no key")):
-        with pytest.raises(type(exc)):
-            async with guard.attempt(10):
-                raise exc
+    with pytest.raises(errors.ValidationFailed):  # the caller's fault says nothing of the provider
+        async with guard.attempt(10):
+            raise errors.ValidationFailed("bad")
+    assert guard.breaker.snapshot().failures == 0
+    with pytest.raises(errors.MissingCredentials):  # refused credentials: the provider as a whole fails
+        async with guard.attempt(10):
+            raise errors.MissingCredentials("no key")
+    assert guard.breaker.snapshot().failures == 1
+    async with guard.attempt(10):
+        pass
     assert guard.breaker.snapshot().failures == 0
     for _ in range(2):
         with pytest.raises(errors.ProviderError):
