@@ -135,6 +135,9 @@ def map_transport_errors(provider: str, secrets: Sequence[str | None] = ()) -> I
         yield
     except httpx.TimeoutException as exc:
         raise errors.ProviderTimeout(f"{provider}: {type(exc).__name__}") from None
+    except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:  # never reached the upstream at all
+        text = redact(str(exc), secrets)
+        raise errors.ProviderUnreachable(f"{provider}: cannot connect ({type(exc).__name__}: {text})") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
         text = redact(str(exc), secrets)
         raise errors.ProviderError(f"{provider}: connection failed ({type(exc).__name__}: {text})") from None
