@@ -392,3 +392,43 @@ async def test_admin_status_does_not_wait_on_a_stalled_redis(nats_url: str, redi
         await trio.to_thread.run_sync(thread.join)
     assert status["breakers"]["mock"]["rate"]["limited"] is None
     assert answered < released[0]  # answered while Redis was still asleep
+
+
+# ---- drain under load and an overload burst, on a real process ------------------------------------
+
+async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
+    import signal
+    import uuid
+
+    from .test_process import _serve, _wait_ready
+
+    n = 400
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    proc = _serve(nats_url, prefix, LLMSRV__PROVIDERS__MOCK__LATENCY_MS="2000",
+                  LLMSRV__SERVER__MAX_INFLIGHT="300", LLMSRV__SERVER__DRAIN_GRACE_S="30")
+    outcomes: list[str] = []
+    try:
+        async with Client.connect(nats_url, prefix) as client:
+            await _wait_ready(client)
+
+            async def one(i: int) -> None:
+                try:
+                    reply = await client.complete({"messages": user(f"m{i}"), "model": "mock:echo"}, timeout_s=30)
+                    outcomes.append("ok" if reply.text == f"m{i}" else "wrong")
+                except ReplyError as exc:
+                    outcomes.append(exc.error_code)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+                with trio.fail_after(20):  # the burst has arrived: 300 in flight, 100 refused
+                    while (await client.request_json("health"))["inflight"] < 300 or len(outcomes) < 100:
+                        await trio.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+        rc = await trio.to_thread.run_sync(proc.wait, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0
+    assert len(outcomes) == n  # every request answered: none lost in the burst or the drain
+    assert outcomes.count("ok") == 300 and outcomes.count("OVERLOADED") == 100, sorted(set(outcomes))
