@@ -14,6 +14,13 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
 * connection events (disconnect, reconnect, errors) are logged; nats-py restores every
   subscription, queue groups included, after a reconnect. An asyncio exception handler is
   installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
+* slow consumers: every subscription gets ``nats.pending_msgs_limit`` / ``pending_bytes_limit``.
+  Past them nats-py drops the message and reports ``SlowConsumerError``; drops are counted per
+  subscription subject (``Bus.dropped``, exported as ``llmsrv_nats_dropped_total``) and logged
+  at most once a second per subject. A dropped request gets no reply from us: the client's own
+  timeout is all it sees, so the limits should be far above ``server.max_inflight``.
+* the first connect waits up to ``nats.initial_connect_timeout_s`` for a server that is not up
+  yet (logged once), then fails with a ``BusError`` naming the key.
 
 Secrets (passwords, tokens, credentials in URLs) are never logged.
 """
@@ -24,6 +31,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -33,11 +41,13 @@ import trio
 import trio_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
+from nats.errors import SlowConsumerError
 from trio_asyncio import aio_as_trio
 
 from .config import NatsConfig
 
 log = logging.getLogger("llmsrv.bus")
+DROP_LOG_INTERVAL_S = 1.0  # at most one slow-consumer warning per subject per interval
 
 
 class Incoming(Protocol):
@@ -94,9 +104,13 @@ def _connect_options(cfg: NatsConfig, url: str) -> dict[str, Any]:
 
 
 class Bus:
-    def __init__(self, nc: NatsClient, url: str) -> None:
+    def __init__(self, nc: NatsClient, url: str, cfg: NatsConfig | None = None) -> None:
         self._nc = nc
         self.url = url
+        self._cfg = cfg or NatsConfig()
+        self._dropped: dict[str, int] = {}  # by subscription subject, since start
+        self._drops_unlogged: dict[str, int] = {}
+        self._drop_logged_at: dict[str, float] = {}
         self._queue: asyncio.Queue[tuple[str, bytes, str, dict[str, str] | None] | asyncio.Future[None]]
         self._queue = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
@@ -129,7 +143,14 @@ class Bus:
                 refused.append(why)
                 connecting.cancel()
 
-            callbacks = _callbacks(holder, url, errors.append, refuse)
+            def failed(why: str) -> None:
+                if not errors:
+                    log.warning("NATS at %s not reachable yet (%s); retrying for up to %gs "
+                                "(nats.initial_connect_timeout_s)", redact_url(url), why,
+                                cfg.initial_connect_timeout_s)
+                errors.append(why)
+
+            callbacks = _callbacks(holder, url, failed, refuse)
             try:
                 nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
             except Exception as exc:  # nats raises many kinds (OSError, NoServersError, ...)
@@ -142,7 +163,7 @@ class Bus:
             raise BusError(f"cannot connect to NATS at {redact_url(url)} within "
                            f"{cfg.initial_connect_timeout_s:g}s (nats.initial_connect_timeout_s)"
                            + (f"; last error: {errors[-1]}" if errors else ""))
-        bus = cls(nc, url)
+        bus = cls(nc, url, cfg)
         holder.append(bus)
         bus._pump = loop.create_task(bus._pump_loop())
         log.info("connected to NATS at %s", redact_url(url))
@@ -173,8 +194,26 @@ class Bus:
         async def _cb(msg: Any) -> None:
             handler(msg)
 
-        sub: Subscription = await aio_as_trio(self._nc.subscribe)(subject, queue=queue, cb=_cb)
+        sub: Subscription = await aio_as_trio(self._nc.subscribe)(
+            subject, queue=queue, cb=_cb, pending_msgs_limit=self._cfg.pending_msgs_limit,
+            pending_bytes_limit=self._cfg.pending_bytes_limit)
         return sub
+
+    def _slow_consumer(self, subject: str) -> None:
+        """nats-py dropped one message of the subscription on ``subject`` (its pending limit)."""
+        self._dropped[subject] = self._dropped.get(subject, 0) + 1
+        self._drops_unlogged[subject] = self._drops_unlogged.get(subject, 0) + 1
+        now = time.monotonic()
+        if now - self._drop_logged_at.get(subject, -DROP_LOG_INTERVAL_S) >= DROP_LOG_INTERVAL_S:
+            self._drop_logged_at[subject] = now
+            log.warning("slow consumer: the NATS client dropped %d message(s) on %s (%d in all); "
+                        "raise nats.pending_msgs_limit / pending_bytes_limit or add instances",
+                        self._drops_unlogged.pop(subject), subject, self._dropped[subject])
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages nats-py dropped as a slow consumer, by subscription subject (a snapshot)."""
+        return dict(self._dropped)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         try:
@@ -247,6 +286,10 @@ def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
     where = redact_url(url)
 
     async def error_cb(exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):  # once per dropped message: keep it cheap
+            if holder:
+                holder[0]._slow_consumer(exc.sub.subject if exc.sub is not None else exc.subject)
+            return
         if not holder:  # still connecting for the first time: the caller reports it
             text = f"{type(exc).__name__}: {exc}".strip()
             (refused if "authorization" in text.lower() else failed)(text)

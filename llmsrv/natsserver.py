@@ -74,6 +74,13 @@ class NatsServer:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no goodbye to the clients (tests of outages use this)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def __enter__(self) -> NatsServer:
         return self.start()
 

@@ -17,7 +17,7 @@ import msgspec
 import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -123,6 +123,21 @@ class _BreakerStates(Collector):
         yield models
 
 
+class _NatsDropped(Collector):
+    """``llmsrv_nats_dropped_total{subject}``: messages nats-py dropped as a slow consumer."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("llmsrv_nats_dropped", "Messages the NATS client dropped past a subscription's "
+                                     "pending limit (nats.pending_msgs_limit / pending_bytes_limit)",
+                                     labels=["subject"])
+        for subject, count in self._service.bus.dropped.items():
+            family.add_metric([subject], count)
+        yield family
+
+
 class Metrics:
     """The Prometheus metrics of one service (CONTRACT section 6), in a registry of its own."""
 
@@ -146,6 +161,7 @@ class Metrics:
         self.cost = Counter("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"], registry=r)
         self.cancellations = Counter("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
         r.register(_BreakerStates(service))
+        r.register(_NatsDropped(service))
         self._children: dict[tuple[object, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

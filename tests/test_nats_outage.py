@@ -1,0 +1,185 @@
+"""NATS outages and slow consumers, against real nats-server processes.
+
+* nats-server SIGKILLed and restarted on its port under load: requests sent after recovery all
+  succeed; the recovery time (restart -> first successful reply) is printed (`pytest -s`).
+* `llmsrv serve` started before NATS waits `nats.initial_connect_timeout_s` for it, serves once it
+  comes up, and exits non-zero naming the key when it never does.
+* nats-py's slow-consumer limit: messages dropped past a subscription's pending limit are counted
+  per subject, logged (at most once a second per subject) and exported as a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from llmsrv.client import Client, NoResponders
+from llmsrv.config import NatsConfig
+from llmsrv.natsserver import NatsServer, free_port
+
+from .conftest import running, user
+from .test_fleet import serve_process, stop_process, wait_for_line, wait_instances
+
+ENC = msgspec.json.encode
+
+
+# ---- kill and restart nats-server under load ---------------------------------------------------
+
+async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path) -> None:
+    port = free_port()
+    server = NatsServer(port=port).start()
+    prefix, log = f"o{uuid.uuid4().hex[:8]}", tmp_path / "llmsrv.log"
+    proc = serve_process(server.url, prefix, log)  # default reconnect settings, as users run it
+    sent: list[tuple[float, str]] = []  # (sent at, outcome) of every request of the load
+    first_ok: list[float] = []  # when the first reply after the restart arrived
+    recovered = trio.Event()
+
+    async def request(client: Client, text: str, timeout_s: float) -> str:
+        try:
+            msg = await client.request_raw(f"{prefix}.request", ENC({"messages": user(text), "model": "mock:echo"}),
+                                           timeout_s=timeout_s)
+        except trio.TooSlowError:
+            return "timeout"  # in flight when the server died: lost with it
+        except NoResponders:
+            return "no-responders"  # the client is back before llmsrv is
+        return "ok" if msgspec.json.decode(msg.data).get("text") == text else "wrong"
+
+    async def load(client: Client, worker: int) -> None:
+        for i in range(1_000_000):
+            at = time.monotonic()
+            outcome = await request(client, f"w{worker}.{i}", 2)
+            sent.append((at, outcome))
+            if outcome != "ok":
+                await trio.sleep(0.05)  # no hot loop while NATS is down
+
+    async def probe(client: Client, i: int) -> None:
+        if await request(client, f"probe{i}", 5) == "ok" and not first_ok:
+            first_ok.append(time.monotonic())
+            recovered.set()
+
+    def count(since: float) -> int:
+        return sum(1 for t, _ in sent if t > since)
+
+    try:
+        async with Client.connect(server.url, prefix, NatsConfig(name="outage-test")) as client:
+            await wait_instances(client, 1, procs=[proc])
+            async with trio.open_nursery() as nursery:
+                for worker in range(8):
+                    nursery.start_soon(load, client, worker)
+                with trio.fail_after(30):
+                    while count(0) < 200:  # the load is flowing
+                        await trio.sleep(0.02)
+                server.kill()
+                killed = time.monotonic()
+                with trio.fail_after(30):
+                    while client.bus.is_connected:
+                        await trio.sleep(0.01)
+                server = NatsServer(port=port).start()
+                restarted = time.monotonic()
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as probes:  # a fresh request every 20 ms until one succeeds
+                        for i in range(3000):
+                            probes.start_soon(probe, client, i)
+                            with trio.move_on_after(0.02):
+                                await recovered.wait()
+                            if recovered.is_set():
+                                break
+                    while count(first_ok[0]) < 400:  # requests sent after recovery, answered
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+            assert proc.poll() is None
+        stop_process(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    recovery_s = first_ok[0] - restarted
+    after = collections_count([o for t, o in sent if t > first_ok[0]])
+    around = collections_count([o for t, o in sent if killed - 2 <= t <= first_ok[0]])
+    assert set(after) == {"ok"}, after  # every request sent after recovery succeeded
+    assert "reconnected to NATS" in log.read_text()
+    assert recovery_s < 20, recovery_s
+    print(f"\nnats-server SIGKILL + restart on its port, 8 closed-loop clients: recovery {recovery_s * 1000:.0f} ms "
+          f"(restart -> first reply); server down {(restarted - killed) * 1000:.0f} ms; sent from 2 s before the "
+          f"kill to recovery: {around}; after recovery: {after}")
+
+
+def collections_count(items: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+# ---- start before NATS -------------------------------------------------------------------------
+
+async def test_serve_waits_for_nats_that_comes_up_late(tmp_path: Path) -> None:
+    port = free_port()
+    prefix, log = f"o{uuid.uuid4().hex[:8]}", tmp_path / "llmsrv.log"
+    proc = serve_process(f"nats://127.0.0.1:{port}", prefix, log, LLMSRV__NATS__INITIAL_CONNECT_TIMEOUT_S="120",
+                         LLMSRV__NATS__RECONNECT_TIME_WAIT_S="0.2")
+    server = None
+    try:
+        await wait_for_line(log, "not reachable yet")  # it tried, and is waiting
+        assert proc.poll() is None
+        server = NatsServer(port=port).start()
+        await wait_for_line(log, "llmsrv: ready on")
+        async with Client.connect(server.url, prefix) as client:
+            reply = await client.complete({"messages": user("late"), "model": "mock:echo"}, timeout_s=10)
+        assert reply.text == "late"
+        stop_process(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None:
+            server.stop()
+
+
+def test_serve_exits_non_zero_when_nats_never_comes() -> None:
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmsrv", "serve", "--nats-url", f"nats://127.0.0.1:{port}"],
+        env={**os.environ, "LLMSRV__NATS__INITIAL_CONNECT_TIMEOUT_S": "1", "LLMSRV__SERVER__HTTP_PORT": "0"},
+        capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert f"cannot connect to NATS at nats://127.0.0.1:{port} within 1s (nats.initial_connect_timeout_s)" in err
+    assert "Traceback" not in err
+
+
+# ---- slow consumers ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limits", [{"pending_msgs_limit": 5}, {"pending_bytes_limit": 2000}],
+                         ids=["msgs", "bytes"])
+async def test_slow_consumer_drops_are_counted_logged_and_exported(
+        nats_url: str, limits: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="llmsrv.bus")
+    async with running(nats_url, nats=limits) as h:
+        cancel = h.service.subject_cancel
+        burst, started = 3000, time.monotonic()
+        for i in range(burst):  # one flush: nats-py reads them in large chunks, faster than it hands them on
+            h.client.bus.publish_nowait(cancel, ENC({"correlation_id": f"nobody-{i:06d}"}))
+        await h.client.bus.flush()
+        # published after the burst on the same connection, so answered after every burst message was read
+        reply = await h.client.complete({"messages": user("still here"), "model": "mock:echo"}, timeout_s=10)
+        assert reply.text == "still here"
+        dropped = h.service.bus.dropped
+        metrics = h.service.metrics.render().decode()
+        elapsed_s = time.monotonic() - started
+    assert 0 < dropped.get(cancel, 0) < burst, dropped
+    assert set(dropped) == {cancel}, dropped  # counted by the subscription's subject, nothing else lost
+    assert f'llmsrv_nats_dropped_total{{subject="{cancel}"}} {float(dropped[cancel])}' in metrics
+    warnings = [r.getMessage() for r in caplog.records if "slow consumer" in r.getMessage()]
+    assert warnings and cancel in warnings[0] and "message(s)" in warnings[0], warnings
+    assert len(warnings) <= 1 + elapsed_s, warnings  # at most once a second per subject, however many drops
+    print(f"\nslow consumer ({limits}): {dropped[cancel]} of {burst} dropped, {len(warnings)} warning(s)")
