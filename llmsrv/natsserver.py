@@ -5,11 +5,14 @@ Used by ``llmsrv serve`` when no NATS URL is configured, by the tests and by the
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -36,10 +39,11 @@ def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
 
 class NatsServer:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.args = args
+        self.args = args  # e.g. ("-c", "nats.conf"); -a/-p given here win over the file's listen/port
+        self.env = env  # extra environment: a config file's $VARIABLES (passwords) come from it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,15 +51,20 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> NatsServer:
+        # its own messages go to a file, not a pipe: a full pipe nobody reads would stall it
+        errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [find_binary(), "-a", self.host, "-p", str(self.port), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=errors, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
             start_new_session=True)  # a terminal's Ctrl-C must not kill it before llmsrv drains
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with {self.proc.returncode} (port {self.port} taken?)")
+                errors.seek(0)
+                said = errors.read()[-2000:].decode(errors="replace").strip()
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode} "
+                                   f"({said or f'port {self.port} taken?'})")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
