@@ -35,11 +35,14 @@ ENC = msgspec.json.encode
 
 # ---- kill and restart nats-server under load ---------------------------------------------------
 
-async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reconnect_wait_s", [None, 0.1], ids=["default-wait", "wait-0.1s"])
+async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path, reconnect_wait_s: float | None) -> None:
     port = free_port()
     server = NatsServer(port=port).start()
     prefix, log = f"o{uuid.uuid4().hex[:8]}", tmp_path / "llmsrv.log"
-    proc = serve_process(server.url, prefix, log)  # default reconnect settings, as users run it
+    wait = {} if reconnect_wait_s is None else {"reconnect_time_wait_s": reconnect_wait_s}
+    proc = serve_process(server.url, prefix, log,  # by default as users run it: nats.reconnect_time_wait_s = 1
+                         **{f"LLMSRV__NATS__{k.upper()}": str(v) for k, v in wait.items()})
     sent: list[tuple[float, str]] = []  # (sent at, outcome) of every request of the load
     first_ok: list[float] = []  # when the first reply after the restart arrived
     recovered = trio.Event()
@@ -71,7 +74,7 @@ async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path) -> 
         return sum(1 for t, _ in sent if t > since)
 
     try:
-        async with Client.connect(server.url, prefix, NatsConfig(name="outage-test")) as client:
+        async with Client.connect(server.url, prefix, NatsConfig(name="outage-test", **wait)) as client:
             await wait_instances(client, 1, procs=[proc])
             async with trio.open_nursery() as nursery:
                 for worker in range(8):
@@ -109,7 +112,8 @@ async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path) -> 
     assert set(after) == {"ok"}, after  # every request sent after recovery succeeded
     assert "reconnected to NATS" in log.read_text()
     assert recovery_s < 20, recovery_s
-    print(f"\nnats-server SIGKILL + restart on its port, 8 closed-loop clients: recovery {recovery_s * 1000:.0f} ms "
+    print(f"\nnats-server SIGKILL + restart on its port, 8 closed-loop clients, reconnect wait "
+          f"{reconnect_wait_s or 'default'}: recovery {recovery_s * 1000:.0f} ms "
           f"(restart -> first reply); server down {(restarted - killed) * 1000:.0f} ms; sent from 2 s before the "
           f"kill to recovery: {around}; after recovery: {after}")
 
