@@ -5,6 +5,11 @@ status, headers, delay), ``Sse`` (server-sent events at an interval, optionally 
 ``Hang`` (never answers), ``Raw`` (arbitrary bytes, e.g. a truncated body, then close).
 The server records every request and, with ``trio.current_time()``, every client disconnect that
 happened before a response was complete (what a cancelled provider call must cause).
+
+Tests wait on what the fake saw, never on the wall clock: ``await fake.wait_request(n)`` returns
+once the n-th request has arrived, ``wait_disconnect(n)`` once the n-th client disconnect has been
+seen, ``wait_until(predicate)`` once a predicate over any fake state holds (re-checked whenever the
+fake records something). Their ``timeout_s`` is only a fail-safe against hangs.
 """
 
 from __future__ import annotations
@@ -69,6 +74,59 @@ Reply = Json | Sse | Hang | Raw
 Handler = Callable[[Request], Reply | Awaitable[Reply]]
 
 
+# A cancelled call must close its upstream connection at once: bench/README.md measures it (p99 about
+# 3 ms, bench/provider_latency.py). Tests only bound it loosely, from the cancel to the fake seeing the
+# close, so that a loaded 2-core CI machine passes; a connection left open fails their 5 s fail-safe.
+CANCEL_CLOSE_BOUND_S = 1.0
+
+
+@dataclass
+class Cancellation:
+    at: float  # trio.current_time() just before the cancel
+    caught: bool  # the call was still running and ended by this cancellation (did not return first)
+    ended: float  # when the cancelled call had returned
+
+
+async def cancel_when(ready: Callable[[], Awaitable[object]], call: Callable[[], Awaitable[object]],
+                      timeout_s: float = 10) -> Cancellation:
+    """Run ``call``; once ``ready()`` returns (the fake got the request, a first delta arrived), cancel it.
+
+    ``timeout_s`` is only a fail-safe: the whole exchange hanging fails the test with ``TooSlowError``.
+    """
+    scope = trio.CancelScope()
+    at = 0.0
+
+    async def run() -> None:
+        with scope:
+            await call()
+
+    with trio.fail_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await ready()
+            at = trio.current_time()
+            scope.cancel()
+    return Cancellation(at, scope.cancelled_caught, trio.current_time())
+
+
+class Deltas:
+    """An ``on_delta`` callback that keeps the deltas and lets a test wait for the n-th one."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._changed = trio.Event()
+
+    def __call__(self, delta: str) -> None:
+        self.items.append(delta)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, count: int = 1, timeout_s: float = 5) -> None:
+        with trio.fail_after(timeout_s):
+            while len(self.items) < count:
+                await self._changed.wait()
+
+
 def sse_frame(event: str | tuple[str, Any]) -> bytes:
     name, data = event if isinstance(event, tuple) else (None, event)
     if not isinstance(data, str):
@@ -84,6 +142,7 @@ class FakeUpstream:
         self.disconnects: list[float] = []
         self.port = 0
         self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()  # set (and replaced) whenever the fake records something
 
     @property
     def url(self) -> str:
@@ -102,10 +161,24 @@ class FakeUpstream:
         self._nursery.cancel_scope.cancel()
         await self._cm.__aexit__(None, None, None)
 
-    async def wait_disconnect(self, count: int = 1, timeout_s: float = 5) -> float:
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5) -> None:
+        """Return once ``predicate()`` holds; it is re-checked after every request, reply and disconnect."""
         with trio.fail_after(timeout_s):
-            while len(self.disconnects) < count:
-                await trio.sleep(0.001)
+            while not predicate():
+                await self._changed.wait()
+
+    async def wait_request(self, count: int = 1, timeout_s: float = 5) -> Request:
+        """The ``count``-th request, once it has been received (its handler has been called)."""
+        await self.wait_until(lambda: len(self.requests) >= count, timeout_s)
+        return self.requests[count - 1]
+
+    async def wait_disconnect(self, count: int = 1, timeout_s: float = 5) -> float:
+        """When the ``count``-th client disconnect mid-response was seen (``trio.current_time()``)."""
+        await self.wait_until(lambda: len(self.disconnects) >= count, timeout_s)
         return self.disconnects[count - 1]
 
     # ---- one connection ------------------------------------------------------------------------
@@ -118,9 +191,11 @@ class FakeUpstream:
                 if request is None:
                     return
                 self.requests.append(request)
+                self._notify()
                 reply = self.handler(request)
                 if inspect.isawaitable(reply):
                     reply = await reply
+                self._notify()  # after the handler: predicates over the handler's own state see it
                 if await self._respond(stream, conn, reply) or conn.our_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -160,11 +235,16 @@ class FakeUpstream:
                 while True:
                     try:
                         data = await stream.receive_some(65536)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    except trio.ClosedResourceError:  # we closed it ourselves (Raw, a cut Sse): no client act
+                        gone = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    except trio.BrokenResourceError:
                         data = b""
                     if not data:
                         gone = True
                         self.disconnects.append(trio.current_time())
+                        self._notify()
                         nursery.cancel_scope.cancel()
                         return
                     conn.receive_data(data)

@@ -16,7 +16,7 @@ from llmsrv.providers.copilot import TOKEN_PATH, CopilotProvider
 from llmsrv.providers.openai import parse_chat
 
 from .conftest import running, user
-from .fakes import FakeUpstream, Hang, Json, Request, Sse
+from .fakes import CANCEL_CLOSE_BOUND_S, FakeUpstream, Hang, Json, Request, Sse, cancel_when
 from .test_provider_openai import call_of, chat_reply, text_stream
 
 GH_TOKEN = "gho_canaryGitHubToken42"
@@ -113,8 +113,8 @@ async def test_one_exchange_for_many_concurrent_requests() -> None:
 
 
 async def test_refresh_after_expiry() -> None:
-    # expires_at 60.4 s ahead: fresh for the 0.4 s before the 60 s safety margin.
-    async with FakeCopilot(lifetime_s=60.4) as fake:
+    # expires_at 61 s ahead: fresh for the 1 s before the 60 s safety margin (room for two calls on a busy machine).
+    async with FakeCopilot(lifetime_s=61.0) as fake:
         provider = fake.provider()
         await provider.complete(call_of("gpt-4o"))
         await provider.complete(call_of("gpt-4o"))
@@ -170,13 +170,14 @@ async def test_cancelled_exchange_closes_its_connection_and_frees_the_lock() -> 
     async with FakeCopilot() as fake:
         provider = fake.provider()
         fake.hang_next_exchange = True
-        with trio.move_on_after(0.2):
-            await provider.complete(call_of("gpt-4o"))
-        cancelled_at = trio.current_time()
-        seen = await fake.up.wait_disconnect()  # type: ignore[union-attr]
-        with trio.fail_after(2):
+        assert fake.up is not None
+        # cancel once the token exchange is held by the fake (it never answers)
+        cancel = await cancel_when(fake.up.wait_request, lambda: provider.complete(call_of("gpt-4o")))
+        seen = await fake.up.wait_disconnect()
+        with trio.fail_after(5):  # fail-safe: a lock still held by the cancelled exchange would hang here
             completion = await provider.complete(call_of("gpt-4o"))
-    assert seen - cancelled_at < 0.05
+    assert cancel.caught and cancel.at <= seen and seen - cancel.at < CANCEL_CLOSE_BOUND_S
+    assert [r.path for r in fake.up.requests[:1]] == [TOKEN_PATH] and len(fake.up.disconnects) == 1
     assert completion.text == "answer #1" and len(fake.exchanges()) == 2
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import trio
 
 from llmsrv import errors
 from llmsrv.client import ReplyError
@@ -20,7 +19,7 @@ from llmsrv.providers import Call
 from llmsrv.providers.gemini import GeminiProvider
 
 from .conftest import running, user
-from .fakes import FakeUpstream, Hang, Json, Raw, Request, Sse
+from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
 
 CANARY = "canary-key-9d41c7e2b0"
 MODEL = "gemini-2.5-flash"
@@ -305,13 +304,16 @@ async def test_cancel_closes_the_upstream_connection(mode: str) -> None:
 
     async with FakeUpstream(handler) as up:
         provider = _provider(up.url)
-        deltas: list[str] = []
-        with trio.move_on_after(0.3):
-            await provider.complete(_call(), on_delta=None if mode == "generate-hang" else deltas.append)
-        cancelled_at = trio.current_time()
-        seen = await up.wait_disconnect()
-    assert seen - cancelled_at < 0.05
-    assert deltas == (["first "] if mode == "stream-mid" else [])
+        deltas = Deltas()
+        # cancel once the upstream is mid-answer: it holds the request (and, mid-stream, sent the first event)
+        ready = deltas.wait if mode == "stream-mid" else up.wait_request
+        cancel = await cancel_when(ready, lambda: provider.complete(
+            _call(), on_delta=None if mode == "generate-hang" else deltas))
+        seen = await up.wait_disconnect()  # only a disconnect before the answer was complete counts
+    assert cancel.caught  # complete() was still running: the cancellation ended it
+    assert cancel.at <= seen and seen - cancel.at < CANCEL_CLOSE_BOUND_S
+    assert len(up.disconnects) == len(up.requests) == 1
+    assert deltas.items == (["first "] if mode == "stream-mid" else [])
 
 
 # ---- probe and credentials ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from llmsrv.providers import Call
 from llmsrv.providers.jules import JulesProvider, build_prompt, source_context
 
 from .conftest import running, user
-from .fakes import FakeUpstream, Hang, Json, Reply, Request
+from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Reply, Request, cancel_when
 
 CANARY = "AIza-canary-5e1f7b9d"
 SID = "1234567890"
@@ -153,7 +153,7 @@ async def test_create_poll_complete_and_deltas() -> None:
     assert all("pageSize=100" in q for q in tokens)
     assert any("pageToken=2" in q for q in tokens)  # nextPageToken was followed
     assert all(r.headers["x-goog-api-key"] == CANARY for r in up.requests)
-    assert took < 1
+    assert took < 1.5  # the fast intervals were used: the default ones (0.5 s doubling) take over 2 s
 
 
 async def test_source_context_sent_only_for_a_source_model() -> None:
@@ -165,15 +165,22 @@ async def test_source_context_sent_only_for_a_source_model() -> None:
                                                       "githubRepoContext": {"startingBranch": "main"}}
 
 
+class BackoffJules(FastJules):
+    # Wider than FastJules so that a busy machine's scheduling delay (tens of ms) cannot blur the steps.
+    POLL_INITIAL_S = 0.05
+    POLL_MAX_S = 0.2
+
+
 async def test_backoff_doubles_to_the_cap_and_resets_on_progress() -> None:
     fake = FakeJules([("IN_PROGRESS", [])] * 5 + [("IN_PROGRESS", [agent(1, "x")]), ("IN_PROGRESS", []),
                                                    ("COMPLETED", [COMPLETED])])
     async with FakeUpstream(fake) as up:
-        await provider(up.url).complete(call())
+        await BackoffJules(ProviderConfig(base_url=up.url), {"JULES_API_KEY": CANARY}).complete(call())
     gaps = [b - a for a, b in zip(fake.poll_times, fake.poll_times[1:], strict=False)]
-    # 0.02, 0.04, 0.04 (cap), 0.04, 0.04, then progress at poll 6 -> 0.01 again
-    assert gaps[0] >= 0.02 and gaps[2] >= 0.04 and gaps[2] < 0.08
-    assert gaps[5] < gaps[4]
+    # 0.1, 0.2, 0.2 (cap), 0.2, 0.2, then progress at poll 6 -> 0.05 again; trio never wakes early
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.2
+    assert gaps[2] < 0.4  # capped: without the cap it would be 0.4 plus the request time
+    assert gaps[5] < gaps[4]  # 0.05 after progress against 0.2
 
 
 async def test_completed_without_messages_returns_the_outputs() -> None:
@@ -271,42 +278,45 @@ async def test_cancel_mid_poll_deletes_the_session_and_stops_polling() -> None:
     deltas: list[str] = []
     async with FakeUpstream(fake) as up:
         jules = provider(up.url)
-        with trio.move_on_after(0.15) as scope:
-            await jules.complete(call(), deltas.append)
-        cancelled_at = trio.current_time()
-        assert scope.cancelled_caught  # the cancellation propagated out of complete()
-        assert len(fake.deletes) == 1 and fake.deletes[0] - cancelled_at < 0.05
+        deltas = Deltas()
+        # cancel once the session runs and has reported: the first delta arrived
+        cancel = await cancel_when(deltas.wait, lambda: jules.complete(call(), deltas))
+        assert cancel.caught  # the cancellation propagated out of complete()
+        # the delete was sent during the cancellation, before complete() returned
+        assert len(fake.deletes) == 1 and cancel.at <= fake.deletes[0] <= cancel.ended
         polls = fake.polls
-        await trio.sleep(5 * FastJules.POLL_MAX_S)
+        await trio.sleep(5 * FastJules.POLL_MAX_S)  # room for polls that must not come
     assert fake.polls == polls  # nothing polls after the cancellation
     assert max(fake.poll_times) < fake.deletes[0]
-    assert deltas == ["working"]
+    assert deltas.items == ["working"]
 
 
 async def test_cancel_during_an_inflight_poll_closes_it_and_deletes() -> None:
     fake = FakeJules([("IN_PROGRESS", [])], hang_poll=3)
     async with FakeUpstream(fake) as up:
         jules = provider(up.url)
-        with trio.move_on_after(0.3):
-            await jules.complete(call())
+        # cancel once the third poll is held by the fake (it never answers)
+        cancel = await cancel_when(lambda: up.wait_until(lambda: fake.polls >= 3), lambda: jules.complete(call()))
+        assert cancel.caught
         assert jules._gate.statistics().borrowed_tokens == 0  # nothing leaked in the limiter
-        cancelled_at = trio.current_time()
         gone = await up.wait_disconnect()
-        assert gone - cancelled_at < 0.05  # the hanging GET was abandoned at once
-        assert len(fake.deletes) == 1
-        await trio.sleep(5 * FastJules.POLL_MAX_S)
+        assert cancel.at <= gone < cancel.ended  # the hanging GET was abandoned during the cancellation...
+        assert gone - cancel.at < CANCEL_CLOSE_BOUND_S  # ...at once
+        assert len(fake.deletes) == 1 and gone <= fake.deletes[0]
+        await trio.sleep(5 * FastJules.POLL_MAX_S)  # room for polls that must not come
     assert fake.polls == 3
 
 
 async def test_cleanup_is_bounded_when_delete_hangs() -> None:
     fake = FakeJules([("IN_PROGRESS", [])], hang_delete=True)
     async with FakeUpstream(fake) as up:
-        deadline = trio.current_time() + 0.1
-        with trio.move_on_at(deadline):
-            await provider(up.url).complete(call())
-        overrun = trio.current_time() - deadline
-        assert len(fake.deletes) == 1
-    assert overrun < FastJules.STOP_TIMEOUT_S + 0.2
+        # cancel once the session exists and is being polled: there is something to delete
+        cancel = await cancel_when(lambda: up.wait_until(lambda: fake.polls >= 1),
+                                   lambda: provider(up.url).complete(call()))
+        assert cancel.caught and len(fake.deletes) == 1
+    overrun = cancel.ended - cancel.at
+    # the hanging delete was waited for, but only STOP_TIMEOUT_S (plus slack for a busy machine)
+    assert FastJules.STOP_TIMEOUT_S <= overrun < FastJules.STOP_TIMEOUT_S + 1.0
 
 
 # ---- probe and status ------------------------------------------------------------------------

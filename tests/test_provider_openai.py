@@ -24,7 +24,7 @@ from llmsrv.providers.openai import (
 )
 
 from .conftest import running, user
-from .fakes import FakeUpstream, Hang, Json, Raw, Request, Sse
+from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
 
 CANARY = "sk-canary-5d1e0b7a93"
 WEATHER = Tool(type="function", function=FunctionDef(
@@ -226,14 +226,16 @@ async def test_malformed_stream_chunk() -> None:
 async def test_cancel_closes_the_upstream_connection(streamed: bool) -> None:
     reply = Sse(text_stream(["x"] * 100), interval_s=0.05) if streamed else Hang()
     async with FakeUpstream(reply_once(reply)) as up:
-        deltas: list[str] = []
-        with trio.move_on_after(0.3) as scope:
-            await codex(up.url).complete(call_of(), deltas.append if streamed else None)
-        cancelled_at = trio.current_time()
-        seen = await up.wait_disconnect()
-    assert scope.cancelled_caught
-    assert seen - cancelled_at < 0.05
-    assert not streamed or 0 < len(deltas) < 100
+        deltas = Deltas()
+        # cancel once the upstream holds the request (streamed: once the first delta arrived)
+        cancel = await cancel_when(deltas.wait if streamed else up.wait_request,
+                                   lambda: codex(up.url).complete(call_of(), deltas if streamed else None))
+        seen = await up.wait_disconnect()  # only a disconnect before the answer was complete counts
+    assert cancel.caught
+    assert cancel.at <= seen and seen - cancel.at < CANCEL_CLOSE_BOUND_S
+    assert len(up.disconnects) == len(up.requests) == 1
+    assert not streamed or 0 < len(deltas.items) < 100
+    assert streamed or not deltas.items
 
 
 async def test_probe_lists_models_and_never_spends_tokens() -> None:
