@@ -17,8 +17,9 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
 * slow consumers: every subscription gets ``nats.pending_msgs_limit`` / ``pending_bytes_limit``.
   Past them nats-py drops the message and reports ``SlowConsumerError``; drops are counted per
   subscription subject (``Bus.dropped``, exported as ``llmsrv_nats_dropped_total``) and logged
-  at most once a second per subject. A dropped request gets no reply from us: the client's own
-  timeout is all it sees, so the limits should be far above ``server.max_inflight``.
+  at most once a second per subject. The body of a dropped message is gone, but its reply subject
+  is known: a subscription's ``on_drop(reply)`` can still answer it (e.g. ``OVERLOADED``), or the
+  client's own timeout is all it sees. Keep the limits far above ``server.max_inflight``.
 * the first connect waits up to ``nats.initial_connect_timeout_s`` for a server that is not up
   yet (logged once), then fails with a ``BusError`` naming the key.
 
@@ -111,6 +112,7 @@ class Bus:
         self._dropped: dict[str, int] = {}  # by subscription subject, since start
         self._drops_unlogged: dict[str, int] = {}
         self._drop_logged_at: dict[str, float] = {}
+        self._on_drop: dict[int, Callable[[str], None]] = {}  # by subscription id
         self._queue: asyncio.Queue[tuple[str, bytes, str, dict[str, str] | None] | asyncio.Future[None]]
         self._queue = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
@@ -190,17 +192,28 @@ class Bus:
 
     # ---- inbound ---------------------------------------------------------------------------
 
-    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "",
+                        on_drop: Callable[[str], None] | None = None) -> Subscription:
+        """Deliver ``subject`` to ``handler``; ``on_drop(reply)`` hears of each dropped message that had a
+        reply subject (it runs in the nats-py read loop: it must not block)."""
         async def _cb(msg: Any) -> None:
             handler(msg)
 
         sub: Subscription = await aio_as_trio(self._nc.subscribe)(
             subject, queue=queue, cb=_cb, pending_msgs_limit=self._cfg.pending_msgs_limit,
             pending_bytes_limit=self._cfg.pending_bytes_limit)
+        if on_drop is not None:
+            self._on_drop[sub._id] = on_drop
         return sub
 
-    def _slow_consumer(self, subject: str) -> None:
+    def _slow_consumer(self, subject: str, sid: int, reply: str) -> None:
         """nats-py dropped one message of the subscription on ``subject`` (its pending limit)."""
+        on_drop = self._on_drop.get(sid)
+        if on_drop is not None and reply:
+            try:
+                on_drop(reply)
+            except Exception:
+                log.exception("on_drop for %s failed", subject)
         self._dropped[subject] = self._dropped.get(subject, 0) + 1
         self._drops_unlogged[subject] = self._drops_unlogged.get(subject, 0) + 1
         now = time.monotonic()
@@ -216,6 +229,7 @@ class Bus:
         return dict(self._dropped)
 
     async def unsubscribe(self, sub: Subscription) -> None:
+        self._on_drop.pop(sub._id, None)
         try:
             await aio_as_trio(sub.unsubscribe)()
         except Exception as exc:  # already closed or connection gone: nothing left to stop
@@ -288,7 +302,7 @@ def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
     async def error_cb(exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):  # once per dropped message: keep it cheap
             if holder:
-                holder[0]._slow_consumer(exc.sub.subject if exc.sub is not None else exc.subject)
+                holder[0]._slow_consumer(exc.sub.subject if exc.sub is not None else exc.subject, exc.sid, exc.reply)
             return
         if not holder:  # still connecting for the first time: the caller reports it
             text = f"{type(exc).__name__}: {exc}".strip()

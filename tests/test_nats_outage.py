@@ -187,3 +187,36 @@ async def test_slow_consumer_drops_are_counted_logged_and_exported(
     assert warnings and cancel in warnings[0] and "message(s)" in warnings[0], warnings
     assert len(warnings) <= 1 + elapsed_s, warnings  # at most once a second per subject, however many drops
     print(f"\nslow consumer ({limits}): {dropped[cancel]} of {burst} dropped, {len(warnings)} warning(s)")
+
+
+async def test_on_drop_lets_every_dropped_request_be_answered(nats_url: str) -> None:
+    """A subscription's ``on_drop`` hears the reply subject of each dropped message: with it, every
+    message of a burst far over the pending limit still gets exactly one reply."""
+    from llmsrv.bus import Bus
+
+    subject, burst = f"drop.{uuid.uuid4().hex[:8]}", 2000
+    async with Bus.connect(NatsConfig(pending_msgs_limit=3), nats_url) as server, \
+            Bus.connect(NatsConfig(name="burst-client"), nats_url) as client:
+        await server.subscribe(subject, lambda msg: server.publish_nowait(msg.reply, b"handled"),
+                               on_drop=lambda reply: server.publish_nowait(reply, b"dropped"))
+        await server.flush()
+        replies: dict[str, list[bytes]] = {}
+        inbox = client.new_inbox()
+        await client.subscribe(inbox + ".*", lambda msg: replies.setdefault(msg.subject, []).append(msg.data))
+        await client.flush()
+        for i in range(burst):
+            client.publish_nowait(subject, b"x" * 100, reply=f"{inbox}.{i}")
+        await client.flush()
+        with trio.fail_after(30):
+            while len(replies) < burst:
+                await trio.sleep(0.02)
+            # published after every reply on the same connection: any second reply arrives before it
+            server.publish_nowait(f"{inbox}.end", b"end")
+            while f"{inbox}.end" not in replies:
+                await trio.sleep(0.02)
+        del replies[f"{inbox}.end"]
+        dropped = server.dropped.get(subject, 0)
+    assert all(len(r) == 1 for r in replies.values()), "a message got two replies"
+    outcomes = collections_count([r[0].decode() for r in replies.values()])
+    assert 0 < dropped == outcomes.get("dropped", 0), (dropped, outcomes)
+    assert outcomes.get("handled", 0) == burst - dropped
