@@ -15,6 +15,10 @@ fake records something). Their ``timeout_s`` is only a fail-safe against hangs.
 from __future__ import annotations
 
 import inspect
+import os
+import selectors
+import subprocess
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,3 +291,23 @@ class FakeUpstream:
             await emit(h11.Data(data=sse_frame(event)))
         await emit(h11.EndOfMessage())
         return False
+
+
+# ---- subprocesses ---------------------------------------------------------------------------------
+
+def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout_s: float = 30.0) -> bytes:
+    """Read ``proc``'s stdout until a line holds ``needle``: bounded by ``timeout_s`` and by EOF."""
+    assert proc.stdout is not None
+    fd, seen = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while needle not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise TimeoutError(f"no {needle!r} on stdout within {timeout_s}s: {seen[-500:]!r}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"stdout closed before {needle!r} (exit {proc.poll()}): {seen[-500:]!r}")
+            seen += chunk
+    return seen

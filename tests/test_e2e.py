@@ -10,6 +10,7 @@ from llmsrv.client import ReplyError
 from llmsrv.messages import StreamChunk
 
 from .conftest import running, user
+from .fakes import CANCEL_CLOSE_BOUND_S
 
 ENC = msgspec.json.encode
 
@@ -167,7 +168,9 @@ async def test_timeout_header_and_server_cap(nats_url: str) -> None:
         by_cap = trio.current_time() - start
         bad = await h.error_of(ENC({"messages": user()}), {"Llm-Timeout-Ms": "soon"})
     assert err["error_code"] == capped["error_code"] == "TIMEOUT"
-    assert by_header < 0.2 + 0.3 and by_cap < 0.2 + 0.5 and by_cap >= 0.19
+    # which deadline applied is in the answer itself; the clock only shows neither waited for the 3 s mock
+    assert "the 50 ms deadline" in err["error"] and "the 200 ms deadline" in capped["error"]
+    assert by_header < 0.2 + 1.0 and 0.19 <= by_cap < 0.2 + 1.0
     assert bad["error_code"] == "VALIDATION_ERROR" and "Llm-Timeout-Ms" in bad["error"]
 
 
@@ -184,8 +187,9 @@ async def test_llm_cancel_stops_the_provider_call(nats_url: str) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call)
-            while mock.statistics().calls == 0:  # type: ignore[attr-defined]
-                await trio.sleep(0.005)
+            with trio.fail_after(5):  # fail-safe: until the provider call has started
+                while mock.statistics().calls == 0:  # type: ignore[attr-defined]
+                    await trio.sleep(0.005)
             sent_at = trio.current_time()
             h.client.bus.publish_nowait(f"{h.prefix}.cancel", b'{"correlation_id": "c-9"}')
         stats = mock.statistics()  # type: ignore[attr-defined]
@@ -194,18 +198,25 @@ async def test_llm_cancel_stops_the_provider_call(nats_url: str) -> None:
     assert stats.cancelled == 1
     latency = stats.last_cancelled_at - sent_at
     print(f"cancel latency {latency * 1000:.2f} ms")
-    assert 0 <= latency < 0.1  # typically ~1 ms; generous bound for a loaded 2-core machine
+    # typically ~1 ms (the real figure: bench/README.md, provider_latency.py); loose for a loaded CI machine
+    assert 0 <= latency < CANCEL_CLOSE_BOUND_S
 
 
 async def test_cancelling_the_client_scope_cancels_on_the_server(nats_url: str) -> None:
     async with running(nats_url, providers={"mock": {"latency_ms": 10000}}) as h:
         mock = h.service.providers["mock"]
-        with trio.move_on_after(0.2):
-            await h.client.complete({"messages": user(), "model": "mock:echo"})
-        with trio.fail_after(2):
+        with trio.CancelScope() as scope:  # cancel the client's wait once the server's provider call runs
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(h.client.complete, {"messages": user(), "model": "mock:echo"})
+                with trio.fail_after(5):
+                    while mock.statistics().calls == 0:  # type: ignore[attr-defined]
+                        await trio.sleep(0.005)
+                scope.cancel()
+        assert scope.cancelled_caught
+        with trio.fail_after(5):  # fail-safe bounds: the mock would run 10 s
             while mock.statistics().cancelled == 0:  # type: ignore[attr-defined]
                 await trio.sleep(0.005)
-        with trio.fail_after(2):  # and the server finished the request (answered CANCELLED)
+        with trio.fail_after(5):  # and the server finished the request (answered CANCELLED)
             while h.service.statistics().inflight:
                 await trio.sleep(0.005)
         assert h.service.statistics().last_error == "CANCELLED"
@@ -220,7 +231,8 @@ async def test_cancel_of_unknown_or_malformed_id_is_harmless(nats_url: str) -> N
 
 
 async def test_overload_answers_at_once_and_drops_nothing(nats_url: str) -> None:
-    async with running(nats_url, server={"max_inflight": 5}, providers={"mock": {"latency_ms": 600}}) as h:
+    # 1.5 s of latency: all 20 reach the server while the first 5 are still in flight, even on a busy machine
+    async with running(nats_url, server={"max_inflight": 5}, providers={"mock": {"latency_ms": 1500}}) as h:
         outcomes: list[str] = []
         times: list[float] = []
 
@@ -238,7 +250,8 @@ async def test_overload_answers_at_once_and_drops_nothing(nats_url: str) -> None
                 nursery.start_soon(one, i)
     assert len(outcomes) == 20
     assert outcomes.count("ok") == 5 and outcomes.count("OVERLOADED") == 15
-    assert max(times) < 0.5  # answered at once, not after the 600 ms of the admitted ones
+    assert outcomes[:15] == ["OVERLOADED"] * 15  # every refusal came before any admitted request finished
+    assert max(times) < 1.0  # answered at once, not after the 1.5 s of the admitted ones
 
 
 async def test_streaming_chunks_are_ordered_gapless_and_coalesced(nats_url: str) -> None:
@@ -312,13 +325,14 @@ async def test_health_and_micro_discovery(nats_url: str) -> None:
 
 
 async def test_idle_workers_retire_after_a_burst(nats_url: str) -> None:
-    async with running(nats_url, server={"worker_idle_s": 0.2, "min_idle_workers": 2},
+    # idle for 1 s before retiring: the burst's 30 answers may spread over a few hundred ms on a busy machine
+    async with running(nats_url, server={"worker_idle_s": 1.0, "min_idle_workers": 2},
                        providers={"mock": {"latency_ms": 300}}) as h:
         async with trio.open_nursery() as nursery:
             for i in range(30):
                 nursery.start_soon(h.client.complete, {"messages": user(f"b{i}"), "model": "mock:echo"})
         assert h.service.statistics().workers >= 30  # one task per concurrent request
-        with trio.fail_after(5):
+        with trio.fail_after(10):  # fail-safe; they retire about 1 s after the burst
             while h.service.statistics().workers > 2:
                 await trio.sleep(0.05)
         stats = h.service.statistics()

@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import httpx
 import msgspec
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmsrv.client import ReplyError
+from llmsrv.bus import Incoming
+from llmsrv.client import Client, ReplyError
 from llmsrv.natsserver import free_port
 
 from .conftest import running, user
+from .fakes import wait_for_line
 
 ENC = msgspec.json.encode
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll in-process state (the service has no events for it); ``timeout_s`` is a fail-safe."""
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+async def _gather(client: Client, subject: str, body: dict[str, Any], count: int,
+                  timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Like ``Client.gather``, but returns as soon as ``count`` instances answered, not after a fixed wait."""
+    replies: list[dict[str, Any]] = []
+    enough = trio.Event()
+
+    def on_reply(msg: Incoming) -> None:
+        replies.append(msgspec.json.decode(msg.data))
+        if len(replies) >= count:
+            enough.set()
+
+    inbox = client.bus.new_inbox()
+    sub = await client.bus.subscribe(inbox, on_reply)
+    try:
+        await client.bus.flush()
+        client.bus.publish_nowait(f"{client.prefix}.{subject}", ENC(body), reply=inbox)
+        with trio.fail_after(timeout_s):
+            await enough.wait()
+    finally:
+        await client.bus.unsubscribe(sub)
+    return replies
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -32,18 +67,21 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
             await h.client.complete({"messages": user("a b c d"), "model": "mock:echo"})
             await h.client.stream({"messages": user("x y"), "model": "mock:echo"}, lambda c: None)
             await h.error_of(ENC({"messages": []}))
-            with trio.move_on_after(0.005):  # client cancel of a slow lorem stream
-                await h.client.complete({"messages": user(), "model": "mock:lorem", "max_tokens": 500})
+            mock = h.service.providers["mock"]
+            calls = mock.statistics().calls  # type: ignore[attr-defined]
+            with trio.CancelScope() as scope:  # client cancel of a slow lorem stream, once the provider has it
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(h.client.complete,
+                                       {"messages": user(), "model": "mock:lorem", "max_tokens": 500})
+                    await _until(lambda: mock.statistics().calls > calls)  # type: ignore[attr-defined]
+                    scope.cancel()
             err = await h.error_of(ENC({"messages": user(), "model": "mock:lorem", "timeout_ms": 20}))
             assert err["error_code"] in ("TIMEOUT", "RATE_LIMITED")
-            with trio.fail_after(2):
-                while h.service.statistics().inflight:
-                    await trio.sleep(0.01)
-            for _ in range(2):  # the 4/minute budget is spent by now: rate limited
-                try:
-                    await h.client.complete({"messages": user(), "model": "mock:echo", "timeout_ms": 200})
-                except ReplyError:
-                    pass
+            await _until(lambda: not h.service.statistics().inflight)
+            for _ in range(2):  # the 4/minute budget is spent by now: rate limited (answered at once)
+                with pytest.raises(ReplyError) as info:
+                    await h.client.complete({"messages": user(), "model": "mock:echo", "timeout_ms": 5000})
+                assert info.value.error_code == "RATE_LIMITED"
             metrics = await http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     s = _samples(metrics.text)
@@ -88,11 +126,13 @@ async def test_healthz_and_readyz(nats_url: str) -> None:
             assert health.json()["providers"]["mock"]["state"] == "available"
             assert (await http.get("/readyz")).status_code == 200
             assert (await http.get("/nope")).status_code == 404
+            mock = h.service.providers["mock"]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(h.client.complete, {"messages": user(), "model": "mock:echo"})
-                await trio.sleep(0.2)
-                h.service.shutdown()
-                await trio.sleep(0.1)
+                await _until(lambda: mock.statistics().calls == 1)  # type: ignore[attr-defined]
+                h.service.shutdown()  # one request in flight (1 s of latency): the drain waits for it
+                await _until(lambda: h.service.draining)
+                assert h.service.statistics().inflight == 1
                 draining = await http.get("/readyz")
                 assert draining.status_code == 503 and draining.json() == {"ready": False}
                 assert (await http.get("/healthz")).json()["status"] == "draining"
@@ -103,14 +143,14 @@ async def test_admin_status_and_breaker_set_reach_every_instance(nats_url: str) 
 
     fleet = {"subject_prefix": f"f{uuid.uuid4().hex[:8]}"}  # two instances on the same subjects
     async with running(nats_url, nats=fleet) as a, running(nats_url, nats=fleet) as b:
-        statuses = await a.client.gather("admin.status", {})
+        statuses = await _gather(a.client, "admin.status", {}, 2)
         assert sorted(s["instance_id"] for s in statuses) == sorted([a.service.instance_id, b.service.instance_id])
         assert all(s["breakers"]["mock"]["breaker"]["state"] == "closed" for s in statuses)
-        done = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5})
+        done = await _gather(a.client, "admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5}, 2)
         assert len(done) == 2 and all((r["threshold"], r["ttl_s"]) == (2, 7.5) for r in done)
         assert (b.service.guards["mock"].breaker.threshold, b.service.guards["mock"].breaker.ttl_s) == (2, 7.5)
-        bad = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 0})
-        unknown = await a.client.gather("admin.breaker.set", {"provider": "acme"})
+        bad = await _gather(a.client, "admin.breaker.set", {"provider": "mock", "threshold": 0}, 2)
+        unknown = await _gather(a.client, "admin.breaker.set", {"provider": "acme"}, 2)
     assert {r["error_code"] for r in bad} == {"VALIDATION_ERROR"} and "$.threshold" in bad[0]["error"]
     assert {r["error_code"] for r in unknown} == {"PROVIDER_NOT_FOUND"}
 
@@ -127,15 +167,18 @@ def test_cli_status_and_breaker_set(nats_server: object) -> None:
     server = subprocess.Popen([sys.executable, "-m", "llmsrv", "serve", "--nats-url", url], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        assert server.stdout is not None
-        while b"ready" not in server.stdout.readline():
-            pass
+        wait_for_line(server, b"ready")  # bounded: a server that never gets ready fails, and is killed below
         status = subprocess.run([sys.executable, "-m", "llmsrv", "status", "--nats-url", url],
                                 env=env, capture_output=True, timeout=30)
         tuned = subprocess.run([sys.executable, "-m", "llmsrv", "breaker", "set", "mock", "--threshold", "3",
                                 "--ttl", "9", "--nats-url", url], env=env, capture_output=True, timeout=30)
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(20)
+        try:
+            server.wait(20)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(5)
     assert status.returncode == 0 and msgspec.json.decode(status.stdout)[0]["status"] == "ok"
     assert tuned.returncode == 0 and msgspec.json.decode(tuned.stdout)[0]["threshold"] == 3

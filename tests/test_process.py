@@ -18,6 +18,7 @@ from llmsrv.client import Client, NoResponders, ReplyError
 from llmsrv.natsserver import NatsServer, free_port
 
 from .conftest import running, user
+from .fakes import wait_for_line
 
 
 def _serve(nats_url: str, prefix: str, **env: str) -> subprocess.Popen[bytes]:
@@ -57,7 +58,9 @@ async def _drain_run(nats_url: str, n: int, **env: str) -> tuple[list[str], int,
             async with trio.open_nursery() as nursery:
                 for i in range(n):
                     nursery.start_soon(one, i)
-                await trio.sleep(0.3)  # all n are in flight at the server now
+                with trio.fail_after(10):  # fail-safe; wait until all n are in flight at the server
+                    while (await client.request_json("health"))["inflight"] < n:
+                        await trio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
                 with trio.fail_after(5):
                     while (await client.request_json("health"))["status"] != "draining":
@@ -142,12 +145,11 @@ def test_cli_ask_against_a_served_instance(nats_server: NatsServer) -> None:
     proc = _serve(nats_server.url, prefix)
     env = {**os.environ, "LLMSRV__NATS__SUBJECT_PREFIX": prefix}
     try:
-        for _ in range(100):  # until the server answers
-            ask = subprocess.run([sys.executable, "-m", "llmsrv", "ask", "--nats-url", nats_server.url,
-                                  "--model", "mock:echo", "--timeout", "2", "hi there"],
-                                 capture_output=True, timeout=30, env=env)
-            if ask.returncode == 0:
-                break
+        wait_for_line(proc, b"ready")  # bounded (30 s fail-safe): subscribed and serving from here on
+        ask = subprocess.run([sys.executable, "-m", "llmsrv", "ask", "--nats-url", nats_server.url,
+                              "--model", "mock:echo", "--timeout", "10", "hi there"],
+                             capture_output=True, timeout=30, env=env)
+        assert ask.returncode == 0, ask.stderr
         assert ask.stdout.decode().strip() == "hi there", ask.stderr
         stream = subprocess.run([sys.executable, "-m", "llmsrv", "ask", "--nats-url", nats_server.url,
                                  "--model", "mock:echo", "--stream", "a b c"],
@@ -155,7 +157,12 @@ def test_cli_ask_against_a_served_instance(nats_server: NatsServer) -> None:
         assert stream.returncode == 0 and stream.stdout.decode().strip() == "a b c"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
 
 
 async def test_connection_options_user_password_and_token() -> None:

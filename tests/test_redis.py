@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import msgspec
@@ -81,16 +80,15 @@ async def test_redis_calls_do_not_block_the_trio_loop(nats_url: str, redis_url: 
                 last = now
 
         client = redis.Redis.from_url(redis_url)
-        stall = threading.Thread(target=lambda: client.execute_command("DEBUG", "SLEEP", "0.5"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
             await trio.sleep(0.05)
-            stall.start()  # the Redis server stops answering for 0.5 s
-            await trio.sleep(0.05)
+            # Redis answers nobody for 1 s from here: in effect once CLIENT PAUSE has returned (no race)
+            await trio.to_thread.run_sync(client.execute_command, "CLIENT", "PAUSE", "1000")
             start = trio.current_time()
             reply = await h.client.complete({"messages": user("waited"), "model": "mock:echo"})
             waited = trio.current_time() - start
             nursery.cancel_scope.cancel()
-        stall.join()
-    assert reply.text == "waited" and waited > 0.2  # the rate-limit charge waited for Redis...
-    assert max(gaps) < 0.2  # ...in a worker thread: the trio loop kept ticking meanwhile
+        client.close()
+    assert reply.text == "waited" and waited > 0.5  # the rate-limit charge waited for Redis...
+    assert max(gaps) < 0.5  # ...in a worker thread: the trio loop kept ticking (blocked: a ~1 s gap)
