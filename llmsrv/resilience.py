@@ -74,6 +74,8 @@ class BreakerSnapshot(msgspec.Struct, frozen=True):
     failures: int
     retry_after_s: float  # 0 unless open
     probes_in_flight: int
+    threshold: int = 0
+    ttl_s: float = 0.0
 
 
 class Breaker:
@@ -110,7 +112,7 @@ class Breaker:
     def snapshot(self) -> BreakerSnapshot:
         state = self.state
         retry = max(0.0, self._opened_at + self._ctx.ttl - self._clock()) if state == OPEN else 0.0
-        return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes)
+        return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes, self.threshold, self.ttl_s)
 
     def is_clean(self) -> bool:
         """Closed, with no failure counted and no probe out: nothing worth remembering."""
@@ -215,10 +217,11 @@ class RateLimiter:
     """
 
     def __init__(self, name: str, rpm: str | None, tpm: str | None, storage_uri: str = "memory://",
-                 wall: Callable[[], float] | None = None) -> None:
+                 wall: Callable[[], float] | None = None, key: str | None = None) -> None:
         import time
 
         self.name = name
+        self.key = key or name  # the storage key: fleets sharing one Redis keep apart by it
         self._wall = wall or time.time
         self.remote = not storage_uri.startswith("memory://")  # calls block: run them in a thread
         self._storage: Any = storage_from_string(storage_uri) if self.remote else _QuietMemoryStorage()
@@ -246,7 +249,7 @@ class RateLimiter:
     def snapshot(self, tokens: int = 1) -> RateLimitSnapshot:
         """A full check of both limits (for status displays and tests; not on the hot path)."""
         for kind, item, cost in (("rpm", self._rpm, 1), ("tpm", self._tpm, tokens)):
-            if item is not None and not self._strategy.test(item, self.name, cost=min(cost, item.amount)):
+            if item is not None and not self._strategy.test(item, self.key, cost=min(cost, item.amount)):
                 return RateLimitSnapshot(kind, self._retry_after(item))
         return RateLimitSnapshot(None, 0.0)
 
@@ -256,9 +259,9 @@ class RateLimiter:
         rpm, tpm = self._rpm, self._tpm
         if tpm is not None:
             tokens = min(tokens, tpm.amount)  # one huge request may still pass an empty window
-            if not self._strategy.hit(tpm, self.name, cost=tokens):
+            if not self._strategy.hit(tpm, self.key, cost=tokens):
                 raise self._limited("tpm", tpm)
-        if rpm is not None and not self._strategy.hit(rpm, self.name):
+        if rpm is not None and not self._strategy.hit(rpm, self.key):
             if tpm is not None:
                 self._adjust(tpm, -tokens)
             raise self._limited("rpm", rpm)
@@ -272,7 +275,7 @@ class RateLimiter:
         """Add ``delta`` (may be negative) to the current window's counter."""
         if delta == 0:
             return
-        expiry, key = item.get_expiry(), item.key_for(self.name)
+        expiry, key = item.get_expiry(), item.key_for(self.key)
         if not self.remote:
             _, current = self._storage.sliding_window_keys(key, expiry, self._wall())
             if delta > 0:
@@ -285,7 +288,7 @@ class RateLimiter:
             self._storage.incr(self._storage._current_window_key(key), 2 * expiry, amount=delta)
 
     def _retry_after(self, item: RateLimitItem) -> float:
-        reset_at = self._strategy.get_window_stats(item, self.name).reset_time
+        reset_at = self._strategy.get_window_stats(item, self.key).reset_time
         return max(0.001, reset_at - self._wall())
 
     def _limited(self, kind: str, item: RateLimitItem) -> errors.RateLimited:
@@ -321,14 +324,14 @@ class ProviderGuard:
 
     def __init__(self, name: str, cfg: ProviderConfig, *, clock: Clock = trio.current_time,
                  wall: Callable[[], float] | None = None, on_transition: OnTransition | None = None,
-                 storage_uri: str = "memory://", max_probes: int = 1) -> None:
+                 storage_uri: str = "memory://", max_probes: int = 1, limit_key: str | None = None) -> None:
         self.name = name
         self._breaker_args = (max_probes, clock, on_transition)
         self.breaker = Breaker(name, cfg.breaker_threshold, cfg.breaker_ttl_s, max_probes, clock,
                                on_transition)
         self.per_model = cfg.breaker_scope == "model"
         self.models: dict[str, Breaker] = {}
-        self.limiter = RateLimiter(name, cfg.rpm, cfg.tpm, storage_uri, wall)
+        self.limiter = RateLimiter(name, cfg.rpm, cfg.tpm, storage_uri, wall, limit_key)
         self.bulkhead = trio.CapacityLimiter(cfg.max_concurrency)
         self.latency = LatencyWindow()
 

@@ -174,10 +174,12 @@ class Service:
         self._routes: dict[tuple[object, ...], routing.Route] = {}
         self.router = Router(cfg.routing.retry)
         storage = cfg.routing.storage_uri
+        # the fleet (every instance of one queue group) shares limits and breaker openings in Redis
+        fleet = f"llmsrv:{cfg.nats.queue}:"
         self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name), storage_uri=storage,
-                                           on_transition=self._on_transition) for name in self.providers}
-        # the fleet: every instance serving the same queue group shares its breaker openings
-        self.board = (RedisBreakerBoard(storage, f"llmsrv:{cfg.nats.queue}:breaker:")
+                                           on_transition=self._on_transition, limit_key=f"{fleet}limit:{name}")
+                       for name in self.providers}
+        self.board = (RedisBreakerBoard(storage, f"{fleet}breaker:")
                       if storage.startswith("redis") else None)
         self.transitions: collections.Counter[tuple[str, str]] = collections.Counter()
         self.metrics = Metrics(self)
@@ -196,7 +198,8 @@ class Service:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             bus, queue = self.bus, self.cfg.nats.queue
-            request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_request), queue)
+            request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_request), queue,
+                                              on_drop=self._on_dropped)
             others: list[tuple[str, Handler, str]] = [
                 (self.subject_cancel, self._on_cancel, ""),
                 (self.subject_health, self._on_health, queue),
@@ -298,6 +301,14 @@ class Service:
         self._requests += 1
         self._record(exc.error_code.lower(), "", "", None)
         self._reply_error(msg.reply, exc, _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream=False)
+
+    def _on_dropped(self, reply: str) -> None:
+        """nats-py dropped a request (its pending limit): the body is gone, the reply subject is not."""
+        self._requests += 1
+        self._record("overloaded", "", "", None)
+        self._reply_error(reply, errors.Overloaded(
+            "dropped by the NATS client: more requests waiting than nats.pending_msgs_limit/pending_bytes_limit",
+            retry_after_ms=self._overload_retry_ms()), "", stream=False)
 
     def _overload_retry_ms(self) -> int:
         """What an ``OVERLOADED`` caller is told to wait: about one mean request time (50 ms..5 s)."""

@@ -432,3 +432,24 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
     assert rc == 0
     assert len(outcomes) == n  # every request answered: none lost in the burst or the drain
     assert outcomes.count("ok") == 300 and outcomes.count("OVERLOADED") == 100, sorted(set(outcomes))
+
+
+async def test_requests_the_nats_client_drops_are_answered_overloaded(nats_url: str) -> None:
+    burst = 2000
+    async with running(nats_url, nats={"pending_msgs_limit": 5}) as h:
+        bus = h.client.bus
+        replies: dict[str, list[Any]] = {}
+        inbox = bus.new_inbox()
+        await bus.subscribe(inbox + ".*", lambda msg: replies.setdefault(msg.subject, []).append(msg))
+        await bus.flush()
+        for i in range(burst):  # one flush: far more than 5 wait in the server's subscription at once
+            bus.publish_nowait(f"{h.prefix}.request", body_with(messages=user(f"m{i}")), reply=f"{inbox}.{i}")
+        await bus.flush()
+        with trio.fail_after(30):
+            while len(replies) < burst:
+                await trio.sleep(0.02)
+        dropped = h.service.bus.dropped.get(f"{h.prefix}.request", 0)
+        assert (await h.client.complete({"messages": user("after"), "model": "mock:echo"})).text == "after"
+    assert all(len(r) == 1 for r in replies.values())
+    codes = [msgspec.json.decode(r[0].data).get("error_code", "ok") for r in replies.values()]
+    assert 0 < dropped == codes.count("OVERLOADED") and codes.count("ok") == burst - dropped
