@@ -1,6 +1,10 @@
 """llmsrv vs a bare asyncio echo responder: request/reply throughput and latency over NATS.
 
     python bench/run_bench.py [--duration S] [--warmup S] [--concurrency 1,10,100] [--rounds N]
+                              [--base-tree DIR]
+
+``--base-tree DIR`` adds the target ``llmsrv-base``: the llmsrv of another checkout (e.g. ``git
+worktree add /tmp/base <commit>``), measured in the same rounds, for before/after ratios.
 
 One nats-server for the whole run. Each round starts the echo responder, measures every
 concurrency with the load generator, stops it; then does the same with ``python -m llmsrv serve``.
@@ -37,8 +41,13 @@ LOGS = RESULTS / "logs"
 TARGETS = ("echo", "llmsrv", "llmsrv-bare")
 # llmsrv-bare: the same server with the resilience layer off (no breaker, limits, bulkhead, retries)
 TARGET_ENV = {"llmsrv-bare": {"LLMSRV__ROUTING__RESILIENCE": "false"}}
+BASE_TREE: Path | None = None  # --base-tree: where llmsrv-base runs from
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
+
+
+def targets() -> tuple[str, ...]:
+    return TARGETS + (("llmsrv-base",) if BASE_TREE else ())
 
 
 def target_command(target: str, url: str) -> list[str]:
@@ -79,7 +88,8 @@ class Target:
         self.name, self.url, self.log_path = name, url, log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(target_command(name, url), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=target_env(name), cwd=BENCH.parent)
+                                     stdin=subprocess.DEVNULL, env=target_env(name),
+                                     cwd=BASE_TREE if name == "llmsrv-base" else BENCH.parent)
 
     def wait_ready(self) -> None:
         """Wait for the ready line, then for a correct answer to a real request."""
@@ -155,7 +165,7 @@ def summarise(runs: dict[str, list[dict[int, Point]]],
     out: dict[str, dict[str, dict[str, float | int]]] = {}
     for c in concurrencies:
         row: dict[str, dict[str, float | int]] = {}
-        for name in TARGETS:
+        for name in targets():
             points = [r[c] for r in runs[name] if c in r]
             if not points:
                 continue
@@ -167,7 +177,8 @@ def summarise(runs: dict[str, list[dict[int, Point]]],
                             for f in ("rps", "p50_ms", "p99_ms", "p999_ms")},
                          "cpu_us_per_req": statistics.median(cpus) if cpus else -1.0}
         keys = {"rps": "rps", "p99": "p99_ms", "cpu": "cpu_us_per_req"}
-        for name, base in (("llmsrv", "echo"), ("llmsrv-bare", "echo"), ("llmsrv", "llmsrv-bare")):
+        for name, base in (("llmsrv", "echo"), ("llmsrv-bare", "echo"), ("llmsrv-base", "echo"),
+                           ("llmsrv", "llmsrv-bare"), ("llmsrv", "llmsrv-base")):
             if name in row and base in row and all(row[base][k] > 0 for k in keys.values()):
                 row[f"{name}/{base}"] = {n: row[name][k] / row[base][k] for n, k in keys.items()}
         out[str(c)] = row
@@ -180,7 +191,7 @@ def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
             f" {'cpu us/req':>10} | ratio vs echo: {'req/s':>5} {'p99':>5} {'cpu':>5}")
     lines = [head, "-" * len(head)]
     for c, row in summary.items():
-        for name in TARGETS:
+        for name in targets():
             s = row.get(name)
             if s is None:
                 lines.append(f"{c:>5} {name:<7} {'(failed)':>7}")
@@ -191,6 +202,10 @@ def table(summary: dict[str, dict[str, dict[str, float | int]]]) -> str:
                 tail += f" {'':14} {ratio['rps']:4.2f}x {ratio['p99']:4.2f}x {ratio['cpu']:4.2f}x"
             lines.append(f"{c:>5} {name:<11} {s['rps']:>7.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
                          f"{s['p999_ms']:>8.2f} {s['errors']:>6} {s['cpu_us_per_req']:>10.0f}{tail}")
+        before = row.get("llmsrv/llmsrv-base")
+        if before:
+            lines.append(f"{c:>5} this tree vs --base-tree: req/s {before['rps']:4.2f}x, p99 {before['p99']:4.2f}x, "
+                         f"cpu/req {before['cpu']:4.2f}x")
         layer = row.get("llmsrv/llmsrv-bare")
         if layer:
             lines.append(f"{c:>5} resilience layer on/off: req/s {layer['rps']:4.2f}x, p99 {layer['p99']:4.2f}x, "
@@ -214,19 +229,22 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,10,100", help="comma-separated (default 1,10,100)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds (default 10)")
+    p.add_argument("--base-tree", type=Path, help="another checkout to measure as llmsrv-base")
     args = p.parse_args()
+    global BASE_TREE
+    BASE_TREE = args.base_tree
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     LOGS.mkdir(parents=True, exist_ok=True)
     command = ("python bench/run_bench.py " + shlex.join(sys.argv[1:])).strip()
     started = dt.datetime.now(dt.UTC)
-    runs: dict[str, list[dict[int, Point]]] = {name: [] for name in TARGETS}
+    runs: dict[str, list[dict[int, Point]]] = {name: [] for name in targets()}
     problems: list[str] = []
 
     with NatsServer() as nats_server:
         print(f"nats-server on {nats_server.url}; {args.rounds} round(s) x {concurrencies} x "
               f"({args.warmup}s warm-up + {args.duration}s)", flush=True)
         for rnd in range(1, args.rounds + 1):
-            for name in TARGETS:
+            for name in targets():
                 runs[name].append(run_target(name, nats_server.url, rnd, concurrencies, args, problems))
 
     summary = summarise(runs, concurrencies)
@@ -243,7 +261,7 @@ def main() -> int:
         "summary": summary,
         "rounds": {name: [{str(c): {**dataclasses.asdict(pt.load), "cpu_us_per_req": pt.cpu_us_per_req}
                            for c, pt in rnd.items()} for rnd in runs[name]]
-                   for name in TARGETS},
+                   for name in targets()},
         "problems": problems,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
