@@ -9,11 +9,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import trio
 import trio_asyncio
 
-from . import __version__
+from . import __version__, redact
 from .bus import Bus, BusError, bus_error_in, redact_url
 from .client import Client, ReplyError
 from .config import Config, ConfigError, load_config, with_overrides
@@ -67,9 +68,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
+# Libraries that log the wire (httpcore: every response's headers at debug; httpx: each request at info).
+WIRE_LOGGERS = ("httpx", "httpcore", "h11", "h2", "hpack")
+
+
+def _setup_logging(cfg: Config, level: str) -> None:
+    """stderr logging at ``level``; every record redacted; the wire loggers at warning unless
+    ``[server] wire_debug`` (then at ``level``, still redacted)."""
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, redact.RedactingFilter) for f in handler.filters):
+            handler.addFilter(redact.RedactingFilter())
+    # the NATS secrets; provider keys register themselves when they are read
+    redact.register(cfg.nats.password, cfg.nats.token)
+    for url in (cfg.nats.url or "").split(","):
+        try:
+            parts = urlsplit(url.strip())
+            redact.register(parts.password if parts.password is not None else parts.username)  # or a token
+        except ValueError:
+            pass
+    wire = root.level if cfg.server.wire_debug else max(logging.WARNING, root.level)
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(wire)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmsrv: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.server.log_level if args.command == "serve" else "warning")
+    _setup_logging(cfg, cfg.server.log_level if args.command == "serve" else "warning")
     try:
         if args.command == "serve":
             return _serve(cfg)

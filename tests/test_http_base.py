@@ -3,11 +3,12 @@ secrets, and the httpcore pool-leak mitigation."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 
-from llmsrv import errors
-from llmsrv.config import ProviderConfig
+from llmsrv import errors, redact
+from llmsrv.config import ProviderConfig, ServerConfig
 from llmsrv.providers.http import HttpProvider, read_secret
 
 from .fakes import FakeUpstream, Hang, Json, Raw, Request, Sse
@@ -118,3 +119,93 @@ def test_credentials_from_env_and_file(tmp_path: object) -> None:
     invalid = Plain(ProviderConfig(base_url="http://x"), {"PLAIN_API_KEY_FILE": "/nonexistent"})
     assert (missing.status().state, invalid.status().state) == ("missing", "invalid")
     assert "PLAIN_API_KEY" in (missing.status().reason or "")
+
+
+# ---- secrets cut after redaction, bodies capped (issue 7 items 2 and 4) -------------------------
+
+LONG_CANARY = "sk-canary-Q7w2E9r4T1y8U3i6O0p5A2s7D4f9G1h6Xk4L"  # 46 characters, like a real key
+
+
+def _windows(secret: str) -> list[str]:
+    return [secret[i:i + 8] for i in range(len(secret) - 7)]
+
+
+def _leaks(text: str, secret: str = LONG_CANARY) -> list[str]:
+    return [w for w in _windows(secret) if w in text]
+
+
+@pytest.mark.parametrize("offset", [0, 250, 270, 280, 290, 295, 299, 300, 301, 1000])
+@pytest.mark.parametrize("shape", ["json", "text"])
+async def test_error_detail_is_redacted_before_it_is_cut(offset: int, shape: str) -> None:
+    message = "MARK" + "E" * offset + LONG_CANARY + " tail"
+    body = msgspec.json.encode({"error": {"message": message}}) if shape == "json" else message.encode()
+    async with FakeUpstream(lambda r: Json(body, status=500)) as up:
+        provider = Plain(ProviderConfig(base_url=up.url), {"PLAIN_API_KEY": LONG_CANARY})
+        with pytest.raises(errors.ProviderError) as info:
+            await provider.call_json("POST", "/x", headers={}, json={})
+    text = info.value.message
+    assert len(LONG_CANARY) == 46
+    assert "answered HTTP 500: MARK" in text  # the upstream's text is there, minus the key
+    assert _leaks(text) == [], text
+
+
+async def test_deeply_nested_error_body_keeps_its_status_mapping() -> None:
+    async with FakeUpstream(lambda r: Json(b"[" * 200000, status=401)) as up:
+        with pytest.raises(errors.MissingCredentials) as info:
+            await _provider(up.url).call_json("POST", "/x", headers={}, json={})
+    assert "answered HTTP 401" in info.value.message
+
+
+def _chunked(status: int, content_type: str, total: int) -> Raw:
+    piece = b"a" * 100
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(total // 100))
+    head = f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n".encode()
+    return Raw(head + chunks + b"0\r\n\r\n")
+
+
+CAP = 1000
+
+
+@pytest.mark.parametrize("reply", [
+    Json(b'{"x": "' + b"a" * 2000 + b'"}'),
+    Json(b'{"error": "' + b"a" * 2000 + b'"}', status=500),
+    _chunked(200, "application/json", 5000),
+    _chunked(500, "application/json", 5000),
+], ids=["json-length", "error-length", "json-chunked", "error-chunked"])
+async def test_a_body_over_the_cap_is_upstream_too_large(reply: Json | Raw) -> None:
+    async with FakeUpstream(lambda r: reply) as up:
+        provider = Plain(ProviderConfig(base_url=up.url), {"PLAIN_API_KEY": CANARY},
+                         server=ServerConfig(max_upstream_bytes=CAP))
+        with pytest.raises(errors.UpstreamTooLarge) as info:
+            await provider.call_json("POST", "/x", headers={}, json={})
+    assert info.value.error_code == "PROVIDER_ERROR"
+    assert "server.max_upstream_bytes" in info.value.message and str(CAP) in info.value.message
+    assert up.requests[0].headers.get("accept-encoding") == "identity"
+
+
+async def test_an_event_stream_over_the_cap_is_upstream_too_large() -> None:
+    events = [("message", {"n": i, "pad": "p" * 50}) for i in range(100)]
+    async with FakeUpstream(lambda r: Sse(events)) as up:
+        provider = Plain(ProviderConfig(base_url=up.url), {}, server=ServerConfig(max_upstream_bytes=CAP))
+        got: list[int] = []
+        with pytest.raises(errors.UpstreamTooLarge):
+            async with provider.open("POST", "/s", headers={}, json={}) as response:
+                async for event in provider.events(response):
+                    got.append(event.json()["n"])
+    assert 0 < len(got) < 20  # the first events came through, the rest was never read
+
+
+async def test_a_body_at_the_cap_is_read() -> None:
+    body = b'{"x": "' + b"a" * (CAP - 10) + b'"}'
+    assert len(body) == CAP - 1
+    async with FakeUpstream(lambda r: Json(body)) as up:
+        provider = Plain(ProviderConfig(base_url=up.url), {}, server=ServerConfig(max_upstream_bytes=CAP))
+        assert await provider.call_json("GET", "/x", headers={}) == {"x": "a" * (CAP - 10)}
+
+
+def test_read_secret_registers_the_secret_for_the_log_filter() -> None:
+    secret = "sk-registered-" + "r" * 20
+    assert secret not in redact.registered()
+    assert read_secret({"K": secret}, ["K"]) == (secret, None)
+    assert secret in redact.registered()
+    assert redact.redact_known(f"key={secret}.") == "key=***."

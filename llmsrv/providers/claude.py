@@ -42,8 +42,9 @@ import msgspec
 
 from .. import errors
 from ..messages import Tool, ToolCall, Usage
+from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus
-from .http import HttpProvider, map_transport_errors, redact
+from .http import DETAIL_CHARS, HttpProvider, map_transport_errors
 
 API_VERSION = "2023-06-01"
 MAX_TEMPERATURE = 1.0
@@ -249,7 +250,7 @@ def stream_error(data: dict[str, Any], provider: str = "claude",
         err = {}
     kind, detail = str(err.get("type") or ""), str(err.get("message") or "")
     cls = STREAM_ERRORS.get(kind, errors.ProviderError)
-    return cls(redact(f"{provider} stream error {kind or 'unknown'}: {detail}"[:400], secrets))
+    return cls(f"{provider} stream error {clip(kind, 40, secrets) or 'unknown'}: {clip(detail, DETAIL_CHARS, secrets)}")
 
 
 class StreamAssembler:

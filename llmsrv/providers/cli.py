@@ -20,7 +20,7 @@ Theory of operation
   (``item.completed`` agent messages, ``turn.completed`` with usage). stderr is drained
   concurrently, keeping its tail for error messages.
 * **Ending.** The CLI exiting 0 after a result is success. A non-zero exit is ``ProviderError``
-  with the exit code and the last stderr line (truncated, the key redacted); exit 0 without a
+  with the exit code and the last stderr line (the key redacted, then cut); exit 0 without a
   result is ``ProviderError("... no result")``; a result with ``is_error`` is ``ProviderError``.
   ``cursor-agent -p`` sometimes never exits after its result (cursor/cursor#3588): once the result
   is in, the CLI has ``AFTER_RESULT_S`` to exit before it is stopped, and the answer stands.
@@ -79,10 +79,11 @@ import msgspec
 import trio
 
 from .. import errors
-from ..config import ProviderConfig
+from ..config import ProviderConfig, ServerConfig
 from ..messages import Message, Usage
+from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
-from .http import read_secret, redact
+from .http import read_secret, too_large
 
 log = logging.getLogger("llmsrv.providers.cli")
 
@@ -206,16 +207,23 @@ class _Tail:
             self.data += chunk
             del self.data[:-self.limit]
 
-    def last_line(self) -> str:
+    def last_line(self, secrets: Sequence[str | None]) -> str:
+        """The last non-blank line, redacted, then cut to ``DETAIL_CHARS``."""
         lines = [ln.strip() for ln in self.data.decode("utf-8", "replace").splitlines()]
         lines = [ln for ln in lines if ln]
-        return lines[-1][:DETAIL_CHARS] if lines else ""
+        return clip(lines[-1], DETAIL_CHARS, secrets) if lines else ""
 
 
-async def _lines(stream: trio.abc.ReceiveStream, on_line: Callable[[bytes], None]) -> None:
-    """Call ``on_line(bytes)`` for each line of ``stream`` until EOF (the last one may lack "\\n")."""
+async def _lines(stream: trio.abc.ReceiveStream, on_line: Callable[[bytes], None], max_bytes: int,
+                 provider: str) -> None:
+    """Call ``on_line(bytes)`` for each line of ``stream`` until EOF (the last one may lack "\\n");
+    more than ``max_bytes`` in all raises ``UpstreamTooLarge``."""
     buffer = bytearray()
+    seen = 0
     while chunk := await stream.receive_some(65536):
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise too_large(provider, max_bytes)
         buffer += chunk
         *complete, rest = buffer.split(b"\n")
         buffer = bytearray(rest)
@@ -312,8 +320,9 @@ class CliProvider:
     key_env: str | None = None  # the variable the CLI reads its key from (reported, never shown)
 
     def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, server: ServerConfig | None = None) -> None:
         self.cfg = cfg
+        self.max_output = (server or ServerConfig()).max_upstream_bytes  # stdout bytes per call
         self.name = name or self.name
         self._env = os.environ if env is None else env
         self.command = tuple(cfg.command) or self.default_command
@@ -393,7 +402,7 @@ class CliProvider:
         stdout_stream, stderr_stream = child.proc.stdout, child.proc.stderr
 
         async def read_stdout() -> None:
-            await _lines(stdout_stream, on_line)
+            await _lines(stdout_stream, on_line, self.max_output, self.name)
             answered.set()
 
         async def watch_leader() -> None:
@@ -423,10 +432,10 @@ class CliProvider:
         assert code is not None
         if not child.signalled and code != 0:
             how = f"exit code {code}" if code > 0 else f"signal {-code}"
-            detail = redact(stderr.last_line(), [self._key])
+            detail = stderr.last_line([self._key])
             raise errors.ProviderError(f"{self.name}: {binary} failed with {how}" + (f": {detail}" if detail else ""))
         if decoder.error is not None:
-            detail = redact(decoder.error, [self._key])[:DETAIL_CHARS]
+            detail = clip(decoder.error, DETAIL_CHARS, [self._key])
             raise errors.ProviderError(f"{self.name}: {binary} reported an error: {detail}")
         if decoder.text is None:
             raise errors.ProviderError(f"{self.name}: no result: {binary} exited 0 without a result event")
@@ -459,10 +468,10 @@ class CliProvider:
             return ProviderStatus(False, f"{binary} --version did not answer within {PROBE_TIMEOUT_S:g}s",
                                   state="invalid")
         if child.proc.returncode != 0:
-            detail = redact(err.last_line() or out.last_line(), [self._key])
+            detail = err.last_line([self._key]) or out.last_line([self._key])
             return ProviderStatus(False, f"{binary} --version exited {child.proc.returncode}: {detail}".rstrip(": "),
                                   state="invalid")
-        version = redact(out.last_line(), [self._key])
+        version = out.last_line([self._key])
         return ProviderStatus(True, f"{binary} {version}".strip())
 
 

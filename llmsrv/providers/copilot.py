@@ -31,7 +31,8 @@ import msgspec
 import trio
 
 from .. import errors
-from ..config import ProviderConfig
+from ..config import ProviderConfig, ServerConfig
+from ..redact import register
 from . import Call, Completion, OnDelta
 from .http import map_transport_errors
 from .openai import OpenAIChatProvider
@@ -63,8 +64,9 @@ class CopilotProvider(OpenAIChatProvider):
     key_env = ("COPILOT_GITHUB_TOKEN", "GITHUB_TOKEN", "GH_TOKEN")
     default_base_url = "https://api.github.com"  # where the token exchange lives
 
-    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(cfg, env)
+    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
+                 server: ServerConfig | None = None) -> None:
+        super().__init__(cfg, env, server=server)
         self._session: CopilotSession | None = None
         self._last_token: str | None = None  # kept after a drop: an error could still echo it
         self._lock = trio.Lock()
@@ -99,6 +101,7 @@ class CopilotProvider(OpenAIChatProvider):
             api = (data.get("endpoints") or {}).get("api") or DEFAULT_API
         if not (isinstance(token, str) and token and isinstance(expires_at, int | float) and isinstance(api, str)):
             raise errors.ProviderError("copilot: malformed token exchange reply")
+        register(token)  # the logging filter removes it from every record from now on
         self._last_token = token
         self._exchanges += 1
         return CopilotSession(token, api.rstrip("/"), expires_at - REFRESH_MARGIN_S)

@@ -44,8 +44,9 @@ import msgspec
 
 from .. import errors
 from ..messages import Message, Tool, ToolCall, Usage
+from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus
-from .http import HttpProvider, map_transport_errors, redact
+from .http import DETAIL_CHARS, HttpProvider, map_transport_errors
 
 API = "/v1beta"
 
@@ -213,7 +214,7 @@ class _Reply:
         return Completion(text="".join(self.text), usage=usage, finish_reason=finish, tool_calls=self.tool_calls)
 
     def _stream_error(self, error: _Error) -> errors.LlmsrvError:
-        detail = redact(f"{error.status or error.code}: {error.message}"[:300], self.secrets)
+        detail = clip(f"{error.status or error.code}: {error.message}", DETAIL_CHARS, self.secrets)
         message = f"{self.provider} stream failed: {detail}"
         if error.code == 429 or error.status == "RESOURCE_EXHAUSTED":
             return errors.RateLimited(message)
@@ -252,7 +253,7 @@ class GeminiProvider(HttpProvider):
                 async with self.open("POST", f"{API}/models/{model}:generateContent", headers=self._headers(),
                                      json=body) as response:
                     with map_transport_errors(self.name, self.secrets):
-                        reply.add(_decode_response(await response.aread()))
+                        reply.add(_decode_response(await self.read_body(response)))
             else:
                 async with self.open("POST", f"{API}/models/{model}:streamGenerateContent", headers=self._headers(),
                                      json=body, params={"alt": "sse"}) as response:

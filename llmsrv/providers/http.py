@@ -5,7 +5,15 @@ Theory of operation
 * **Credentials** come from environment variables, first found wins, each also as ``NAME_FILE``
   (a path whose content is the secret, for Docker/Kubernetes secrets). ``[providers.X]
   api_key_env`` names another variable. The secret is never logged, put in an error or a reply:
-  every message built from an upstream body goes through ``redact``.
+  ``read_secret`` registers it with ``llmsrv.redact`` (the logging filter removes it from every
+  log record), and every message built from an upstream body or error is redacted (every run of
+  8 or more of the key's characters) before it is cut short (``redact.clip``).
+* **Bodies are capped**: every upstream body (errors, JSON replies, the whole of an event stream)
+  is read incrementally and counted; past ``[server] max_upstream_bytes`` (or with a larger
+  ``Content-Length``) the exchange ends with ``UpstreamTooLarge`` and the connection is closed,
+  so no more than about the cap is ever held. ``Accept-Encoding: identity`` is asked for, so the
+  bytes counted are the bytes decoded (a plain body read through ``read_body`` is counted after
+  decoding as well).
 * **One ``httpx.AsyncClient`` per provider**, created lazily inside trio, HTTP/1.1 keep-alive,
   ``max_connections = max_concurrency``. httpcore 1.0.9 leaks pool entries when requests are
   cancelled while the pool is contended (its issue #1093; afterwards every request fails with
@@ -34,17 +42,22 @@ import msgspec
 import trio
 
 from .. import errors
-from ..config import ProviderConfig
+from ..config import ProviderConfig, ServerConfig
+from ..redact import SCAN_CHARS, clip, register
 from . import ProviderStatus
 
 CONNECT_TIMEOUT_S = 10.0
+DETAIL_CHARS = 300  # of an upstream error text, in our error messages
+CAP_KEY = "server.max_upstream_bytes"
 
 
 def read_secret(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | None, str | None]:
     """(secret, problem): the first of ``names`` (or ``NAME_FILE``) that is set."""
     for name in names:
         if env.get(name):
-            return env[name].strip(), None
+            value = env[name].strip()
+            register(value)
+            return value, None
         path = env.get(f"{name}_FILE")
         if path:
             try:
@@ -54,15 +67,34 @@ def read_secret(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | Non
                 return None, f"{name}_FILE is set but unreadable ({exc.strerror})"
             if not value:
                 return None, f"{name}_FILE points to an empty file"
+            register(value)
             return value, None
     return None, None
 
 
-def redact(text: str, secrets: Sequence[str | None]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+def too_large(provider: str, limit: int) -> errors.UpstreamTooLarge:
+    return errors.UpstreamTooLarge(f"{provider}: the upstream body is larger than {limit} bytes "
+                                   f"({CAP_KEY}); not read further")
+
+
+class CappedStream(httpx.AsyncByteStream):
+    """A response body that raises ``UpstreamTooLarge`` once more than ``limit`` bytes came."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, provider: str) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._provider = provider
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise too_large(self._provider, self._limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def retry_after_ms(headers: httpx.Headers) -> int | None:
@@ -95,25 +127,26 @@ def _retry_info_ms(body: bytes) -> int | None:
     return None
 
 
-def _detail(body: bytes) -> str:
-    """The human part of an upstream error body (most APIs use {"error": {"message": ...}})."""
+def _detail(body: bytes, secrets: Sequence[str | None]) -> str:
+    """The human part of an upstream error body (most APIs use {"error": {"message": ...}}),
+    redacted, then cut to ``DETAIL_CHARS``."""
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return body[:300].decode("utf-8", "replace").strip()
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return clip(body[:SCAN_CHARS].decode("utf-8", "replace"), DETAIL_CHARS, secrets).strip()
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = data[0]  # Gemini wraps errors in a list on some endpoints
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
-            return str(err.get("message") or err.get("type") or err)[:300]
-        return str(err)[:300]
-    return str(data)[:300]
+            return clip(str(err.get("message") or err.get("type") or err), DETAIL_CHARS, secrets)
+        return clip(str(err), DETAIL_CHARS, secrets)
+    return clip(str(data), DETAIL_CHARS, secrets)
 
 
 def error_for_status(provider: str, status: int, body: bytes, headers: httpx.Headers,
                      secrets: Sequence[str | None] = ()) -> errors.LlmsrvError:
-    detail = redact(_detail(body), secrets)
+    detail = _detail(body, secrets)
     where = f"{provider} answered HTTP {status}: {detail}" if detail else f"{provider} answered HTTP {status}"
     if status in (400, 413, 422):
         return errors.ValidationFailed(f"the request was rejected upstream: {where}")
@@ -136,14 +169,15 @@ def map_transport_errors(provider: str, secrets: Sequence[str | None] = ()) -> I
     except httpx.TimeoutException as exc:
         raise errors.ProviderTimeout(f"{provider}: {type(exc).__name__}") from None
     except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:  # never reached the upstream at all
-        text = redact(str(exc), secrets)
+        text = clip(str(exc), DETAIL_CHARS, secrets)
         raise errors.ProviderUnreachable(f"{provider}: cannot connect ({type(exc).__name__}: {text})") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
-        text = redact(str(exc), secrets)
+        text = clip(str(exc), DETAIL_CHARS, secrets)
         raise errors.ProviderError(f"{provider}: connection failed ({type(exc).__name__}: {text})") from None
     except httpx_sse.SSEError as exc:
-        raise errors.ProviderError(f"{provider}: malformed event stream ({exc})") from None
-    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
+        text = clip(str(exc), DETAIL_CHARS, secrets)
+        raise errors.ProviderError(f"{provider}: malformed event stream ({text})") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError) as exc:
         raise errors.ProviderError(f"{provider}: malformed response ({type(exc).__name__})") from None
 
 
@@ -155,9 +189,11 @@ class HttpProvider:
     key_required = True
     default_base_url = ""
 
-    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
+                 server: ServerConfig | None = None) -> None:
         env = os.environ if env is None else env
         self.cfg = cfg
+        self.max_body = (server or ServerConfig()).max_upstream_bytes
         self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
         names = ((cfg.api_key_env,) if cfg.api_key_env else ()) + self.key_env
         self.key, self._problem = read_secret(env, names)
@@ -189,7 +225,8 @@ class HttpProvider:
             n = self.cfg.max_concurrency
             self._client = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+                headers={"accept-encoding": "identity"})
         return self._client
 
     async def aclose(self) -> None:
@@ -212,8 +249,13 @@ class HttpProvider:
                     request.headers["content-type"] = "application/json"
                 response = await self.client().send(request, stream=True)
                 try:
+                    length = response.headers.get("content-length", "")
+                    if length.isascii() and length.isdigit() and int(length) > self.max_body:
+                        raise too_large(self.name, self.max_body)
+                    assert isinstance(response.stream, httpx.AsyncByteStream)
+                    response.stream = CappedStream(response.stream, self.max_body, self.name)
                     if response.status_code >= 400:
-                        body = await response.aread()
+                        body = await self.read_body(response)
                         raise error_for_status(self.name, response.status_code, body, response.headers,
                                                self.secrets)
                     yield response
@@ -223,8 +265,19 @@ class HttpProvider:
     async def call_json(self, method: str, url: str, *, headers: Mapping[str, str], json: Any = None,
                         params: Mapping[str, str] | None = None) -> Any:
         async with self.open(method, url, headers=headers, json=json, params=params) as response:
+            body = await self.read_body(response)
             with map_transport_errors(self.name, self.secrets):
-                return msgspec.json.decode(await response.aread())
+                return msgspec.json.decode(body)
+
+    async def read_body(self, response: httpx.Response) -> bytes:
+        """The whole (decoded) body of ``response``, at most ``max_body`` bytes (else ``UpstreamTooLarge``)."""
+        body = bytearray()
+        with map_transport_errors(self.name, self.secrets):
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_body:
+                    raise too_large(self.name, self.max_body)
+        return bytes(body)
 
     async def events(self, response: httpx.Response) -> AsyncIterator[httpx_sse.ServerSentEvent]:
         """The server-sent events of ``response`` (errors mapped; a cut stream raises)."""

@@ -63,8 +63,9 @@ import trio
 
 from .. import errors
 from ..messages import Message, Usage
+from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
-from .http import HttpProvider, map_transport_errors, redact
+from .http import HttpProvider, map_transport_errors
 
 log = logging.getLogger("llmsrv.providers.jules")
 
@@ -261,7 +262,7 @@ class JulesProvider(HttpProvider):
             if run.state == "FAILED" and run.failure is None:
                 run.failure = ""
             if run.failure is not None:
-                reason = redact(run.failure, self.secrets)[:500] or "no reason given"
+                reason = clip(run.failure, 500, self.secrets) or "no reason given"
                 raise errors.ProviderError(f"jules session {run.id} failed: {reason}")
             if run.completed or run.state == "COMPLETED":
                 run.completed = True

@@ -50,10 +50,11 @@ import httpx_sse
 import msgspec
 
 from .. import errors
-from ..config import ProviderConfig
+from ..config import ProviderConfig, ServerConfig
 from ..messages import Message, Tool, ToolCall, Usage
+from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
-from .http import HttpProvider, map_transport_errors, redact
+from .http import DETAIL_CHARS, HttpProvider, map_transport_errors
 
 _REASONING = re.compile(r"o\d|gpt-5|codex")
 _RESPONSES_ONLY = re.compile(r".*codex|o\d+-pro|.*deep-research")
@@ -279,7 +280,7 @@ class OpenAIChatProvider(HttpProvider):
             code = str(err.get("code") or err.get("type") or "")
         else:
             message, code = str(err), ""
-        text = redact(f"{self.name} reported an error: {message[:300]}", self.secrets)
+        text = f"{self.name} reported an error: {clip(message, DETAIL_CHARS, self.secrets)}"
         if code in _RATE_LIMIT_CODES:
             return errors.RateLimited(text)
         return errors.ProviderError(text)
@@ -387,9 +388,10 @@ class OpenRouterProvider(OpenAIChatProvider):
     key_env = ("OPENROUTER_API_KEY",)
     default_base_url = "https://openrouter.ai/api/v1"
 
-    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
+                 server: ServerConfig | None = None) -> None:
         env = os.environ if env is None else env
-        super().__init__(cfg, env)
+        super().__init__(cfg, env, server=server)
         referer = env.get("OPENROUTER_HTTP_REFERER")
         self.extra_headers = {"x-title": "llmsrv", **({"http-referer": referer} if referer else {})}
 

@@ -34,5 +34,5 @@ def build_providers(cfg: Config, env: Mapping[str, str] | None = None) -> dict[s
             if exc.name == module_name:  # not written yet
                 continue
             raise
-        providers[key] = getattr(module, class_name)(getattr(cfg.providers, key), env)
+        providers[key] = getattr(module, class_name)(getattr(cfg.providers, key), env, server=cfg.server)
     return providers
