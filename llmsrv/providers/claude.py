@@ -317,7 +317,8 @@ class StreamAssembler:
         try:  # normalised, so streamed and plain calls give the same text
             arguments = _arguments(msgspec.json.decode(raw))
         except msgspec.DecodeError:
-            raise errors.ProviderError(f"{self.provider}: tool {tool[1]!r} input is not JSON") from None
+            name = clip(tool[1], 100, self.secrets)
+            raise errors.ProviderError(f"{self.provider}: tool {name!r} input is not JSON") from None
         self._calls[index] = ToolCall(id=tool[0], name=tool[1], arguments=arguments)
 
     def result(self) -> Completion:

@@ -201,7 +201,8 @@ class _Reply:
     def completion(self) -> Completion:
         if self.finish_reason is None:
             if self.block_reason:
-                raise errors.ValidationFailed(f"{self.provider} refused the prompt (blockReason {self.block_reason})")
+                reason = clip(self.block_reason, 100, self.secrets)
+                raise errors.ValidationFailed(f"{self.provider} refused the prompt (blockReason {reason})")
             raise errors.ProviderError(f"{self.provider}: stream cut (ended without a finishReason)")
         if self.tool_calls:
             finish = "tool_calls"
