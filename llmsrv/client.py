@@ -127,13 +127,22 @@ class Client:
         finally:
             del self._waiters[token]
 
-    async def gather(self, subject: str, body: Mapping[str, Any], wait_s: float = 0.5) -> list[dict[str, Any]]:
-        """Publish to ``<prefix>.<subject>`` and collect every instance's reply for ``wait_s``."""
+    async def gather(self, subject: str, body: Mapping[str, Any], wait_s: float = 5.0, *,
+                     count: int | None = None, quiet_s: float = 0.3) -> list[dict[str, Any]]:
+        """Publish to ``<prefix>.<subject>`` and collect every instance's reply.
+
+        Returns once ``count`` replies arrived; without ``count``, once ``quiet_s`` passed with no
+        new reply after the first (instances answer together); in any case after ``wait_s``.
+        """
         replies: list[dict[str, Any]] = []
         with self._one_reply() as (reply_to, inbox):
             self.bus.publish_nowait(f"{self.prefix}.{subject}", messages.encode(body), reply=reply_to)
             with trio.move_on_after(wait_s):
-                async for msg in inbox:
+                while count is None or len(replies) < count:
+                    with trio.move_on_after(quiet_s if replies and count is None else math.inf) as quiet:
+                        msg = await inbox.receive()
+                    if quiet.cancelled_caught:
+                        break
                     if (msg.headers or {}).get("Status") != "503":
                         replies.append(messages.decode_reply(msg.data))
         return replies

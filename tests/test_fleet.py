@@ -156,7 +156,7 @@ async def test_redis_rate_limit_holds_fleet_wide(nats_server: NatsServer, redis_
     url = redis_url.rpartition("/")[0] + "/9"  # a database of this test's own, emptied first
     redis.Redis.from_url(url).flushdb()
     rpm = 6
-    env = {"LLMSRV__ROUTING__STORAGE_URI": url, "LLMSRV__PROVIDERS__MOCK__RPM": f"{rpm}/minute",
+    env = {"LLMSRV__ROUTING__STORAGE_URI": url, "LLMSRV__PROVIDERS__MOCK__RPM": f"{rpm}/hour",
            "LLMSRV__ROUTING__RETRY__MAX_ATTEMPTS": "1"}
     with fleet(nats_server.url, tmp_path, 2, **env) as f:
         prefix = f.prefix

@@ -8,8 +8,6 @@ itself (it replaces no server): the boundary must answer it and keep serving.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -333,7 +331,7 @@ async def test_one_failing_model_does_not_close_off_the_others(nats_url: str) ->
                 await h.client.complete({"messages": user(), "model": "mock:fail"})
             codes.append(info.value.error_code)
         assert (await h.client.complete({"messages": user("fine"), "model": "mock:echo"})).text == "fine"
-        status = (await h.client.gather("admin.status", {}))[0]
+        status = (await h.client.gather("admin.status", {}, count=1))[0]
     assert codes == ["PROVIDER_ERROR", "PROVIDER_ERROR", "CIRCUIT_OPEN"]
     assert status["breakers"]["mock"]["breaker"]["state"] == "closed"
     assert status["breakers"]["mock"]["models"]["fail"]["state"] == "open"
@@ -374,24 +372,17 @@ async def test_admin_status_does_not_wait_on_a_stalled_redis(nats_url: str, redi
     async with running(nats_url, routing={"storage_uri": redis_url},
                        providers={"mock": {"rpm": "1000/minute"}}) as h:
         assert (await h.client.complete({"messages": user(), "model": "mock:echo"})).text == "hello"
-        stalled = threading.Event()
-        released: list[float] = []
-
-        def stall() -> None:
-            client = redis.Redis.from_url(redis_url)
-            stalled.set()
-            client.execute_command("DEBUG", "SLEEP", "2")
-            released.append(time.monotonic())
-
-        thread = threading.Thread(target=stall)
-        thread.start()
-        await trio.to_thread.run_sync(stalled.wait)
-        await trio.sleep(0.1)  # the DEBUG SLEEP is on the server now
+        client = redis.Redis.from_url(redis_url)
+        # Redis answers nobody for 3 s from here: in effect once CLIENT PAUSE has returned (no race)
+        await trio.to_thread.run_sync(client.execute_command, "CLIENT", "PAUSE", "3000")
+        paused_at = trio.current_time()
         status = await h.client.request_json("admin.status", timeout_s=10)
-        answered = time.monotonic()
-        await trio.to_thread.run_sync(thread.join)
-    assert status["breakers"]["mock"]["rate"]["limited"] is None
-    assert answered < released[0]  # answered while Redis was still asleep
+        health = await h.client.request_json("health", timeout_s=10)
+        answered = trio.current_time() - paused_at
+        waited = await trio.to_thread.run_sync(client.ping)  # blocks until the pause ends
+        client.close()
+    assert waited and status["breakers"]["mock"]["rate"]["limited"] is None and health["status"] == "ok"
+    assert answered < 2.5  # answered while Redis was still paused (a storage read would have waited 3 s)
 
 
 # ---- drain under load and an overload burst, on a real process ------------------------------------

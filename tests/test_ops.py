@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import msgspec
@@ -11,8 +10,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmsrv.bus import Incoming
-from llmsrv.client import Client, ReplyError
+from llmsrv.client import ReplyError
 from llmsrv.natsserver import free_port
 
 from .conftest import running, user
@@ -28,29 +26,6 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
             await trio.sleep(0.005)
 
 
-async def _gather(client: Client, subject: str, body: dict[str, Any], count: int,
-                  timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """Like ``Client.gather``, but returns as soon as ``count`` instances answered, not after a fixed wait."""
-    replies: list[dict[str, Any]] = []
-    enough = trio.Event()
-
-    def on_reply(msg: Incoming) -> None:
-        replies.append(msgspec.json.decode(msg.data))
-        if len(replies) >= count:
-            enough.set()
-
-    inbox = client.bus.new_inbox()
-    sub = await client.bus.subscribe(inbox, on_reply)
-    try:
-        await client.bus.flush()
-        client.bus.publish_nowait(f"{client.prefix}.{subject}", ENC(body), reply=inbox)
-        with trio.fail_after(timeout_s):
-            await enough.wait()
-    finally:
-        await client.bus.unsubscribe(sub)
-    return replies
-
-
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -62,7 +37,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_count_what_happened(nats_url: str) -> None:
     port = free_port()
     async with running(nats_url, server={"http_port": port},
-                       providers={"mock": {"rpm": "4/minute", "tokens_per_second": 200}}) as h:
+                       providers={"mock": {"rpm": "4/hour", "tokens_per_second": 200}}) as h:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{h.service.http_port}") as http:
             await h.client.complete({"messages": user("a b c d"), "model": "mock:echo"})
             await h.client.stream({"messages": user("x y"), "model": "mock:echo"}, lambda c: None)
@@ -78,7 +53,7 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
             err = await h.error_of(ENC({"messages": user(), "model": "mock:lorem", "timeout_ms": 20}))
             assert err["error_code"] in ("TIMEOUT", "RATE_LIMITED")
             await _until(lambda: not h.service.statistics().inflight)
-            for _ in range(2):  # the 4/minute budget is spent by now: rate limited (answered at once)
+            for _ in range(2):  # the 4/hour budget is spent by now: rate limited (answered at once)
                 with pytest.raises(ReplyError) as info:
                     await h.client.complete({"messages": user(), "model": "mock:echo", "timeout_ms": 5000})
                 assert info.value.error_code == "RATE_LIMITED"
@@ -143,14 +118,14 @@ async def test_admin_status_and_breaker_set_reach_every_instance(nats_url: str) 
 
     fleet = {"subject_prefix": f"f{uuid.uuid4().hex[:8]}"}  # two instances on the same subjects
     async with running(nats_url, nats=fleet) as a, running(nats_url, nats=fleet) as b:
-        statuses = await _gather(a.client, "admin.status", {}, 2)
+        statuses = await a.client.gather("admin.status", {}, count=2)
         assert sorted(s["instance_id"] for s in statuses) == sorted([a.service.instance_id, b.service.instance_id])
         assert all(s["breakers"]["mock"]["breaker"]["state"] == "closed" for s in statuses)
-        done = await _gather(a.client, "admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5}, 2)
+        done = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5}, count=2)
         assert len(done) == 2 and all((r["threshold"], r["ttl_s"]) == (2, 7.5) for r in done)
         assert (b.service.guards["mock"].breaker.threshold, b.service.guards["mock"].breaker.ttl_s) == (2, 7.5)
-        bad = await _gather(a.client, "admin.breaker.set", {"provider": "mock", "threshold": 0}, 2)
-        unknown = await _gather(a.client, "admin.breaker.set", {"provider": "acme"}, 2)
+        bad = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 0}, count=2)
+        unknown = await a.client.gather("admin.breaker.set", {"provider": "acme"}, count=2)
     assert {r["error_code"] for r in bad} == {"VALIDATION_ERROR"} and "$.threshold" in bad[0]["error"]
     assert {r["error_code"] for r in unknown} == {"PROVIDER_NOT_FOUND"}
 
