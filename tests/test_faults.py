@@ -36,7 +36,7 @@ from .fakes import FakeUpstream, Hang, Json, Raw, Reply, Request, Sse
 MODEL = "openai_compat:fault-model"
 TIMEOUT_MS = 3000  # each request's deadline
 TOLERANCE_S = 2.0  # a reply may come this long after the deadline on a loaded 2-core machine
-MAX_UPSTREAM = 1 << 20  # [server] max_upstream_bytes for these tests; the huge body is 4 MiB
+MAX_UPSTREAM = 3 << 20  # [server] max_upstream_bytes for these tests; the huge body is 4 MiB
 DRAIN_S = 10.0  # fail-safe for the leak comparison's wait
 
 
@@ -124,6 +124,7 @@ def _head(length: int, content_type: str = "application/json") -> bytes:
 
 BODY = msgspec.json.encode(_completion("a reply that never arrives whole"))
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+BIG_TEXT = "".join(f"{i:07d} " for i in range(2 << 20 >> 3))  # 2 MiB, every piece distinct
 ERROR = {"error": {"message": "upstream trouble", "type": "server_error"}}
 
 
@@ -151,6 +152,10 @@ def _fault(name: str, stream: bool, n: int) -> Reply | Drip | Reset:
         return Raw(_head(len(BODY)) + BODY[: len(BODY) // 2])
     if name == "invalid-json":
         return Sse(["{this is not json", "[DONE]"]) if stream else Json(b"{this is not json")
+    if name == "big-reply":  # under max_upstream_bytes, over the NATS server's max_payload (1 MiB)
+        if stream:
+            return Sse([_chunk({"role": "assistant", "content": BIG_TEXT}), _chunk({}, "stop"), "[DONE]"])
+        return Json(msgspec.json.encode(_completion(BIG_TEXT)))
     if name == "huge":
         if stream:
             return Sse([_chunk({"role": "assistant", "content": "x" * (4 << 20)}), "[DONE]"])
@@ -334,6 +339,49 @@ async def test_fault(nats_url: str, monkeypatch: pytest.MonkeyPatch, name: str, 
         scenario.active = False
         again, _ = await _ask(h, stream, "after the fault")
         assert again.get("text") == "ok", again
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_reply_over_max_payload(nats_url: str, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """A 2 MiB answer: RESPONSE_TOO_LARGE when plain; streamed, every byte arrives in chunks that fit."""
+    monkeypatch.delenv("OPENAI_COMPAT_API_KEY", raising=False)
+    scenario = Scenario("big-reply", stream)
+    async with FaultUpstream(scenario) as fake, running(nats_url, providers={"openai_compat": {
+            "base_url": fake.url + "/v1"}}, **SECTIONS) as h:
+        await _ask(h, stream, "warm up")
+        base = _footprint(fake)
+        scenario.active = True
+        reply, chunks = await _ask(h, stream, "a big one")
+        if stream:
+            assert "error_code" not in reply, reply
+            assert "".join(c.delta for c in chunks) == BIG_TEXT and [c.seq for c in chunks] == list(range(len(chunks)))
+        else:
+            assert reply["error_code"] == "RESPONSE_TOO_LARGE" and "stream" in reply["error"], reply
+        after = await _drained(h, fake, base)
+        assert after.holds_no_more_than(base), _diff(base, after)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_5xx_opens_the_breaker(nats_url: str, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """After a 5xx burst the breaker is open: CIRCUIT_OPEN at once, with retry_after_ms, no upstream call."""
+    monkeypatch.delenv("OPENAI_COMPAT_API_KEY", raising=False)
+    scenario = Scenario("5xx-always", stream)
+    async with FaultUpstream(scenario) as fake, running(nats_url, providers={"openai_compat": {
+            "base_url": fake.url + "/v1", "breaker_threshold": 2, "breaker_ttl_s": 30}}, **SECTIONS) as h:
+        await _ask(h, stream, "warm up")
+        base = _footprint(fake)
+        scenario.active = True
+        first, _ = await _ask(h, stream, "fails")
+        calls = scenario.calls
+        started = trio.current_time()
+        second, _ = await _ask(h, stream, "refused")
+        took = trio.current_time() - started
+        assert first["error_code"] in ("PROVIDER_ERROR", "CIRCUIT_OPEN") and calls == 2, (first, calls)
+        assert second["error_code"] == "CIRCUIT_OPEN" and scenario.calls == calls, second
+        assert isinstance(second.get("retry_after_ms"), int) and 0 < second["retry_after_ms"] <= 30000, second
+        assert took < TOLERANCE_S, f"CIRCUIT_OPEN took {took:.2f} s"
+        after = await _drained(h, fake, base)
+        assert after.holds_no_more_than(base), _diff(base, after)
 
 
 async def test_concurrent_faults_leave_nothing(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
