@@ -169,14 +169,15 @@ def plan(request: LLMRequest, routing: RoutingConfig, states: Mapping[str, Provi
 
 
 def filter_plan(found: Route, states: Mapping[str, ProviderState], hint: str | None) -> Plan:
-    """Skip candidates that cannot be tried now, recording why."""
+    """Skip candidates that cannot be tried now, recording why. ``states`` is keyed by provider,
+    and by ``provider:model`` where a model's state differs (its own breaker is open)."""
     missing = ProviderState(available=False)
     if found.complexity is None and not states.get(found.targets[0].provider, missing).available:
         raise errors.MissingCredentials(f"provider {found.targets[0].provider!r} has no usable credentials")
     keep: list[Target] = []
     skipped: list[Skip] = []
     for target in found.targets:
-        state = states.get(target.provider, missing)
+        state = states.get(target.spec) or states.get(target.provider, missing)  # a model's own state first
         if not state.available:
             skipped.append(Skip(target, "missing_credentials"))
         elif state.circuit_retry_after_s is not None:

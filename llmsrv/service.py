@@ -506,8 +506,8 @@ class Service:
         for target in found.targets:  # a model whose own breaker is open is skipped by itself
             guard = self.guards.get(target.provider)
             blocked = guard.model_blocked_for(target.model) if guard is not None else None
-            if blocked is not None:
-                states[target.spec] = routing.ProviderState(True, blocked)
+            if blocked is not None and target.provider in states:
+                states[target.spec] = msgspec.structs.replace(states[target.provider], circuit_retry_after_s=blocked)
         return routing.filter_plan(found, states, request.provider)
 
     def _state(self, name: str) -> routing.ProviderState:

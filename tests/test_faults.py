@@ -384,8 +384,6 @@ async def test_5xx_opens_the_breaker(nats_url: str, monkeypatch: pytest.MonkeyPa
         assert after.holds_no_more_than(base), _diff(base, after)
 
 
-@pytest.mark.xfail(strict=True, reason="the router sleeps out an open per-model breaker's TTL inside the deadline, "
-                   "then probes, instead of answering CIRCUIT_OPEN at once (reported to the lead, issue 7)")
 async def test_open_breaker_is_answered_at_once_even_with_time_left(nats_url: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """CONTRACT section 3 / router: every candidate's breaker open -> CIRCUIT_OPEN at once, whatever the deadline."""

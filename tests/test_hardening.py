@@ -444,3 +444,15 @@ async def test_requests_the_nats_client_drops_are_answered_overloaded(nats_url: 
     assert all(len(r) == 1 for r in replies.values())
     codes = [msgspec.json.decode(r[0].data).get("error_code", "ok") for r in replies.values()]
     assert 0 < dropped == codes.count("OVERLOADED") and codes.count("ok") == burst - dropped
+
+
+def test_a_model_whose_own_breaker_is_open_is_skipped_by_routing() -> None:
+    from llmsrv import routing
+    from llmsrv.config import build_config
+
+    cfg = build_config({"routing": {"matrix": {"general": {"simple": ["mock:fail", "mock:echo"]}}}}, env={})
+    found = routing.route(messages.decode_request(ENC({"messages": user(), "complexity": "simple"})), cfg.routing)
+    up = routing.ProviderState()
+    plan = routing.filter_plan(found, {"mock": up, "mock:fail": routing.ProviderState(True, 12.5)}, None)
+    assert [t.spec for t in plan.candidates] == ["mock:echo"]
+    assert [(s.target.spec, s.reason, s.retry_after_ms) for s in plan.skipped] == [("mock:fail", "circuit_open", 12500)]
