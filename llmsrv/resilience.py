@@ -93,7 +93,7 @@ class Breaker:
 
     @property
     def state(self) -> str:
-        return _PURGATORY_STATE[self._ctx.state]
+        return self._last_state  # purgatory's state, mirrored by _sync after every change
 
     @property
     def threshold(self) -> int:

@@ -79,16 +79,6 @@ class Router:
                   hedge_delay: Callable[[Target], float] | None = None,
                   streamed: Callable[[], bool] = lambda: False) -> Result:
         """Answer with the first successful attempt, or raise the error that ends the request."""
-        try:
-            return await self._run(plan, attempt, deadline, hedge_delay, streamed)
-        except errors.RateLimited as exc:
-            if exc.retry_after_ms is None:  # the upstream gave no hint: the backoff is the best guess
-                exc.retry_after_ms = max(1, min(self.retry.backoff_max_ms,
-                                                self.retry.backoff_base_ms << len(exc.attempts)))
-            raise
-
-    async def _run(self, plan: Callable[[], Plan], attempt: RunAttempt, deadline: float,
-                   hedge_delay: Callable[[Target], float] | None, streamed: Callable[[], bool]) -> Result:
         attempts: list[Attempt] = []
         last: errors.LlmsrvError | None = None
         used = 0
@@ -102,7 +92,7 @@ class Router:
             todo = [t for t in current.candidates if (t.provider, t.model) not in spent]
             if not todo:
                 assert last is not None
-                raise _with_attempts(last, attempts)
+                raise self._final(last, attempts)
             todo = todo[: self.retry.max_attempts - used]
             used += len(todo)
             if hedge_delay is not None and len(todo) > 1:
@@ -113,12 +103,20 @@ class Router:
                 return result
             assert last is not None
             if used >= self.retry.max_attempts:
-                raise _with_attempts(last, attempts)
+                raise self._final(last, attempts)
             wait = max(backoff_s(round_no, self.retry, self.rng), (last.retry_after_ms or 0) / 1000)
             if trio.current_time() + wait >= deadline:
-                raise _with_attempts(last, attempts)
+                raise self._final(last, attempts)
             round_no += 1
             await trio.sleep(wait)
+
+    def _final(self, exc: errors.LlmsrvError, attempts: list[Attempt]) -> errors.LlmsrvError:
+        """``exc`` as the request's answer: with what was tried, and a ``RATE_LIMITED`` always with a
+        retry hint (when the upstream gave none, the backoff the router would have waited next)."""
+        exc.attempts = list(attempts)
+        if isinstance(exc, errors.RateLimited) and exc.retry_after_ms is None:
+            exc.retry_after_ms = max(1, min(self.retry.backoff_max_ms, self.retry.backoff_base_ms << len(attempts)))
+        return exc
 
     async def _in_turn(self, todo: Sequence[Target], attempt: RunAttempt, attempts: list[Attempt],
                        streamed: Callable[[], bool], last: errors.LlmsrvError | None,
@@ -130,7 +128,7 @@ class Router:
             except RETRYABLE as exc:
                 attempts.append(_attempt(target, outcome_of(exc), started))
                 if streamed():
-                    raise _with_attempts(exc, attempts) from None
+                    raise self._final(exc, attempts) from None
                 last = exc
                 continue
             attempts.append(_attempt(target, "ok", started))
@@ -190,7 +188,7 @@ class Router:
             await trio.sleep(min(limited) / 1000)
             return
         if last is not None:
-            raise _with_attempts(last, attempts)
+            raise self._final(last, attempts)
         if limited:
             raise errors.RateLimited("every candidate provider is rate limited", retry_after_ms=min(limited))
         if opened:
@@ -201,8 +199,3 @@ class Router:
 
 def _attempt(target: Target, outcome: str, started: float) -> Attempt:
     return Attempt(target.provider, target.model, outcome, round((trio.current_time() - started) * 1000))
-
-
-def _with_attempts(exc: errors.LlmsrvError, attempts: list[Attempt]) -> errors.LlmsrvError:
-    exc.attempts = list(attempts)
-    return exc

@@ -172,6 +172,7 @@ class Service:
         self._started = time.monotonic()
         self._nursery: trio.Nursery | None = None
         self._routes: dict[tuple[object, ...], routing.Route] = {}
+        self._unsettled_models: set[str] = set()  # provider:model whose own breaker is not closed
         self.router = Router(cfg.routing.retry)
         storage = cfg.routing.storage_uri
         # the fleet (every instance of one queue group) shares limits and breaker openings in Redis
@@ -418,8 +419,18 @@ class Service:
                              or server.default_timeout_ms, server.max_timeout_ms)
             cid = request.correlation_id or messages.header_correlation_id(headers) or messages.new_correlation_id()
             stream = request.stream and bool(msg.reply)
-            response = await self._live_request(request, cid, received + timeout_ms / 1000, timeout_ms,
-                                                msg.reply if stream else None)
+            live = _Live(received + timeout_ms / 1000)  # llm.cancel, shutdown and the deadline reach it
+            lives = self._live.setdefault(cid, [])
+            lives.append(live)
+            try:
+                with live.scope:
+                    response = await self._execute(request, cid, live.scope.deadline, msg.reply if stream else None)
+                if live.scope.cancelled_caught:
+                    raise self._cancellation_error(live.reason, timeout_ms)
+            finally:
+                lives.remove(live)
+                if not lives:
+                    del self._live[cid]
             body = encode(response)
             end = STREAM_END if stream else None
             if len(body) > self._max_reply_bytes(end):
@@ -434,21 +445,6 @@ class Service:
         except Exception:
             log.exception("internal error serving request %s", cid or "(not decoded)")
             self._fail(msg, errors.InternalError("internal error; see server log"), cid, stream, received)
-
-    async def _live_request(self, request: LLMRequest, cid: str, deadline: float, timeout_ms: int,
-                            stream_to: str | None) -> LLMResponse:
-        """Run the request in a cancel scope that ``llm.cancel``, shutdown and the deadline reach."""
-        live = _Live(deadline)
-        lives = self._live.setdefault(cid, [])
-        lives.append(live)
-        try:
-            with live.scope:
-                return await self._execute(request, cid, deadline, stream_to)
-            raise self._cancellation_error(live.reason, timeout_ms)  # reached only when cancelled
-        finally:
-            lives.remove(live)
-            if not lives:
-                del self._live[cid]
 
     def _fail(self, msg: Incoming, exc: errors.LlmsrvError, cid: str, stream: bool, received: float,
               provider: str = "", model: str = "") -> None:
@@ -503,11 +499,13 @@ class Service:
     def _plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)
         states = {name: self._state(name) for name in found.providers if name in self.providers}
-        for target in found.targets:  # a model whose own breaker is open is skipped by itself
-            guard = self.guards.get(target.provider)
-            blocked = guard.model_blocked_for(target.model) if guard is not None else None
-            if blocked is not None and target.provider in states:
-                states[target.spec] = msgspec.structs.replace(states[target.provider], circuit_retry_after_s=blocked)
+        if self._unsettled_models:  # a model whose own breaker is not closed may have to be skipped
+            for target in found.targets:
+                if target.spec in self._unsettled_models and target.provider in states:
+                    blocked = self.guards[target.provider].model_blocked_for(target.model)
+                    if blocked is not None:
+                        states[target.spec] = msgspec.structs.replace(states[target.provider],
+                                                                      circuit_retry_after_s=blocked)
         return routing.filter_plan(found, states, request.provider)
 
     def _state(self, name: str) -> routing.ProviderState:
@@ -630,7 +628,9 @@ class Service:
 
     def _on_transition(self, name: str, old: str, new: str) -> None:
         """``name`` is ``provider`` or, for a per-model breaker, ``provider:model``."""
-        provider = name.partition(":")[0]
+        provider, _, model = name.partition(":")
+        if model:
+            (self._unsettled_models.discard if new == "closed" else self._unsettled_models.add)(name)
         self.transitions[(provider, new)] += 1
         self.metrics.child(self.metrics.transitions, provider, new).inc()
         log.warning("circuit breaker of %s: %s -> %s", name, old, new)
