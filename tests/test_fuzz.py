@@ -671,7 +671,7 @@ def test_fuzz_every_subject(served: Served, capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.long
 def test_fuzz_long(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
-    tally = fuzz(served, LONG_COUNT, 200, capsys)
+    tally = fuzz(served, LONG_COUNT, 40, capsys)  # larger lists overrun hypothesis's buffer: 100x slower
     assert tally.sent >= LONG_COUNT and tally.valid_ok == tally.valid_sent > 0
     assert (tally.lost, tally.extra, tally.malformed, tally.crashes) == (0, 0, 0, 0)
 
