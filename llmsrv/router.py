@@ -104,6 +104,8 @@ class Router:
             assert last is not None
             if used >= self.retry.max_attempts:
                 raise self._final(last, attempts)
+            if isinstance(last, errors.CircuitOpen) and not plan().candidates:
+                continue  # a breaker that opened meanwhile refused: nothing left to try, answer now
             wait = max(backoff_s(round_no, self.retry, self.rng), (last.retry_after_ms or 0) / 1000)
             if trio.current_time() + wait >= deadline:
                 raise self._final(last, attempts)
