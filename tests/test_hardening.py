@@ -391,7 +391,7 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
     import signal
     import uuid
 
-    from .test_process import _serve, _wait_ready
+    from .test_process import _serve, _wait_ready, echo_outcome
 
     n = 400
     prefix = f"p{uuid.uuid4().hex[:8]}"
@@ -402,16 +402,9 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
         async with Client.connect(nats_url, prefix) as client:
             await _wait_ready(client)
 
-            async def one(i: int) -> None:
-                try:
-                    reply = await client.complete({"messages": user(f"m{i}"), "model": "mock:echo"}, timeout_s=30)
-                    outcomes.append("ok" if reply.text == f"m{i}" else "wrong")
-                except ReplyError as exc:
-                    outcomes.append(exc.error_code)
-
             async with trio.open_nursery() as nursery:
                 for i in range(n):
-                    nursery.start_soon(one, i)
+                    nursery.start_soon(echo_outcome, client, i, outcomes, 30)
                 with trio.fail_after(20):  # the burst has arrived: 300 in flight, 100 refused
                     while (await client.request_json("health"))["inflight"] < 300 or len(outcomes) < 100:
                         await trio.sleep(0.05)

@@ -39,6 +39,15 @@ async def _wait_ready(client: Client) -> None:
                 await trio.sleep(0.1)
 
 
+async def echo_outcome(client: Client, i: int, outcomes: list[str], timeout_s: float | None = None) -> None:
+    """One mock:echo request; its outcome ("ok", "wrong" or the error code) appended to ``outcomes``."""
+    try:
+        reply = await client.complete({"messages": user(f"m{i}"), "model": "mock:echo"}, timeout_s=timeout_s)
+        outcomes.append("ok" if reply.text == f"m{i}" else "wrong")
+    except ReplyError as exc:
+        outcomes.append(exc.error_code)
+
+
 async def _drain_run(nats_url: str, n: int, **env: str) -> tuple[list[str], int, bytes]:
     prefix = f"p{uuid.uuid4().hex[:8]}"
     proc = _serve(nats_url, prefix, **env)
@@ -48,16 +57,9 @@ async def _drain_run(nats_url: str, n: int, **env: str) -> tuple[list[str], int,
         async with Client.connect(nats_url, prefix) as client:
             await _wait_ready(client)
 
-            async def one(i: int) -> None:
-                try:
-                    reply = await client.complete({"messages": user(f"m{i}"), "model": "mock:echo"})
-                    outcomes.append("ok" if reply.text == f"m{i}" else "wrong")
-                except ReplyError as exc:
-                    outcomes.append(exc.error_code)
-
             async with trio.open_nursery() as nursery:
                 for i in range(n):
-                    nursery.start_soon(one, i)
+                    nursery.start_soon(echo_outcome, client, i, outcomes)
                 with trio.fail_after(10):  # fail-safe; wait until all n are in flight at the server
                     while (await client.request_json("health"))["inflight"] < n:
                         await trio.sleep(0.02)
