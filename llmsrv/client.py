@@ -22,26 +22,12 @@ import trio
 from . import errors, messages
 from .bus import Bus, Incoming
 from .config import NatsConfig
+from .errors import NoResponders, ReplyError
 from .messages import LLMResponse, StreamChunk
 
 _response_decoder = msgspec.json.Decoder(LLMResponse)
 _chunk_decoder = msgspec.json.Decoder(StreamChunk)
 LOCAL_GRACE_S = 5.0  # how long past the request deadline we wait for the server's own TIMEOUT
-
-
-class NoResponders(errors.LlmsrvError):
-    error_code = "NO_RESPONDERS"
-    status = 503
-
-
-class ReplyError(errors.LlmsrvError):
-    """Raised by the client for an error reply; ``error_code`` is the server's."""
-
-    def __init__(self, body: Mapping[str, Any]) -> None:
-        super().__init__(str(body.get("error", "")), retry_after_ms=body.get("retry_after_ms"))
-        self.error_code = str(body.get("error_code", "INTERNAL_ERROR"))
-        self.correlation_id = str(body.get("correlation_id", ""))
-        self.body = dict(body)
 
 
 class Client:
@@ -97,7 +83,7 @@ class Client:
                                 on_chunk(_chunk_decoder.decode(msg.data))
                             continue
                         if "Nats-Service-Error-Code" in headers:
-                            raise ReplyError(messages.decode_reply(msg.data))
+                            raise ReplyError(dict(messages.decode_reply(msg.data)))
                         return _response_decoder.decode(msg.data)
             except trio.TooSlowError:
                 self._cancel(cid)

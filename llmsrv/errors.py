@@ -20,11 +20,23 @@
     +-- ResponseTooLarge            RESPONSE_TOO_LARGE  502  (the reply would exceed NATS max_payload)
     +-- Timeout                     TIMEOUT             504
     +-- InternalError               INTERNAL_ERROR      500
+    +-- NoResponders                NO_RESPONDERS       503  (client: no instance listens)
+    +-- ReplyError                  (the server's code) (client: an error reply)
 
 Each class carries a stable ``error_code`` and ``status``; the message is for humans and must
 never contain a secret. ``retry_after_ms`` is set where the contract asks for it.
-``provider_wide`` marks failures of a provider as a whole (no connection, refused credentials):
-with per-model breakers they count against every model of the provider.
+Policy lives on the classes, so the router and the guard read it instead of listing classes:
+
+* ``retryable``: the router may try the next candidate or retry after a backoff (upstream
+  failures, rate limits, open breakers, missing credentials); anything else ends the request.
+* ``counts_for_breaker``: raised by a provider call, it is a failure for the circuit breaker
+  (everything but the caller's own errors; ``trio.Cancelled`` is never an ``Exception`` here).
+* ``provider_wide``: a failure of the provider as a whole (no connection, refused credentials):
+  with per-model breakers it counts against every model of the provider.
+* ``outcome``: the name of an attempt that ended with it (``attempts[].outcome``, metrics).
+
+The client's errors (``llmsrv.client``) are part of the tree: ``NoResponders`` and
+``ReplyError`` (an error reply, carrying the server's ``error_code``).
 """
 
 from __future__ import annotations
@@ -35,7 +47,13 @@ from typing import Any
 class LlmsrvError(Exception):
     error_code = "INTERNAL_ERROR"
     status = 500
+    retryable = False
+    counts_for_breaker = True
     provider_wide = False
+
+    @property
+    def outcome(self) -> str:
+        return self.error_code.lower()
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
@@ -48,6 +66,7 @@ class RequestError(LlmsrvError):
     """The request itself is wrong; answering it again will not help."""
 
     status = 400
+    counts_for_breaker = False
 
 
 class InvalidJson(RequestError):
@@ -75,6 +94,7 @@ class ProviderNotFound(RequestError):
 class MissingCredentials(LlmsrvError):
     error_code = "MISSING_CREDENTIALS"
     status = 401
+    retryable = True
     provider_wide = True
 
 
@@ -84,13 +104,21 @@ class Cancelled(LlmsrvError):
 
 
 class RateLimited(LlmsrvError):
+    """``limit`` says whose: ``rpm`` / ``tpm`` (our limiter) or ``upstream`` (a 429 or in-band error)."""
+
     error_code = "RATE_LIMITED"
     status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, limit: str = "upstream") -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.limit = limit
 
 
 class CircuitOpen(LlmsrvError):
     error_code = "CIRCUIT_OPEN"
     status = 503
+    retryable = True
 
 
 class Overloaded(LlmsrvError):
@@ -106,10 +134,13 @@ class ShuttingDown(LlmsrvError):
 class ProviderError(LlmsrvError):
     error_code = "PROVIDER_ERROR"
     status = 502
+    retryable = True
 
 
 class ProviderTimeout(ProviderError):
     """One attempt took longer than its provider's ``timeout_ms`` (the request may go on)."""
+
+    outcome = "timeout"  # type: ignore[assignment]
 
 
 class ProviderUnreachable(ProviderError):
@@ -119,7 +150,10 @@ class ProviderUnreachable(ProviderError):
 
 
 class UpstreamTooLarge(ProviderError):
-    """An upstream body passed ``[server] max_upstream_bytes``; reading it again would not help."""
+    """An upstream body passed ``[server] max_upstream_bytes``; reading it again would not help:
+    the router does not try that target again in the request."""
+
+    outcome = "too_large"  # type: ignore[assignment]
 
 
 class ResponseTooLarge(LlmsrvError):
@@ -135,3 +169,20 @@ class Timeout(LlmsrvError):
 class InternalError(LlmsrvError):
     error_code = "INTERNAL_ERROR"
     status = 500
+
+
+class NoResponders(LlmsrvError):
+    """Client side: no llmsrv instance listens on the subject."""
+
+    error_code = "NO_RESPONDERS"
+    status = 503
+
+
+class ReplyError(LlmsrvError):
+    """Client side: an error reply; ``error_code`` is the server's, ``body`` the whole reply."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(str(body.get("error", "")), retry_after_ms=body.get("retry_after_ms"))
+        self.error_code = str(body.get("error_code", "INTERNAL_ERROR"))
+        self.correlation_id = str(body.get("correlation_id", ""))
+        self.body = body
