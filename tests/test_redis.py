@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
 import uuid
 
 import msgspec
@@ -9,7 +12,7 @@ import pytest
 import trio
 
 from llmsrv import errors
-from llmsrv.resilience import RateLimiter
+from llmsrv.resilience import CLOSED, OPEN, Breaker, RateLimiter, RedisBreakerBoard, sync_breakers
 
 from .conftest import running, user
 
@@ -92,3 +95,40 @@ async def test_redis_calls_do_not_block_the_trio_loop(nats_url: str, redis_url: 
         client.close()
     assert reply.text == "waited" and waited > 0.5  # the rate-limit charge waited for Redis...
     assert max(gaps) < 0.5  # ...in a worker thread: the trio loop kept ticking (blocked: a ~1 s gap)
+
+
+async def test_sync_breakers_adopts_what_another_instance_published(redis_url: str) -> None:
+    board = RedisBreakerBoard(redis_url, f"{_name()}:breaker:")
+    breaker, other = Breaker("mock:echo", threshold=1, ttl_s=30), Breaker("mock:other", threshold=1, ttl_s=30)
+    await trio.to_thread.run_sync(board.publish_open, "mock:echo", time.time() + 20)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sync_breakers, board, lambda: {b.name: b for b in (breaker, other)}, 0.01)
+        with trio.fail_after(5):
+            while breaker.state != OPEN:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    blocked = breaker.blocked_for()
+    assert blocked is not None and 15 < blocked <= 20 and other.state == CLOSED
+
+
+async def test_sync_breakers_keeps_going_while_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    board = RedisBreakerBoard(f"redis://127.0.0.1:{port}/0", "down:")
+    breaker = Breaker("mock", threshold=1, ttl_s=30)
+    rounds: list[float] = []
+
+    def breakers() -> dict[str, Breaker]:
+        rounds.append(trio.current_time())
+        return {"mock": breaker}
+
+    with caplog.at_level(logging.WARNING, logger="llmsrv.resilience"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync_breakers, board, breakers, 0.01)
+            with trio.fail_after(10):
+                while len(rounds) < 3:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    unreachable = [r for r in caplog.records if "breaker board unreachable" in r.getMessage()]
+    assert len(unreachable) >= 2 and breaker.state == CLOSED

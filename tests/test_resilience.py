@@ -21,7 +21,8 @@ from llmsrv import errors
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import Usage
 from llmsrv.providers import Completion
-from llmsrv.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, ProviderGuard, RateLimiter
+from llmsrv.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, ProviderGuard, RateLimiter, call_guarded
+from llmsrv.resilience.limiter import RateLimitSnapshot
 
 OK = Completion(text="ok", usage=Usage(1, 1))
 WALL0 = 1_800_000_000.0
@@ -78,13 +79,13 @@ def test_breaker_neutral_outcomes_count_for_nothing() -> None:
     b.record(b.admit(), "failure")
     for _ in range(10):
         b.record(b.admit(), "neutral")  # cancellations, caller errors
-    assert b.snapshot().failures == 1  # not reset (purgatory would count an excluded error as success)
+    assert b.statistics().failures == 1  # not reset (purgatory would count an excluded error as success)
     b.record(b.admit(), "failure")
     assert b.state == OPEN
     clock.now = 11
     probe = b.admit()
     b.record(probe, "neutral")  # a cancelled probe frees its slot and decides nothing
-    assert b.state == HALF_OPEN and b.snapshot().probes_in_flight == 0
+    assert b.state == HALF_OPEN and b.statistics().probes_in_flight == 0
     b.record(b.admit(), "failure")
     assert b.state == OPEN and b.blocked_for() == pytest.approx(10)
 
@@ -119,11 +120,11 @@ def test_breaker_properties(ops: list[tuple[str, float]], threshold: int, probes
             except errors.CircuitOpen as exc:
                 assert exc.retry_after_ms and exc.retry_after_ms > 0
         elif held:
-            before = (b.state, b.snapshot().failures)
+            before = (b.state, b.statistics().failures)
             b.record(held.pop(0), op)
             if op == "neutral":
-                assert (b.state, b.snapshot().failures) == before  # a cancellation is never counted
-        snap = b.snapshot()
+                assert (b.state, b.statistics().failures) == before  # a cancellation is never counted
+        snap = b.statistics()
         assert snap.probes_in_flight <= probes
         assert snap.probes_in_flight == sum(t.probe for t in held)
 
@@ -137,12 +138,12 @@ async def test_rate_limits_requests_and_tokens(virtual_wall: Callable[[], float]
     limiter.acquire(30)
     with pytest.raises(errors.RateLimited) as rpm:
         limiter.acquire(1)
-    assert rpm.value.limit == "rpm" and 0 < rpm.value.retry_after_ms <= 60000  # type: ignore[attr-defined]
+    assert rpm.value.limit == "rpm" and 0 < rpm.value.retry_after_ms <= 60000  # type: ignore[operator]
     await trio.sleep(120)
     limiter.acquire(90)
     with pytest.raises(errors.RateLimited) as tpm:
         limiter.acquire(20)
-    assert tpm.value.limit == "tpm"  # type: ignore[attr-defined]
+    assert tpm.value.limit == "tpm"
     limiter.correct(estimated=90, actual=10)  # the real usage was smaller: 80 tokens come back
     limiter.acquire(20)
 
@@ -172,14 +173,14 @@ async def test_guard_records_outcomes(virtual_wall: Callable[[], float],
     with pytest.raises(errors.ValidationFailed):  # the caller's fault says nothing of the provider
         async with guard.attempt(10):
             raise errors.ValidationFailed("bad")
-    assert guard.breaker.snapshot().failures == 0
+    assert guard.breaker.statistics().failures == 0
     with pytest.raises(errors.MissingCredentials):  # refused credentials: the provider as a whole fails
         async with guard.attempt(10):
             raise errors.MissingCredentials("no key")
-    assert guard.breaker.snapshot().failures == 1
+    assert guard.breaker.statistics().failures == 1
     async with guard.attempt(10):
         pass
-    assert guard.breaker.snapshot().failures == 0
+    assert guard.breaker.statistics().failures == 0
     for _ in range(2):
         with pytest.raises(errors.ProviderError):
             async with guard.attempt(10):
@@ -200,7 +201,7 @@ async def test_cancel_at_every_stage_leaks_nothing(stage: str, virtual_wall: Cal
                 async with guard.attempt(10):
                     raise errors.ProviderError("x")
         await trio.sleep(6)
-    before = (guard.breaker.snapshot().failures, guard.limiter.snapshot(1000), guard.bulkhead.borrowed_tokens)
+    before = (guard.breaker.statistics().failures, guard.limiter.check(1000), guard.bulkhead.borrowed_tokens)
     blocker_done = trio.Event()
 
     async def blocker() -> None:
@@ -215,11 +216,11 @@ async def test_cancel_at_every_stage_leaks_nothing(stage: str, virtual_wall: Cal
             async with guard.attempt(500):
                 await trio.sleep(100)
         blocker_done.set()
-    snap = guard.breaker.snapshot()
+    snap = guard.breaker.statistics()
     assert snap.probes_in_flight == 0 and guard.bulkhead.borrowed_tokens == 0
     assert snap.failures == before[0]
     if stage == "queued":  # never sent: no rate-limit budget spent by the cancelled attempt
-        assert guard.limiter.snapshot(1000) == before[1]
+        assert guard.limiter.check(1000) == before[1]
     if stage == "probe":
         assert guard.breaker.state == HALF_OPEN  # the cancelled probe decided nothing
         async with guard.attempt(1):
@@ -261,3 +262,59 @@ async def test_guard_breaker_timeline(autojump_clock: trio.testing.MockClock) ->
         nursery.start_soon(second)
     assert seen == [(6.0, "probe admitted"), (pytest.approx(6.1), "second refused")]
     assert guard.breaker.state == CLOSED and trio.current_time() == 7.0
+
+
+async def test_an_unexpected_exception_is_a_failure(autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None)
+    with pytest.raises(ValueError):  # not an LlmsrvError: a provider bug, counted
+        async with guard.attempt(1):
+            raise ValueError("bug")
+    assert guard.breaker.statistics().failures == 1
+
+
+# ---- statistics() never asks the storage; check() does ------------------------------------------
+
+def test_statistics_do_no_io() -> None:
+    redis = pytest.importorskip("redis")
+    cfg = ProviderConfig(rpm="10/minute", tpm="1000/minute", max_concurrency=3)
+    guard = ProviderGuard("p", cfg, storage_uri="redis://127.0.0.1:1/0")  # nothing listens there
+    snap = guard.statistics()  # answered from memory at once
+    assert snap.rate == RateLimitSnapshot(None, 0.0) == guard.limiter.statistics()
+    assert (snap.breaker.state, snap.in_flight, snap.max_concurrency, snap.models) == (CLOSED, 0, 3, {})
+    with pytest.raises(redis.exceptions.ConnectionError):  # check() is the one that asks the storage
+        guard.limiter.check(1)
+
+
+# ---- call_guarded: the attempt's timeout inside the request's cancel scope ------------------------
+
+async def _slow() -> Completion:
+    await trio.sleep(10)
+    return OK
+
+
+async def test_call_guarded_attempt_timeout_before_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None)
+    with trio.fail_after(30), pytest.raises(errors.ProviderTimeout):
+        await call_guarded(guard, 1, 2, _slow)
+    assert trio.current_time() == 2 and guard.breaker.statistics().failures == 1
+
+
+@pytest.mark.parametrize("deadline_s", [1, 2], ids=["deadline-first", "deadline-equal"])
+async def test_call_guarded_request_deadline_is_no_failure(deadline_s: float,
+                                                           autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None)
+    with trio.move_on_after(deadline_s) as request:  # the request's deadline, not the attempt's timeout
+        await call_guarded(guard, 1, 2, _slow)
+    assert request.cancelled_caught and trio.current_time() == deadline_s
+    assert guard.breaker.statistics().failures == 0 and guard.bulkhead.borrowed_tokens == 0
+
+
+async def test_call_guarded_without_deadline_records_latency(autojump_clock: trio.testing.MockClock) -> None:
+    guard = _guard(rpm=None, tpm=None)
+
+    async def quick() -> Completion:
+        await trio.sleep(0.25)
+        return OK
+
+    assert await call_guarded(guard, 1, 2, quick) == OK
+    assert list(guard.latency._samples) == [0.25]
