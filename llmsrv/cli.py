@@ -16,9 +16,9 @@ import trio_asyncio
 
 from . import __version__, redact
 from .bus import Bus, BusError, bus_error_in, redact_url
-from .client import Client, ReplyError
+from .client import Client
 from .config import Config, ConfigError, load_config, with_overrides
-from .errors import LlmsrvError
+from .errors import LlmsrvError, ReplyError
 from .messages import StreamChunk
 from .natsserver import NatsServer, free_port
 from .providers import ProviderStatus
@@ -223,10 +223,7 @@ async def _check(cfg: Config, probe: bool) -> int:
     providers = build_providers(cfg)
     print("config: ok")
     for key in PROVIDER_KEYS:
-        provider = providers.get(key)
-        if provider is None:
-            print(f"{key:14} missing   (not implemented in llmsrv {__version__})")
-            continue
+        provider = providers[key]
         status = provider.status()
         if probe and status.available:
             with trio.move_on_after(15) as scope:

@@ -140,7 +140,7 @@ class ProviderError(LlmsrvError):
 class ProviderTimeout(ProviderError):
     """One attempt took longer than its provider's ``timeout_ms`` (the request may go on)."""
 
-    outcome = "timeout"  # type: ignore[assignment]
+    outcome = "timeout"
 
 
 class ProviderUnreachable(ProviderError):
@@ -153,7 +153,7 @@ class UpstreamTooLarge(ProviderError):
     """An upstream body passed ``[server] max_upstream_bytes``; reading it again would not help:
     the router does not try that target again in the request."""
 
-    outcome = "too_large"  # type: ignore[assignment]
+    outcome = "too_large"
 
 
 class ResponseTooLarge(LlmsrvError):

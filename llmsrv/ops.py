@@ -1,4 +1,4 @@
-"""Operations: health, readiness, Prometheus metrics (HTTP), NATS micro-service discovery.
+"""Operations: health, readiness, Prometheus metrics (HTTP), NATS micro-service discovery; renders frozen snapshots.
 
 ``$SRV.PING|INFO|STATS`` (and their ``.llmsrv`` / ``.llmsrv.<id>`` forms) are answered here by
 hand, in the JSON shapes of the NATS micro spec (v1): nats-py's ``nats.micro`` would serve our
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import h11
 import msgspec
@@ -23,77 +23,106 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .bus import Handler, Incoming
 from .messages import encode
-from .resilience import STATE_CODE
-
-if TYPE_CHECKING:
-    from .service import Service
+from .providers import ProviderStatus
+from .resilience import STATE_CODE, GuardSnapshot
 
 SERVICE_NAME = "llmsrv"
 
 
-def health_document(service: Service) -> dict[str, Any]:
-    providers = {}
-    for name, provider in service.providers.items():
-        status = provider.status()
-        guard = service.guards.get(name)
-        providers[name] = {"available": status.available, "state": status.state, "reason": status.reason,
-                           "breaker": guard.breaker.state if guard else "closed",
-                           # per-model breakers (breaker_scope = "model") that are not closed
-                           "models": {m: b.state for m, b in guard.models.items() if b.state != "closed"}
-                           if guard else {}}
-    stats = service.statistics()
+class ServiceStats(msgspec.Struct, frozen=True):
+    """The request counters of one instance."""
+
+    inflight: int
+    workers: int
+    idle_workers: int
+    requests: int
+    errors: int
+    processing_ns: int
+    last_error: str
+
+
+class ProviderSnapshot(msgspec.Struct, frozen=True):
+    status: ProviderStatus
+    guard: GuardSnapshot
+    model_breakers: dict[str, str]  # model -> state, of every per-model breaker kept
+
+
+class InstanceSnapshot(msgspec.Struct, frozen=True):
+    """Everything the operations endpoints show of one instance, taken at once (no I/O)."""
+
+    instance_id: str
+    started_wall: float
+    uptime_s: float
+    draining: bool
+    nats_connected: bool
+    subject_request: str
+    queue: str
+    counters: ServiceStats
+    providers: dict[str, ProviderSnapshot]
+
+
+Snapshot = Callable[[], InstanceSnapshot]
+
+
+def health_document(snap: InstanceSnapshot) -> dict[str, Any]:
+    providers = {name: {"available": p.status.available, "state": p.status.state, "reason": p.status.reason,
+                        "breaker": p.guard.breaker.state,
+                        # per-model breakers (breaker_scope = "model") that are not closed
+                        "models": {m: state for m, state in p.model_breakers.items() if state != "closed"}}
+                 for name, p in snap.providers.items()}
     return {
-        "status": "draining" if service.draining else "ok",
-        "uptime_s": round(service.uptime_s, 3),
-        "nats": "connected" if service.bus.is_connected else "disconnected",
+        "status": "draining" if snap.draining else "ok",
+        "uptime_s": round(snap.uptime_s, 3),
+        "nats": "connected" if snap.nats_connected else "disconnected",
         "providers": providers,
-        "instance_id": service.instance_id,
+        "instance_id": snap.instance_id,
         "version": __version__,
-        "inflight": stats.inflight,
+        "inflight": snap.counters.inflight,
     }
 
 
-def status_document(service: Service) -> dict[str, Any]:
+def status_document(snap: InstanceSnapshot) -> dict[str, Any]:
     """``llm.admin.status``: the health document plus breakers, limits and counters."""
-    doc = health_document(service)
-    doc["breakers"] = {name: msgspec.to_builtins(guard.statistics()) for name, guard in service.guards.items()}
-    doc["stats"] = msgspec.to_builtins(service.statistics())
+    doc = health_document(snap)
+    doc["breakers"] = {name: msgspec.to_builtins(p.guard) for name, p in snap.providers.items()}
+    doc["stats"] = msgspec.to_builtins(snap.counters)
     return doc
 
 
-def _identity(service: Service, kind: str) -> dict[str, Any]:
+def _identity(snap: InstanceSnapshot, kind: str) -> dict[str, Any]:
     return {"type": f"io.nats.micro.v1.{kind}_response", "name": SERVICE_NAME,
-            "id": service.instance_id, "version": __version__, "metadata": {}}
+            "id": snap.instance_id, "version": __version__, "metadata": {}}
 
 
-def _endpoint(service: Service) -> dict[str, Any]:
-    return {"name": "request", "subject": service.subject_request,
-            "queue_group": service.cfg.nats.queue, "metadata": {}}
+def _endpoint(snap: InstanceSnapshot) -> dict[str, Any]:
+    return {"name": "request", "subject": snap.subject_request, "queue_group": snap.queue, "metadata": {}}
 
 
-def _info(service: Service) -> dict[str, Any]:
-    return {**_identity(service, "info"), "description": "LLM requests over NATS",
-            "endpoints": [_endpoint(service)]}
+def _ping(snap: InstanceSnapshot) -> dict[str, Any]:
+    return _identity(snap, "ping")
 
 
-def _stats(service: Service) -> dict[str, Any]:
-    s = service.statistics()
-    started = _dt.datetime.fromtimestamp(service.started_wall, _dt.UTC)
-    return {**_identity(service, "stats"), "started": started.isoformat().replace("+00:00", "Z"),
-            "endpoints": [{**_endpoint(service), "num_requests": s.requests, "num_errors": s.errors,
+def _info(snap: InstanceSnapshot) -> dict[str, Any]:
+    return {**_identity(snap, "info"), "description": "LLM requests over NATS", "endpoints": [_endpoint(snap)]}
+
+
+def _stats(snap: InstanceSnapshot) -> dict[str, Any]:
+    s = snap.counters
+    started = _dt.datetime.fromtimestamp(snap.started_wall, _dt.UTC)
+    return {**_identity(snap, "stats"), "started": started.isoformat().replace("+00:00", "Z"),
+            "endpoints": [{**_endpoint(snap), "num_requests": s.requests, "num_errors": s.errors,
                            "last_error": s.last_error, "processing_time": s.processing_ns,
                            "average_processing_time": s.processing_ns // max(1, s.requests)}]}
 
 
-def micro_subscriptions(service: Service) -> Iterator[tuple[str, Handler]]:
-    for verb, build in (("PING", lambda: _identity(service, "ping")),
-                        ("INFO", lambda: _info(service)), ("STATS", lambda: _stats(service))):
-        def handler(msg: Incoming, build: Any = build) -> None:
+def micro_subscriptions(snapshot: Snapshot, publish: Callable[[str, bytes], None]) -> Iterator[tuple[str, Handler]]:
+    instance_id = snapshot().instance_id
+    for verb, build in (("PING", _ping), ("INFO", _info), ("STATS", _stats)):
+        def handler(msg: Incoming, build: Callable[[InstanceSnapshot], dict[str, Any]] = build) -> None:
             if msg.reply:
-                service.bus.publish_nowait(msg.reply, encode(build()))
+                publish(msg.reply, encode(build(snapshot())))
 
-        for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{SERVICE_NAME}",
-                        f"$SRV.{verb}.{SERVICE_NAME}.{service.instance_id}"):
+        for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{SERVICE_NAME}", f"$SRV.{verb}.{SERVICE_NAME}.{instance_id}"):
             yield subject, handler
 
 
@@ -103,68 +132,64 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-class _BreakerStates(Collector):
-    """``llmsrv_breaker_state{provider}`` read from the breakers at scrape time."""
+class _Watched(Collector):
+    """Series read from the instance at scrape time: breaker states and NATS drops."""
 
-    def __init__(self, service: Service) -> None:
-        self._service = service
+    def __init__(self, snapshot: Snapshot, dropped: Callable[[], Mapping[str, int]]) -> None:
+        self._snapshot, self._dropped = snapshot, dropped
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         family = GaugeMetricFamily("llmsrv_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
                                    labels=["provider"])
         models = GaugeMetricFamily("llmsrv_model_breaker_state",
                                    "Per-model breaker state (breaker_scope = model): 0 closed, 1 half-open, 2 open",
                                    labels=["provider", "model"])
-        for name, guard in self._service.guards.items():
-            family.add_metric([name], STATE_CODE[guard.breaker.state])
-            for model, breaker in guard.models.items():
-                models.add_metric([name, model], STATE_CODE[breaker.state])
+        for name, p in self._snapshot().providers.items():
+            family.add_metric([name], STATE_CODE[p.guard.breaker.state])
+            for model, state in p.model_breakers.items():
+                models.add_metric([name, model], STATE_CODE[state])
+        dropped = CounterMetricFamily("llmsrv_nats_dropped", "Messages the NATS client dropped past a subscription's "
+                                      "pending limit (nats.pending_msgs_limit / pending_bytes_limit)",
+                                      labels=["subject"])
+        for subject, count in self._dropped().items():
+            dropped.add_metric([subject], count)
         yield family
         yield models
-
-
-class _NatsDropped(Collector):
-    """``llmsrv_nats_dropped_total{subject}``: messages nats-py dropped as a slow consumer."""
-
-    def __init__(self, service: Service) -> None:
-        self._service = service
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("llmsrv_nats_dropped", "Messages the NATS client dropped past a subscription's "
-                                     "pending limit (nats.pending_msgs_limit / pending_bytes_limit)",
-                                     labels=["subject"])
-        for subject, count in self._service.bus.dropped.items():
-            family.add_metric([subject], count)
-        yield family
+        yield dropped
 
 
 class Metrics:
-    """The Prometheus metrics of one service (CONTRACT section 6), in a registry of its own."""
+    """The Prometheus metrics of one instance (CONTRACT section 6), in a registry of its own.
 
-    def __init__(self, service: Service) -> None:
+    The counters are written by the pipeline and the service; ``watch`` adds the series read from
+    the instance at scrape time (in-flight gauge, breaker states, NATS drops).
+    """
+
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("llmsrv_requests", "Requests answered, by provider, model and outcome",
-                                ["provider", "model", "outcome"], registry=r)
-        self.request_duration = Histogram("llmsrv_request_duration_seconds", "From receipt to final reply",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.provider_call = Histogram("llmsrv_provider_call_duration_seconds", "One provider attempt",
-                                       ["provider"], buckets=LATENCY_BUCKETS, registry=r)
-        self.first_chunk = Histogram("llmsrv_time_to_first_chunk_seconds", "Attempt start to first streamed text",
-                                     ["provider"], buckets=LATENCY_BUCKETS, registry=r)
-        Gauge("llmsrv_inflight_requests", "Requests admitted and not yet answered",
-              registry=r).set_function(lambda: service.statistics().inflight)
-        self.transitions = Counter("llmsrv_breaker_transitions", "Circuit breaker state changes",
-                                   ["provider", "to"], registry=r)
-        self.rate_limited = Counter("llmsrv_rate_limited", "Attempts refused by a rate limit (ours or upstream)",
-                                    ["provider", "limit"], registry=r)
-        self.tokens = Counter("llmsrv_tokens", "Tokens used", ["provider", "direction"], registry=r)
-        self.cost = Counter("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"], registry=r)
-        self.cancellations = Counter("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
-        r.register(_BreakerStates(service))
-        r.register(_NatsDropped(service))
+        self._requests = Counter("llmsrv_requests", "Requests answered, by provider, model and outcome",
+                                 ["provider", "model", "outcome"], registry=r)
+        self._request_duration = Histogram("llmsrv_request_duration_seconds", "From receipt to final reply",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self._provider_call = Histogram("llmsrv_provider_call_duration_seconds", "One provider attempt",
+                                        ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self._first_chunk = Histogram("llmsrv_time_to_first_chunk_seconds", "Attempt start to first streamed text",
+                                      ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self._transitions = Counter("llmsrv_breaker_transitions", "Circuit breaker state changes",
+                                    ["provider", "to"], registry=r)
+        self._rate_limited = Counter("llmsrv_rate_limited", "Attempts refused by a rate limit (ours or upstream)",
+                                     ["provider", "limit"], registry=r)
+        self._tokens = Counter("llmsrv_tokens", "Tokens used", ["provider", "direction"], registry=r)
+        self._cost = Counter("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"], registry=r)
+        self._cancellations = Counter("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"], registry=r)
         self._children: dict[tuple[object, ...], Any] = {}
 
-    def child(self, metric: Any, *labels: str) -> Any:
+    def watch(self, snapshot: Snapshot, dropped: Callable[[], Mapping[str, int]]) -> None:
+        Gauge("llmsrv_inflight_requests", "Requests admitted and not yet answered",
+              registry=self.registry).set_function(lambda: snapshot().counters.inflight)
+        self.registry.register(_Watched(snapshot, dropped))
+
+    def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: ``labels()`` costs ~3.5 us, a cached child's ``inc`` ~0.6."""
         key = (id(metric), *labels)
         found = self._children.get(key)
@@ -173,17 +198,32 @@ class Metrics:
         return found
 
     def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
-        self.child(self.requests, provider, model, outcome).inc()
+        self._child(self._requests, provider, model, outcome).inc()
         if seconds is not None:
-            self.request_duration.observe(seconds)
+            self._request_duration.observe(seconds)
+
+    def cancelled(self, reason: str) -> None:
+        self._child(self._cancellations, reason).inc()
+
+    def provider_call(self, provider: str, seconds: float) -> None:
+        self._child(self._provider_call, provider).observe(seconds)
+
+    def first_chunk(self, provider: str, seconds: float) -> None:
+        self._child(self._first_chunk, provider).observe(seconds)
+
+    def rate_limited(self, provider: str, limit: str) -> None:
+        self._child(self._rate_limited, provider, limit).inc()
+
+    def transition(self, provider: str, to: str) -> None:
+        self._child(self._transitions, provider, to).inc()
 
     def usage(self, provider: str, prompt_tokens: int, completion_tokens: int, cost_cents: float) -> None:
         if prompt_tokens:
-            self.child(self.tokens, provider, "input").inc(prompt_tokens)
+            self._child(self._tokens, provider, "input").inc(prompt_tokens)
         if completion_tokens:
-            self.child(self.tokens, provider, "output").inc(completion_tokens)
+            self._child(self._tokens, provider, "output").inc(completion_tokens)
         if cost_cents:
-            self.child(self.cost, provider).inc(cost_cents)
+            self._child(self._cost, provider).inc(cost_cents)
 
     def render(self) -> bytes:
         return bytes(prometheus_client.generate_latest(self.registry))
@@ -191,31 +231,33 @@ class Metrics:
 
 # ---- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------------
 
-def ready(service: Service) -> bool:
-    return (service.bus.is_connected and not service.draining
-            and any(p.status().available for p in service.providers.values()))
+def ready(snap: InstanceSnapshot) -> bool:
+    return snap.nats_connected and not snap.draining and any(p.status.available for p in snap.providers.values())
 
 
-def http_answer(service: Service, path: str) -> tuple[int, str, bytes]:
+def http_answer(path: str, snapshot: Snapshot, metrics: Metrics) -> tuple[int, str, bytes]:
     if path == "/metrics":
-        return 200, prometheus_client.CONTENT_TYPE_LATEST, service.metrics.render()
+        return 200, prometheus_client.CONTENT_TYPE_LATEST, metrics.render()
     if path == "/healthz":
-        return 200, "application/json", encode(health_document(service))
+        return 200, "application/json", encode(health_document(snapshot()))
     if path == "/readyz":
-        ok = ready(service)
+        ok = ready(snapshot())
         return (200 if ok else 503), "application/json", encode({"ready": ok})
     return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
 
 
-async def serve_http(service: Service, host: str, port: int,
+Answer = Callable[[str], tuple[int, str, bytes]]
+
+
+async def serve_http(answer: Answer, host: str, port: int,
                      *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """A small HTTP/1.1 responder (h11 on trio sockets) for the three operations endpoints."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(functools.partial(_http_connection, service), listeners)
+    await trio.serve_listeners(functools.partial(_http_connection, answer), listeners)
 
 
-async def _http_connection(service: Service, stream: trio.SocketStream) -> None:
+async def _http_connection(answer: Answer, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         with trio.move_on_after(10):  # one request per connection, read within 10 s
@@ -227,7 +269,7 @@ async def _http_connection(service: Service, stream: trio.SocketStream) -> None:
                 if not isinstance(event, h11.Request):
                     return
                 method, target = event.method.decode(), event.target.decode().partition("?")[0]
-                status, ctype, body = (http_answer(service, target) if method in ("GET", "HEAD")
+                status, ctype, body = (answer(target) if method in ("GET", "HEAD")
                                        else (405, "text/plain", b"only GET\n"))
                 headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-The caller's cancel scope carries the request deadline; everything here runs inside it, so a
+The caller's cancel scope carries the request deadline (read here with
+``trio.current_effective_deadline()``, never passed down); everything here runs inside it, so a
 cancelled or expired request stops every attempt at once (and ``ProviderGuard`` releases what
-each held). Within it:
+each held). Which errors are worth another attempt is the errors' own policy (``retryable``).
+Within it:
 
 * **Fallback**: candidates are tried in plan order; a retryable failure (``ProviderError``
   including attempt timeouts, ``RateLimited``, ``CircuitOpen``, ``MissingCredentials``) moves
@@ -41,7 +43,6 @@ from .messages import Attempt
 from .providers import Completion
 from .routing import Plan, Target
 
-RETRYABLE = (errors.ProviderError, errors.RateLimited, errors.CircuitOpen, errors.MissingCredentials)
 RunAttempt = Callable[[Target], Awaitable[Completion]]
 
 
@@ -49,19 +50,6 @@ class Result(msgspec.Struct):
     completion: Completion
     target: Target
     attempts: list[Attempt]
-
-
-TOO_LARGE = "too_large"
-
-
-def outcome_of(exc: BaseException) -> str:
-    if isinstance(exc, errors.ProviderTimeout):
-        return "timeout"
-    if isinstance(exc, errors.UpstreamTooLarge):
-        return TOO_LARGE
-    if isinstance(exc, errors.LlmsrvError):
-        return exc.error_code.lower()
-    return "error"
 
 
 def backoff_s(round_no: int, retry: RetryConfig, rng: random.Random) -> float:
@@ -75,10 +63,11 @@ class Router:
         self.retry = retry
         self.rng = rng or random.Random()
 
-    async def run(self, plan: Callable[[], Plan], attempt: RunAttempt, deadline: float, *,
+    async def run(self, plan: Callable[[], Plan], attempt: RunAttempt, *,
                   hedge_delay: Callable[[Target], float] | None = None,
                   streamed: Callable[[], bool] = lambda: False) -> Result:
         """Answer with the first successful attempt, or raise the error that ends the request."""
+        deadline = trio.current_effective_deadline()
         attempts: list[Attempt] = []
         last: errors.LlmsrvError | None = None
         used = 0
@@ -88,7 +77,7 @@ class Router:
             if not current.candidates:
                 await self._wait_or_raise(current, deadline, last, attempts)
                 continue
-            spent = {(a.provider, a.model) for a in attempts if a.outcome == TOO_LARGE}
+            spent = {(a.provider, a.model) for a in attempts if a.outcome == errors.UpstreamTooLarge.outcome}
             todo = [t for t in current.candidates if (t.provider, t.model) not in spent]
             if not todo:
                 assert last is not None
@@ -127,8 +116,10 @@ class Router:
             started = trio.current_time()
             try:
                 completion = await attempt(target)
-            except RETRYABLE as exc:
-                attempts.append(_attempt(target, outcome_of(exc), started))
+            except errors.LlmsrvError as exc:
+                if not exc.retryable:
+                    raise
+                attempts.append(_attempt(target, exc.outcome, started))
                 if streamed():
                     raise self._final(exc, attempts) from None
                 last = exc
@@ -151,8 +142,12 @@ class Router:
             except trio.Cancelled:
                 attempts.append(_attempt(target, "cancelled", started))
                 raise
-            except RETRYABLE as exc:
-                attempts.append(_attempt(target, outcome_of(exc), started))
+            except errors.LlmsrvError as exc:
+                if not exc.retryable:
+                    fatal.append(exc)
+                    nursery.cancel_scope.cancel()
+                    return
+                attempts.append(_attempt(target, exc.outcome, started))
                 failures.append(exc)
                 failed.set()
                 return

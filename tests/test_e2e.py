@@ -217,9 +217,9 @@ async def test_cancelling_the_client_scope_cancels_on_the_server(nats_url: str) 
             while mock.statistics().cancelled == 0:  # type: ignore[attr-defined]
                 await trio.sleep(0.005)
         with trio.fail_after(5):  # and the server finished the request (answered CANCELLED)
-            while h.service.statistics().inflight:
+            while h.service.statistics().counters.inflight:
                 await trio.sleep(0.005)
-        assert h.service.statistics().last_error == "CANCELLED"
+        assert h.service.statistics().counters.last_error == "CANCELLED"
 
 
 async def test_cancel_of_unknown_or_malformed_id_is_harmless(nats_url: str) -> None:
@@ -331,11 +331,11 @@ async def test_idle_workers_retire_after_a_burst(nats_url: str) -> None:
         async with trio.open_nursery() as nursery:
             for i in range(30):
                 nursery.start_soon(h.client.complete, {"messages": user(f"b{i}"), "model": "mock:echo"})
-        assert h.service.statistics().workers >= 30  # one task per concurrent request
+        assert h.service.statistics().counters.workers >= 30  # one task per concurrent request
         with trio.fail_after(10):  # fail-safe; they retire about 1 s after the burst
-            while h.service.statistics().workers > 2:
+            while h.service.statistics().counters.workers > 2:
                 await trio.sleep(0.05)
-        stats = h.service.statistics()
+        stats = h.service.statistics().counters
         assert stats.idle_workers == stats.workers == 2
         reply = await h.client.complete({"messages": user("still served"), "model": "mock:echo"})
     assert reply.text == "still served"

@@ -30,6 +30,7 @@ async def test_failures_open_the_breaker_then_circuit_open(nats_url: str, scope:
         third = await h.error_of(ENC({"messages": user(), "model": "mock:echo"}))
         health = await h.client.request_json("health")
         calls = h.service.providers["mock"].statistics().calls  # type: ignore[attr-defined]
+        metrics = h.service.metrics.render().decode()
     assert first["error_code"] == second["error_code"] == "PROVIDER_ERROR"
     assert first["attempts"][0]["outcome"] == "provider_error"
     assert third["error_code"] == "CIRCUIT_OPEN" and third["_headers"]["Nats-Service-Error-Code"] == "503"
@@ -40,7 +41,7 @@ async def test_failures_open_the_breaker_then_circuit_open(nats_url: str, scope:
     else:  # only mock:echo's own breaker opened; the provider's stays closed for its other models
         assert health["providers"]["mock"]["breaker"] == "closed"
         assert health["providers"]["mock"]["models"] == {"echo": "open"}
-    assert h.service.transitions[("mock", "open")] == 1
+    assert 'llmsrv_breaker_transitions_total{provider="mock",to="open"} 1.0' in metrics
 
 
 async def test_deadline_expiry_is_not_a_breaker_failure(nats_url: str) -> None:
@@ -48,7 +49,7 @@ async def test_deadline_expiry_is_not_a_breaker_failure(nats_url: str) -> None:
         for _ in range(3):
             err = await h.error_of(ENC({"messages": user(), "model": "mock:echo", "timeout_ms": 50}))
             assert err["error_code"] == "TIMEOUT"
-        assert h.service.guards["mock"].breaker.state == "closed"
+        assert h.service.pipeline.guards["mock"].breaker.state == "closed"
 
 
 async def test_attempt_timeout_falls_back(nats_url: str) -> None:

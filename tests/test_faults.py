@@ -253,7 +253,7 @@ def _footprint(fake: FaultUpstream) -> Footprint:
 async def _drained(h: Harness, fake: FaultUpstream, base: Footprint) -> Footprint:
     """The footprint once it is back within the baseline, or after the ``DRAIN_S`` fail-safe."""
     with trio.move_on_after(DRAIN_S):
-        while not (h.service.statistics().inflight == 0 and _footprint(fake).holds_no_more_than(base)):
+        while not (h.service.statistics().counters.inflight == 0 and _footprint(fake).holds_no_more_than(base)):
             await trio.sleep(0.02)  # fds and children have no event to wait on: poll, with a deadline
     return _footprint(fake)
 

@@ -52,7 +52,7 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
                     scope.cancel()
             err = await h.error_of(ENC({"messages": user(), "model": "mock:lorem", "timeout_ms": 20}))
             assert err["error_code"] in ("TIMEOUT", "RATE_LIMITED")
-            await _until(lambda: not h.service.statistics().inflight)
+            await _until(lambda: not h.service.statistics().counters.inflight)
             for _ in range(2):  # the 4/hour budget is spent by now: rate limited (answered at once)
                 with pytest.raises(ReplyError) as info:
                     await h.client.complete({"messages": user(), "model": "mock:echo", "timeout_ms": 5000})
@@ -107,7 +107,7 @@ async def test_healthz_and_readyz(nats_url: str) -> None:
                 await _until(lambda: mock.statistics().calls == 1)  # type: ignore[attr-defined]
                 h.service.shutdown()  # one request in flight (1 s of latency): the drain waits for it
                 await _until(lambda: h.service.draining)
-                assert h.service.statistics().inflight == 1
+                assert h.service.statistics().counters.inflight == 1
                 draining = await http.get("/readyz")
                 assert draining.status_code == 503 and draining.json() == {"ready": False}
                 assert (await http.get("/healthz")).json()["status"] == "draining"
@@ -123,7 +123,8 @@ async def test_admin_status_and_breaker_set_reach_every_instance(nats_url: str) 
         assert all(s["breakers"]["mock"]["breaker"]["state"] == "closed" for s in statuses)
         done = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 2, "ttl_s": 7.5}, count=2)
         assert len(done) == 2 and all((r["threshold"], r["ttl_s"]) == (2, 7.5) for r in done)
-        assert (b.service.guards["mock"].breaker.threshold, b.service.guards["mock"].breaker.ttl_s) == (2, 7.5)
+        breaker = b.service.pipeline.guards["mock"].breaker
+        assert (breaker.threshold, breaker.ttl_s) == (2, 7.5)
         bad = await a.client.gather("admin.breaker.set", {"provider": "mock", "threshold": 0}, count=2)
         unknown = await a.client.gather("admin.breaker.set", {"provider": "acme"}, count=2)
     assert {r["error_code"] for r in bad} == {"VALIDATION_ERROR"} and "$.threshold" in bad[0]["error"]

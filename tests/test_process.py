@@ -113,7 +113,7 @@ async def test_reconnect_after_nats_server_restart() -> None:
             await h.client.bus.flush()
             reply = await h.client.complete({"messages": user("after"), "model": "mock:echo"}, timeout_s=5)
             assert reply.text == "after"
-            assert h.service.statistics().requests >= 2
+            assert h.service.statistics().counters.requests >= 2
     finally:
         server.stop()
 
@@ -203,4 +203,4 @@ async def test_ask_ctrl_c_sends_llm_cancel(nats_url: str) -> None:
             while mock.statistics().cancelled == 0:  # type: ignore[attr-defined]
                 await trio.sleep(0.01)
         assert rc == 130
-        assert h.service.statistics().last_error == "CANCELLED"
+        assert h.service.statistics().counters.last_error == "CANCELLED"

@@ -60,7 +60,7 @@ async def test_breaker_opening_is_shared_by_the_fleet(nats_url: str, redis_url: 
         err = await a.error_of(ENC({"messages": user(), "model": "mock:echo"}))
         assert err["error_code"] == "PROVIDER_ERROR"
         with trio.fail_after(5):
-            while b.service.guards["mock"].models["echo"].state != "open":  # per-model breakers (default)
+            while b.service.pipeline.guards["mock"].models["echo"].state != "open":  # per-model breakers (default)
                 await trio.sleep(0.02)
         refused = await b.error_of(ENC({"messages": user(), "model": "mock:echo"}))
     assert refused["error_code"] == "CIRCUIT_OPEN" and 25000 < refused["retry_after_ms"] <= 30000

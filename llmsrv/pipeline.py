@@ -1,0 +1,229 @@
+"""The request pipeline: a decoded request in, its ``LLMResponse`` (or the error that ends it) out.
+
+Theory of operation
+-------------------
+route (memoised on the fields it reads) -> plan (each provider's state now: credentials, breakers,
+rate limits) -> ``Router`` (fallback, retries, hedging) -> one guarded attempt per target
+(``ProviderGuard``: breakers, bulkhead, limits, the provider's ``timeout_ms``) -> the response
+(usage, cost, what was tried). It knows nothing of how the request arrived or how the answer
+leaves: the NATS service feeds it, and the bench builds one directly. It runs inside the caller's
+per-request cancel scope; the router and the attempts read that deadline from trio.
+
+With ``[routing] resilience = false`` the same path runs with one attempt and no guard (no
+breakers, limits, bulkheads or retries), so the bench can measure what the layer costs.
+
+A delta streamed to the caller commits the request to that attempt: from then on a failure ends
+the request (no fallback mid-stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import msgspec
+import trio
+
+from . import errors, messages, routing
+from .config import Config, Price, RetryConfig
+from .messages import LLMRequest, LLMResponse
+from .ops import Metrics, ProviderSnapshot
+from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
+from .resilience import Breaker, ProviderGuard, RedisBreakerBoard, call_guarded, in_background, sync_breakers
+from .router import Router
+
+log = logging.getLogger("llmsrv.pipeline")
+
+UP = routing.ProviderState()  # available, breaker admits, rate limits have room
+MAX_ROUTES = 4096  # memoised routes; model names come from requests, so bound them
+
+
+class _Delivery:
+    """The caller's ``on_delta`` for one request: knows whether text went out (no fallback then)."""
+
+    __slots__ = ("_deliver", "_metrics", "started")
+
+    def __init__(self, deliver: OnDelta, metrics: Metrics) -> None:
+        self._deliver, self._metrics = deliver, metrics
+        self.started = False
+
+    def for_attempt(self, provider: str) -> OnDelta:
+        """The attempt's ``on_delta``: also times the attempt's first chunk."""
+        begun = trio.current_time()
+        first = True
+
+        def on_delta(text: str) -> None:
+            nonlocal first
+            if not text:
+                return
+            if first:
+                first = False
+                self._metrics.first_chunk(provider, trio.current_time() - begun)
+            self.started = True
+            self._deliver(text)
+
+        return on_delta
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, providers: Mapping[str, Provider], metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.providers = providers
+        self.metrics = metrics or Metrics()
+        self.guarded = cfg.routing.resilience
+        self.router = Router(cfg.routing.retry if self.guarded else RetryConfig(max_attempts=1))
+        storage = cfg.routing.storage_uri
+        fleet = f"llmsrv:{cfg.nats.queue}:"  # every instance of one queue group shares limits and openings
+        self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name), storage_uri=storage,
+                                           on_transition=self._on_transition, limit_key=f"{fleet}limit:{name}")
+                       for name in providers}
+        self.board = RedisBreakerBoard(storage, f"{fleet}breaker:") if storage.startswith("redis") else None
+        self._routes: dict[tuple[object, ...], routing.Route] = {}
+        self._unsettled_models: set[str] = set()  # provider:model whose own breaker is not closed
+
+    # ---- one request -------------------------------------------------------------------------
+
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None = None) -> LLMResponse:
+        call = Call(model="", messages=request.messages, max_tokens=request.max_tokens,
+                    temperature=request.temperature, tools=request.tools or ())
+        delivery = _Delivery(on_delta, self.metrics) if on_delta is not None else None
+        result = await self.router.run(
+            lambda: self.plan(request), lambda target: self._attempt(target, call, delivery),
+            hedge_delay=self._hedge_delay(request) if delivery is None else None,
+            streamed=(lambda: delivery.started) if delivery is not None else (lambda: False))
+        done, target = result.completion, result.target
+        cost = self._cost_cents(target, done)
+        self.metrics.usage(target.provider, done.usage.prompt_tokens, done.usage.completion_tokens, cost)
+        return LLMResponse(
+            text=done.text, model=target.spec, tokens_used=done.usage.prompt_tokens + done.usage.completion_tokens,
+            cost_cents=cost, timestamp=messages.timestamp(), correlation_id=correlation_id, usage=done.usage,
+            finish_reason=done.finish_reason, tool_calls=list(done.tool_calls), attempts=result.attempts)
+
+    def plan(self, request: LLMRequest) -> routing.Plan:
+        found = self._route(request)
+        states = {name: self._state(name) for name in found.providers if name in self.providers}
+        if self._unsettled_models:  # a model whose own breaker is not closed may have to be skipped
+            for target in found.targets:
+                if target.spec in self._unsettled_models and target.provider in states:
+                    blocked = self.guards[target.provider].model_blocked_for(target.model)
+                    if blocked is not None:
+                        states[target.spec] = msgspec.structs.replace(states[target.provider],
+                                                                      circuit_retry_after_s=blocked)
+        return routing.filter_plan(found, states, request.provider)
+
+    def _route(self, request: LLMRequest) -> routing.Route:
+        """``routing.route`` memoised on what it reads; an inferred complexity reads the text."""
+        if request.model == "auto" and request.complexity is None:
+            return routing.route(request, self.cfg.routing)
+        key = (request.model, request.provider, request.task_type, request.complexity,
+               tuple(request.capabilities or ()))
+        found = self._routes.get(key)
+        if found is None:
+            found = routing.route(request, self.cfg.routing)
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            self._routes[key] = found
+        return found
+
+    def _state(self, name: str) -> routing.ProviderState:
+        available = self.providers[name].status().available
+        if not self.guarded or not available:
+            return routing.ProviderState(available)
+        guard = self.guards[name]
+        circuit, rate = guard.breaker.blocked_for(), guard.limiter.blocked_for()
+        return UP if circuit is None and rate is None else routing.ProviderState(True, circuit, rate)
+
+    async def _attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None) -> Completion:
+        provider = self.providers[target.provider]
+        call = msgspec.structs.replace(call, model=target.model)
+        on_delta = delivery.for_attempt(target.provider) if delivery is not None else None
+        if not self.guarded:
+            return await provider.complete(call, on_delta)
+        guard = self.guards[target.provider]
+        timeout_s = getattr(self.cfg.providers, target.provider).timeout_ms / 1000
+        tokens = estimate_call_tokens(call) if guard.limiter.enabled else 0
+        started = trio.current_time()
+        called = True
+        try:
+            return await call_guarded(guard, tokens, timeout_s, lambda: provider.complete(call, on_delta),
+                                      target.model)
+        except errors.CircuitOpen:
+            called = False  # refused before any call: no duration to record
+            raise
+        except errors.RateLimited as exc:
+            self.metrics.rate_limited(target.provider, exc.limit)
+            raise
+        finally:
+            if called:
+                self.metrics.provider_call(target.provider, trio.current_time() - started)
+
+    def _cost_cents(self, target: routing.Target, completion: Completion) -> float:
+        price: Price | None = getattr(self.cfg.providers, target.provider).prices.get(target.model)
+        if price is None:
+            return 0.0
+        usd = (completion.usage.prompt_tokens * price.input_per_mtok
+               + completion.usage.completion_tokens * price.output_per_mtok) / 1e6
+        return round(usd * 100, 6)
+
+    def _hedge_delay(self, request: LLMRequest) -> Callable[[routing.Target], float] | None:
+        hedge = self.cfg.routing.hedge
+        task = messages.TASK_ALIASES.get(request.task_type, request.task_type)
+        if not self.guarded or not hedge.enabled or (hedge.tasks and task not in hedge.tasks):
+            return None
+
+        def delay(target: routing.Target) -> float:
+            if hedge.delay_ms:
+                return hedge.delay_ms / 1000
+            p95 = self.guards[target.provider].latency.p95()
+            return p95 if p95 is not None else hedge.default_delay_ms / 1000
+
+        return delay
+
+    # ---- breakers ----------------------------------------------------------------------------
+
+    def breakers(self) -> dict[str, Breaker]:
+        """Every breaker by name (``provider`` and ``provider:model``)."""
+        return {name: b for guard in self.guards.values() for name, b in guard.breakers().items()}
+
+    def tune(self, provider: str, threshold: int | None, ttl_s: float | None) -> ProviderGuard:
+        """Retune the breakers of ``provider`` (``llm.admin.breaker.set``)."""
+        guard = self.guards.get(provider)
+        if guard is None:
+            raise errors.ProviderNotFound(f"no provider {provider!r} on this instance")
+        guard.tune(threshold, ttl_s)
+        log.warning("breakers of provider %s retuned by admin: threshold=%s ttl_s=%s",
+                    provider, guard.breaker.threshold, guard.breaker.ttl_s)
+        return guard
+
+    def _on_transition(self, name: str, old: str, new: str) -> None:
+        """``name`` is ``provider`` or, for a per-model breaker, ``provider:model``."""
+        provider, _, model = name.partition(":")
+        if model:
+            (self._unsettled_models.discard if new == "closed" else self._unsettled_models.add)(name)
+        self.metrics.transition(provider, new)
+        log.warning("circuit breaker of %s: %s -> %s", name, old, new)
+        breaker = self.guards[provider].breakers().get(name) if provider in self.guards else None
+        until = breaker.open_until() if breaker is not None else None
+        if self.board is not None and until is not None:
+            in_background(self.board.publish_open, name, time.time() + until - trio.current_time())
+
+    async def share_breakers(self) -> None:
+        """With a Redis ``storage_uri``: adopt the openings other instances publish (runs until cancelled)."""
+        if self.board is not None:
+            await sync_breakers(self.board, self.breakers, self.cfg.routing.breaker_sync_s)
+
+    # ---- state and lifecycle -------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, ProviderSnapshot]:
+        """Each provider's status and guard, frozen (no I/O)."""
+        return {name: ProviderSnapshot(provider.status(), self.guards[name].statistics(),
+                                       {m: b.state for m, b in self.guards[name].models.items()})
+                for name, provider in self.providers.items()}
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            with trio.move_on_after(2):
+                closer = getattr(provider, "aclose", None)  # TEMP-ACLOSE
+                if closer is not None:  # TEMP-ACLOSE
+                    await closer()  # TEMP-ACLOSE
