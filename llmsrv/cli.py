@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import trio
-import trio_asyncio
 
 from . import __version__, redact
 from .bus import Bus, BusError, bus_error_in, redact_url
@@ -142,7 +141,7 @@ def _serve(cfg: Config) -> int:
 
 
 async def _serve_async(cfg: Config, url: str) -> None:
-    async with trio_asyncio.open_loop(), Bus.connect(cfg.nats, url) as bus:
+    async with Bus.connect(cfg.nats, url) as bus:
         service = Service(cfg, bus)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, service, nursery.cancel_scope)

@@ -257,6 +257,26 @@ def header_correlation_id(headers: Any) -> str | None:
     return raw
 
 
+class _Peek(msgspec.Struct):
+    correlation_id: str | None = None
+
+
+_peek_decoder = msgspec.json.Decoder(_Peek)
+
+
+def peek_correlation_id(data: bytes, headers: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> str:
+    """Best-effort correlation id of a request we will not fully decode (never raises)."""
+    try:
+        cid = header_correlation_id(headers)
+        if cid:
+            return cid
+        check_depth(data, max_depth)
+        found = _peek_decoder.decode(data).correlation_id
+    except (errors.LlmsrvError, msgspec.DecodeError, UnicodeDecodeError):
+        found = None
+    return found if isinstance(found, str) and 0 < len(found) <= 128 else new_correlation_id()
+
+
 def decode_reply(data: bytes) -> dict[str, Any]:
     """Untyped decode for clients: any reply, chunk or final."""
     result: dict[str, Any] = msgspec.json.decode(data)

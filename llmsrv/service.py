@@ -20,7 +20,6 @@ Replies leave through the bus's publish pump (no asyncio crossing per message).
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ import trio
 from . import errors, messages
 from .bus import Bus, Handler, Incoming
 from .config import Config
-from .messages import LLMRequest, LLMResponse, StreamChunk, encode
+from .messages import LLMRequest, LLMResponse, encode
 from .ops import (
     InstanceSnapshot,
     Metrics,
@@ -45,32 +44,13 @@ from .ops import (
 from .pipeline import Pipeline
 from .providers import Provider
 from .providers.registry import build_providers
+from .streaming import Streamer
 from .workers import WorkerPool
 
 log = logging.getLogger("llmsrv.service")
 
 STREAM_CHUNK = {"Llm-Stream": "chunk"}
 STREAM_END = {"Llm-Stream": "end"}
-
-
-class _Peek(msgspec.Struct):
-    correlation_id: str | None = None
-
-
-_peek_decoder = msgspec.json.Decoder(_Peek)
-
-
-def _peek_correlation_id(msg: Incoming, max_depth: int) -> str:
-    """Best-effort correlation id of a request we will not fully decode (never raises)."""
-    try:
-        cid = messages.header_correlation_id(msg.headers)
-        if cid:
-            return cid
-        messages.check_depth(msg.data, max_depth)
-        found = _peek_decoder.decode(msg.data).correlation_id
-    except (errors.LlmsrvError, msgspec.DecodeError, UnicodeDecodeError):
-        found = None
-    return found if isinstance(found, str) and 0 < len(found) <= 128 else messages.new_correlation_id()
 
 
 class _Live:
@@ -93,46 +73,6 @@ class _Live:
         if self.reason == "shutdown":
             return errors.ShuttingDown("instance shut down before the request finished; retry")
         return errors.Timeout(f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
-
-
-class Streamer:
-    """Coalesces deltas into chunks: the first at once, then at most one per ``interval``."""
-
-    def __init__(self, publish: Callable[[bytes], None], correlation_id: str, interval: float,
-                 max_chunk_chars: int = 1 << 30) -> None:
-        self._publish, self._cid, self._interval = publish, correlation_id, interval
-        self._max_chars = max_chunk_chars  # a chunk must fit in one NATS message
-        self._buf: list[str] = []
-        self._last = -math.inf
-        self._wakeup = trio.Event()
-        self.seq = 0
-
-    def on_delta(self, text: str) -> None:
-        if not text:
-            return
-        self._buf.append(text)
-        if trio.current_time() - self._last >= self._interval:
-            self.flush()
-        else:
-            self._wakeup.set()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        text = "".join(self._buf)
-        self._buf.clear()
-        for at in range(0, len(text), self._max_chars):
-            self._publish(encode(StreamChunk(correlation_id=self._cid, seq=self.seq,
-                                             delta=text[at:at + self._max_chars])))
-            self.seq += 1
-        self._last = trio.current_time()
-
-    async def run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            await trio.sleep_until(self._last + self._interval)
-            self.flush()
 
 
 class Service:
@@ -247,7 +187,7 @@ class Service:
                 log.exception("internal error handling a message on %s", str(msg.subject)[:200])
                 if msg.reply:
                     self._reply_error(msg.reply, errors.InternalError("internal error; see server log"),
-                                      _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream=False)
+                                      self._peek(msg), stream=False)
 
         return guarded
 
@@ -265,7 +205,7 @@ class Service:
     def _reject(self, msg: Incoming, exc: errors.LlmsrvError) -> None:
         self._requests += 1
         self.metrics.request("", "", exc.error_code.lower(), None)
-        self._reply_error(msg.reply, exc, _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream=False)
+        self._reply_error(msg.reply, exc, self._peek(msg), stream=False)
 
     def _on_dropped(self, reply: str) -> None:
         """nats-py dropped a request (its pending limit): the body is gone, the reply subject is not."""
@@ -377,22 +317,11 @@ class Service:
         streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000,
                             # a chunk's fields take < 200 bytes; a character at most 6 (\u00XX)
                             max_chunk_chars=max(1, (self._max_reply_bytes(STREAM_CHUNK) - 200) // 6))
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(streamer.run)
-            try:
-                response = await self.pipeline.answer(request, cid, streamer.on_delta)
-            except Exception as exc:  # raised out of the nursery it would come wrapped in a group
-                failure = exc
-            nursery.cancel_scope.cancel()
-        streamer.flush()
-        if failure is not None:
-            raise failure
-        return response
+        return await streamer.around(lambda: self.pipeline.answer(request, cid, streamer.on_delta))
 
     def _fail(self, msg: Incoming, exc: errors.LlmsrvError, cid: str, stream: bool, received: float,
               provider: str = "", model: str = "") -> None:
-        self._reply_error(msg.reply, exc, cid or _peek_correlation_id(msg, self.cfg.server.max_json_depth), stream)
+        self._reply_error(msg.reply, exc, cid or self._peek(msg), stream)
         self.metrics.request(provider, model, exc.error_code.lower(), trio.current_time() - received)
 
     # ---- replies ---------------------------------------------------------------------------
@@ -414,6 +343,9 @@ class Service:
         raise errors.ResponseTooLarge(
             f"the reply would be over the NATS server's max_payload ({self.bus.max_payload} bytes)"
             + ("" if stream_end else "; ask with \"stream\": true to receive the text in chunks"))
+
+    def _peek(self, msg: Incoming) -> str:
+        return messages.peek_correlation_id(msg.data, msg.headers, self.cfg.server.max_json_depth)
 
     def _reply(self, reply: str, fallback: str, body: bytes, headers: dict[str, str] | None) -> None:
         self.bus.publish_nowait(reply or fallback, body, headers)
