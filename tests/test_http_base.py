@@ -1,30 +1,71 @@
-"""The shared HTTP provider machinery against a real fake upstream: error mapping, SSE, cancellation,
-secrets, and the httpcore pool-leak mitigation."""
+"""The HTTP transport against a real fake upstream: error mapping, SSE, cancellation, secrets, body
+caps, and the httpcore pool-leak mitigation; and where HTTP providers find their keys."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import msgspec
 import pytest
 import trio
 
 from llmsrv import errors, redact
-from llmsrv.config import ProviderConfig, ServerConfig
-from llmsrv.providers.http import HttpProvider, read_secret
+from llmsrv.config import ProviderConfig
+from llmsrv.providers.api import HttpApiProvider, HttpRow
+from llmsrv.providers.auth import read_secret
+from llmsrv.providers.codecs import HttpRequest
+from llmsrv.providers.codecs.openai_chat import CODEC
+from llmsrv.providers.http import HttpTransport
 
 from .fakes import CANCEL_CLOSE_BOUND_S, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
 
 CANARY = "sk-canary-7f3a9c1e"
 
 
-class Plain(HttpProvider):
-    name = "plain"
-    key_env = ("PLAIN_API_KEY",)
+PLAIN = HttpRow(name="plain", codec=CODEC, key_env=("PLAIN_API_KEY",))
+DEFAULT_CAP = 16 * 2**20
 
 
-def _provider(url: str, **cfg: object) -> Plain:
-    return Plain(ProviderConfig(base_url=url, **cfg), {"PLAIN_API_KEY": CANARY})  # type: ignore[arg-type]
+class Plain(HttpTransport):
+    """The transport as a provider sees it, with a few shorthands for these tests."""
+
+    def __init__(self, url: str, *, secret: str | None = CANARY, max_concurrency: int = 64,
+                 max_body: int = DEFAULT_CAP) -> None:
+        super().__init__("plain", url, max_concurrency=max_concurrency, max_body=max_body,
+                         secrets=lambda: (secret,))
+
+    async def call_json(self, method: str, path: str, *, headers: Mapping[str, str], json: Any = None) -> Any:
+        return await self.fetch(HttpRequest(method=method, path=path, body=json), lambda data: data, headers=headers)
+
+    async def events(self, path: str) -> list[int]:
+        """The ``n`` of every event of an SSE reply, into ``got`` as they come."""
+        await self.exchange(HttpRequest(method="POST", path=path, body={}, stream=True), _Numbers(self.got),
+                            headers={})
+        return self.got
+
+    got: list[int]
+
+
+class _Numbers:
+    """A fold that keeps the ``n`` of each event."""
+
+    done = False
+
+    def __init__(self, got: list[int]) -> None:
+        self.got = got
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        self.got.append(msgspec.json.decode(data)["n"])
+        return ""
+
+    def result(self) -> None:
+        return None
+
+
+def _provider(url: str, **cfg: Any) -> Plain:
+    return Plain(url, **cfg)
 
 
 @pytest.mark.parametrize(("reply", "error", "code"), [
@@ -63,16 +104,12 @@ async def test_sse_events_and_cut_stream() -> None:
     events = [("message", {"n": i}) for i in range(5)]
     async with FakeUpstream(lambda r: Sse(events, cut_after=3 if r.path == "/cut" else None)) as up:
         provider = _provider(up.url)
-        got = []
-        async with provider.open("POST", "/ok", headers={}, json={}) as response:
-            async for event in provider.events(response):
-                got.append(event.json()["n"])
+        provider.got = []
+        got = await provider.events("/ok")
         assert got == [0, 1, 2, 3, 4]
-        got = []
+        provider.got = got = []
         with pytest.raises(errors.ProviderError):
-            async with provider.open("POST", "/cut", headers={}, json={}) as response:
-                async for event in provider.events(response):
-                    got.append(event.json()["n"])
+            await provider.events("/cut")
         assert got == [0, 1, 2]
 
 
@@ -114,8 +151,8 @@ def test_credentials_from_env_and_file(tmp_path: object) -> None:
     assert read_secret({"B": "y"}, ["A", "B"]) == ("y", None)
     value, problem = read_secret({"A_FILE": "/nonexistent/key"}, ["A"])
     assert value is None and problem and "A_FILE" in problem
-    missing = Plain(ProviderConfig(base_url="http://x"), {})
-    invalid = Plain(ProviderConfig(base_url="http://x"), {"PLAIN_API_KEY_FILE": "/nonexistent"})
+    missing = HttpApiProvider(PLAIN, ProviderConfig(base_url="http://x"), {})
+    invalid = HttpApiProvider(PLAIN, ProviderConfig(base_url="http://x"), {"PLAIN_API_KEY_FILE": "/nonexistent"})
     assert (missing.status().state, invalid.status().state) == ("missing", "invalid")
     assert "PLAIN_API_KEY" in (missing.status().reason or "")
 
@@ -139,7 +176,7 @@ async def test_error_detail_is_redacted_before_it_is_cut(offset: int, shape: str
     message = "MARK" + "E" * offset + LONG_CANARY + " tail"
     body = msgspec.json.encode({"error": {"message": message}}) if shape == "json" else message.encode()
     async with FakeUpstream(lambda r: Json(body, status=500)) as up:
-        provider = Plain(ProviderConfig(base_url=up.url), {"PLAIN_API_KEY": LONG_CANARY})
+        provider = Plain(up.url, secret=LONG_CANARY)
         with pytest.raises(errors.ProviderError) as info:
             await provider.call_json("POST", "/x", headers={}, json={})
     text = info.value.message
@@ -173,8 +210,7 @@ CAP = 1000
 ], ids=["json-length", "error-length", "json-chunked", "error-chunked"])
 async def test_a_body_over_the_cap_is_upstream_too_large(reply: Json | Raw) -> None:
     async with FakeUpstream(lambda r: reply) as up:
-        provider = Plain(ProviderConfig(base_url=up.url), {"PLAIN_API_KEY": CANARY},
-                         server=ServerConfig(max_upstream_bytes=CAP))
+        provider = Plain(up.url, max_body=CAP)
         with pytest.raises(errors.UpstreamTooLarge) as info:
             await provider.call_json("POST", "/x", headers={}, json={})
     assert info.value.error_code == "PROVIDER_ERROR"
@@ -185,12 +221,10 @@ async def test_a_body_over_the_cap_is_upstream_too_large(reply: Json | Raw) -> N
 async def test_an_event_stream_over_the_cap_is_upstream_too_large() -> None:
     events = [("message", {"n": i, "pad": "p" * 50}) for i in range(100)]
     async with FakeUpstream(lambda r: Sse(events)) as up:
-        provider = Plain(ProviderConfig(base_url=up.url), {}, server=ServerConfig(max_upstream_bytes=CAP))
-        got: list[int] = []
+        provider = Plain(up.url, secret=None, max_body=CAP)
+        provider.got = got = []
         with pytest.raises(errors.UpstreamTooLarge):
-            async with provider.open("POST", "/s", headers={}, json={}) as response:
-                async for event in provider.events(response):
-                    got.append(event.json()["n"])
+            await provider.events("/s")
     assert 0 < len(got) < 20  # the first events came through, the rest was never read
 
 
@@ -198,7 +232,7 @@ async def test_a_body_at_the_cap_is_read() -> None:
     body = b'{"x": "' + b"a" * (CAP - 10) + b'"}'
     assert len(body) == CAP - 1
     async with FakeUpstream(lambda r: Json(body)) as up:
-        provider = Plain(ProviderConfig(base_url=up.url), {}, server=ServerConfig(max_upstream_bytes=CAP))
+        provider = Plain(up.url, secret=None, max_body=CAP)
         assert await provider.call_json("GET", "/x", headers={}) == {"x": "a" * (CAP - 10)}
 
 

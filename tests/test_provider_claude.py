@@ -15,8 +15,10 @@ from llmsrv import errors
 from llmsrv.config import ProviderConfig, build_config
 from llmsrv.messages import FunctionDef, Message, Tool
 from llmsrv.providers import Call
-from llmsrv.providers.claude import ClaudeProvider, StreamAssembler, finish_reason, request_body
-from llmsrv.providers.registry import build_providers
+from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.codecs import Origin
+from llmsrv.providers.codecs.anthropic import StreamFold, finish_reason, request_body
+from llmsrv.providers.registry import build_provider, build_providers
 
 from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Request, Sse, cancel_when
 
@@ -28,8 +30,8 @@ def _call(*messages: tuple[str, str], **kw: Any) -> Call:
     return Call(messages=[Message(role, content) for role, content in messages], **fields)  # type: ignore[arg-type]
 
 
-def _provider(url: str, env: dict[str, str] | None = None) -> ClaudeProvider:
-    return ClaudeProvider(ProviderConfig(base_url=url), {"ANTHROPIC_API_KEY": CANARY} if env is None else env)
+def _provider(url: str, env: dict[str, str] | None = None) -> HttpApiProvider:
+    return build_provider("claude", ProviderConfig(base_url=url), {"ANTHROPIC_API_KEY": CANARY} if env is None else env)
 
 
 def _json(value: Any) -> str:
@@ -196,10 +198,8 @@ TOOL_STREAM = [
 
 
 def test_stream_assembler_folds_text_tools_and_usage() -> None:
-    deltas: list[str] = []
-    stream = StreamAssembler(deltas.append)
-    for _, data in TOOL_STREAM:
-        stream.feed(data)
+    stream = StreamFold()
+    deltas = [piece for _, data in TOOL_STREAM if (piece := stream.feed(_json(data)))]
     done = stream.result()
     assert deltas == ["Let me ", "check."] and done.text == "Let me check."
     assert [(c.id, c.name, c.arguments) for c in done.tool_calls] == [
@@ -208,7 +208,7 @@ def test_stream_assembler_folds_text_tools_and_usage() -> None:
 
 
 def test_stream_usage_counts_cache_tokens_and_ignores_unknown_blocks() -> None:
-    stream = StreamAssembler()
+    stream = StreamFold()
     for _, data in [_start(10, cache_read_input_tokens=1000, cache_creation_input_tokens=5),
                     _ev("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
                     _ev("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "hmm"}),
@@ -216,7 +216,7 @@ def test_stream_usage_counts_cache_tokens_and_ignores_unknown_blocks() -> None:
                     _ev("content_block_stop", index=0), _ev("brand_new_event", payload=1),
                     _ev("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 7}),
                     _ev("message_stop")]:
-        stream.feed(data)
+        stream.feed(_json(data))
     done = stream.result()
     assert (done.text, done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens) == (
         "", "length", 1015, 7)
@@ -228,9 +228,9 @@ def test_stream_usage_counts_cache_tokens_and_ignores_unknown_blocks() -> None:
     ("authentication_error", errors.MissingCredentials), ("timeout_error", errors.ProviderTimeout),
     ("never_seen_error", errors.ProviderError)])
 def test_stream_error_events(kind: str, error: type[errors.LlmsrvError]) -> None:
-    stream = StreamAssembler(secrets=(CANARY,))
+    stream = StreamFold(Origin("claude", (CANARY,)))
     with pytest.raises(error) as info:
-        stream.feed({"type": "error", "error": {"type": kind, "message": f"bad {CANARY}"}})
+        stream.feed(_json({"type": "error", "error": {"type": kind, "message": f"bad {CANARY}"}}))
     assert type(info.value) is error and kind in info.value.message and CANARY not in info.value.message
 
 
@@ -355,12 +355,12 @@ async def test_cancel_closes_the_upstream_connection(streamed: bool) -> None:
 
 def test_credentials_and_defaults() -> None:
     cfg = ProviderConfig()
-    assert ClaudeProvider(cfg, {"ANTHROPIC_API_KEY": "a", "CLAUDE_API_KEY": "b"}).key == "a"
-    assert ClaudeProvider(cfg, {"CLAUDE_API_KEY": "b"}).key == "b"
-    assert ClaudeProvider(cfg, {}).base_url == "https://api.anthropic.com"
-    missing = ClaudeProvider(cfg, {}).status()
+    assert build_provider("claude", cfg, {"ANTHROPIC_API_KEY": "a", "CLAUDE_API_KEY": "b"}).key == "a"
+    assert build_provider("claude", cfg, {"CLAUDE_API_KEY": "b"}).key == "b"
+    assert build_provider("claude", cfg, {}).base_url == "https://api.anthropic.com"
+    missing = build_provider("claude", cfg, {}).status()
     assert missing.state == "missing" and "ANTHROPIC_API_KEY or CLAUDE_API_KEY" in (missing.reason or "")
-    assert ClaudeProvider(cfg, {"CLAUDE_API_KEY": "b"}).status().available
+    assert build_provider("claude", cfg, {"CLAUDE_API_KEY": "b"}).status().available
 
 
 async def test_no_key_never_reaches_the_upstream() -> None:
@@ -372,4 +372,5 @@ async def test_no_key_never_reaches_the_upstream() -> None:
 
 def test_registry_builds_the_claude_provider() -> None:
     providers = build_providers(build_config({}, env={}), env={"ANTHROPIC_API_KEY": "k"})
-    assert isinstance(providers["claude"], ClaudeProvider) and providers["claude"].status().available
+    assert isinstance(providers["claude"], HttpApiProvider) and providers["claude"].row.name == "claude"
+    assert providers["claude"].status().available

@@ -12,8 +12,10 @@ import trio
 from llmsrv import errors
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import StreamChunk, ToolCall, Usage
-from llmsrv.providers.copilot import TOKEN_PATH, CopilotProvider
-from llmsrv.providers.openai import parse_chat
+from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.auth import TOKEN_PATH
+from llmsrv.providers.codecs.openai_chat import parse_chat
+from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, FakeUpstream, Hang, Json, Request, Sse, cancel_when
@@ -72,9 +74,9 @@ class FakeCopilot:
         assert self.up is not None
         await self.up.__aexit__(*exc)
 
-    def provider(self, env: dict[str, str] | None = None) -> CopilotProvider:
+    def provider(self, env: dict[str, str] | None = None) -> HttpApiProvider:
         assert self.up is not None
-        return CopilotProvider(ProviderConfig(base_url=self.up.url),
+        return build_provider("copilot", ProviderConfig(base_url=self.up.url),
                                {"COPILOT_GITHUB_TOKEN": GH_TOKEN} if env is None else env)
 
 
@@ -107,7 +109,7 @@ async def test_one_exchange_for_many_concurrent_requests() -> None:
             for _ in range(25):
                 nursery.start_soon(one)
         await provider.complete(call_of("gpt-4o"))  # and the cached token serves later calls too
-    assert len(fake.exchanges()) == 1 == provider.statistics().exchanges
+    assert len(fake.exchanges()) == 1 == provider.auth.statistics().exchanges
     assert len(texts) == 25 and len(fake.chat_requests()) == 26
     assert {r.headers["authorization"] for r in fake.chat_requests()} == {f"Bearer {fake.tokens[0]}"}
 
@@ -119,7 +121,7 @@ async def test_refresh_after_expiry() -> None:
         await provider.complete(call_of("gpt-4o"))
         await provider.complete(call_of("gpt-4o"))
         assert len(fake.exchanges()) == 1
-        fresh_until = provider.statistics().fresh_until
+        fresh_until = provider.auth.statistics().fresh_until
         assert fresh_until is not None
         await trio.sleep(max(0.0, fresh_until - time.time()) + 0.05)
         await provider.complete(call_of("gpt-4o"))
@@ -152,7 +154,7 @@ async def test_exchange_refusals_are_credential_errors_without_tokens() -> None:
     assert (probe.available, probe.state) == (False, "invalid") and "gho_wrong" not in (probe.reason or "")
 
     async with FakeUpstream(lambda r: Json({"message": "Not Found"}, status=404)) as up:
-        provider = CopilotProvider(ProviderConfig(base_url=up.url), {"GH_TOKEN": GH_TOKEN})
+        provider = build_provider("copilot", ProviderConfig(base_url=up.url), {"GH_TOKEN": GH_TOKEN})
         with pytest.raises(errors.MissingCredentials, match="no Copilot access"):
             await provider.complete(call_of("gpt-4o"))
 
@@ -205,11 +207,11 @@ def test_text_and_tool_calls_split_over_two_choices() -> None:
 
 def test_token_sources_and_defaults() -> None:
     env = {"COPILOT_GITHUB_TOKEN": "a1234", "GITHUB_TOKEN": "b1234", "GH_TOKEN": "c1234"}
-    assert CopilotProvider(ProviderConfig(), env).key == "a1234"
-    assert CopilotProvider(ProviderConfig(), {"GITHUB_TOKEN": "b1234", "GH_TOKEN": "c1234"}).key == "b1234"
-    assert CopilotProvider(ProviderConfig(), {"GH_TOKEN": "c1234"}).key == "c1234"
-    assert CopilotProvider(ProviderConfig(), {}).base_url == "https://api.github.com"
-    assert CopilotProvider(ProviderConfig(), {}).status().state == "missing"
+    assert build_provider("copilot", ProviderConfig(), env).key == "a1234"
+    assert build_provider("copilot", ProviderConfig(), {"GITHUB_TOKEN": "b1234", "GH_TOKEN": "c1234"}).key == "b1234"
+    assert build_provider("copilot", ProviderConfig(), {"GH_TOKEN": "c1234"}).key == "c1234"
+    assert build_provider("copilot", ProviderConfig(), {}).base_url == "https://api.github.com"
+    assert build_provider("copilot", ProviderConfig(), {}).status().state == "missing"
 
 
 async def test_copilot_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ from llmsrv.client import ReplyError
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import FunctionDef, Message, StreamChunk, Tool
 from llmsrv.providers import Call
-from llmsrv.providers.gemini import GeminiProvider
+from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
@@ -32,8 +33,8 @@ WEATHER = Tool(type="function", function=FunctionDef(
 CLOCK = Tool(type="function", function=FunctionDef(name="get_time"))
 
 
-def _provider(url: str, key: str = CANARY) -> GeminiProvider:
-    return GeminiProvider(ProviderConfig(base_url=url), {"GEMINI_API_KEY": key})
+def _provider(url: str, key: str = CANARY) -> HttpApiProvider:
+    return build_provider("gemini", ProviderConfig(base_url=url), {"GEMINI_API_KEY": key})
 
 
 def _call(*messages: tuple[str, str], tools: tuple[Tool, ...] = (), max_tokens: int = 64,
@@ -343,12 +344,12 @@ async def test_probe_lists_models(reply: Json, available: bool, state: str) -> N
 
 async def test_credentials_env_names() -> None:
     cfg = ProviderConfig()
-    assert GeminiProvider(cfg, {"GOOGLE_API_KEY": "g-key"}).key == "g-key"
-    assert GeminiProvider(cfg, {"GEMINI_API_KEY": "a", "GOOGLE_API_KEY": "b"}).key == "a"
-    missing = GeminiProvider(cfg, {})
+    assert build_provider("gemini", cfg, {"GOOGLE_API_KEY": "g-key"}).key == "g-key"
+    assert build_provider("gemini", cfg, {"GEMINI_API_KEY": "a", "GOOGLE_API_KEY": "b"}).key == "a"
+    missing = build_provider("gemini", cfg, {})
     assert missing.status().state == "missing" and "GEMINI_API_KEY" in (missing.status().reason or "")
     assert (await missing.probe()).state == "missing"  # no request without a key
-    assert GeminiProvider(cfg, {"GEMINI_API_KEY": "k"}).base_url == "https://generativelanguage.googleapis.com"
+    assert build_provider("gemini", cfg, {"GEMINI_API_KEY": "k"}).base_url == "https://generativelanguage.googleapis.com"
 
 
 # ---- end to end over NATS -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from llmsrv import errors
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import Message
 from llmsrv.providers import Call
-from llmsrv.providers.jules import JulesProvider, build_prompt, source_context
+from llmsrv.providers.jules import JulesProvider, build_prompt, known_model, source_context
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Reply, Request, cancel_when
@@ -268,7 +268,7 @@ async def test_unknown_model_makes_no_request() -> None:
         with pytest.raises(errors.ProviderNotFound):
             await jules.complete(call("gpt-4o"))
     assert up.requests == []
-    assert jules.has_model("default") and jules.has_model("sources/github/o/r") and not jules.has_model("sources/")
+    assert known_model("default") and known_model("sources/github/o/r") and not known_model("sources/")
 
 
 # ---- cancellation ----------------------------------------------------------------------------
@@ -298,7 +298,7 @@ async def test_cancel_during_an_inflight_poll_closes_it_and_deletes() -> None:
         # cancel once the third poll is held by the fake (it never answers)
         cancel = await cancel_when(lambda: up.wait_until(lambda: fake.polls >= 3), lambda: jules.complete(call()))
         assert cancel.caught
-        assert jules._gate.statistics().borrowed_tokens == 0  # nothing leaked in the limiter
+        assert jules.transport._gate.statistics().borrowed_tokens == 0  # nothing leaked in the limiter
         gone = await up.wait_disconnect()
         assert cancel.at <= gone < cancel.ended  # the hanging GET was abandoned during the cancellation...
         assert gone - cancel.at < CANCEL_CLOSE_BOUND_S  # ...at once

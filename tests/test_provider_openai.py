@@ -14,14 +14,10 @@ from llmsrv import errors
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import FunctionDef, Message, StreamChunk, Tool, ToolCall, Usage
 from llmsrv.providers import Call
-from llmsrv.providers.openai import (
-    CodexProvider,
-    GitHubModelsProvider,
-    OpenAICompatProvider,
-    OpenRouterProvider,
-    chat_body,
-    is_responses_only,
-)
+from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.codecs.openai_chat import chat_body
+from llmsrv.providers.codecs.openai_responses import is_responses_only
+from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
@@ -62,8 +58,8 @@ def text_stream(pieces: list[str], usage: tuple[int, int] = (12, 3)) -> list[Any
             "[DONE]"]
 
 
-def codex(url: str, **cfg: Any) -> CodexProvider:
-    return CodexProvider(ProviderConfig(base_url=url, **cfg), {"OPENAI_API_KEY": CANARY})
+def codex(url: str, **cfg: Any) -> HttpApiProvider:
+    return build_provider("codex", ProviderConfig(base_url=url, **cfg), {"OPENAI_API_KEY": CANARY})
 
 
 def reply_once(reply: Any) -> Any:
@@ -247,8 +243,8 @@ async def test_probe_lists_models_and_never_spends_tokens() -> None:
 
     async with FakeUpstream(handler) as up:
         assert (await codex(up.url).probe()).available
-        wrong = await CodexProvider(ProviderConfig(base_url=up.url), {"OPENAI_API_KEY": "sk-wrong"}).probe()
-        missing = await CodexProvider(ProviderConfig(base_url=up.url), {}).probe()
+        wrong = await build_provider("codex", ProviderConfig(base_url=up.url), {"OPENAI_API_KEY": "sk-wrong"}).probe()
+        missing = await build_provider("codex", ProviderConfig(base_url=up.url), {}).probe()
     assert (wrong.available, wrong.state) == (False, "invalid") and "sk-wrong" not in (wrong.reason or "")
     assert (missing.available, missing.state) == (False, "missing")
     assert [(r.method, r.path) for r in up.requests] == [("GET", "/models")] * 2  # none for the missing key
@@ -261,10 +257,10 @@ async def test_probe_unavailable_on_server_error() -> None:
 
 
 def test_codex_credentials_and_defaults() -> None:
-    assert CodexProvider(ProviderConfig(), {}).base_url == "https://api.openai.com/v1"
-    assert CodexProvider(ProviderConfig(), {"CODEX_API_KEY": "k2"}).key == "k2"
-    assert CodexProvider(ProviderConfig(), {"OPENAI_API_KEY": "k1", "CODEX_API_KEY": "k2"}).key == "k1"
-    assert "OPENAI_API_KEY" in (CodexProvider(ProviderConfig(), {}).status().reason or "")
+    assert build_provider("codex", ProviderConfig(), {}).base_url == "https://api.openai.com/v1"
+    assert build_provider("codex", ProviderConfig(), {"CODEX_API_KEY": "k2"}).key == "k2"
+    assert build_provider("codex", ProviderConfig(), {"OPENAI_API_KEY": "k1", "CODEX_API_KEY": "k2"}).key == "k1"
+    assert "OPENAI_API_KEY" in (build_provider("codex", ProviderConfig(), {}).status().reason or "")
 
 
 # ---- Responses API (codex) -------------------------------------------------------------------
@@ -354,9 +350,9 @@ async def test_responses_api_stream_errors(tail: list[Any], expected: type[error
 
 
 async def test_github_models() -> None:
-    assert GitHubModelsProvider(ProviderConfig(), {}).base_url == "https://models.github.ai/inference"
+    assert build_provider("github", ProviderConfig(), {}).base_url == "https://models.github.ai/inference"
     async with FakeUpstream(lambda r: Json(chat_reply(model="openai/gpt-4.1"))) as up:
-        provider = GitHubModelsProvider(ProviderConfig(base_url=up.url + "/inference"), {"GH_TOKEN": CANARY})
+        provider = build_provider("github", ProviderConfig(base_url=up.url + "/inference"), {"GH_TOKEN": CANARY})
         completion = await provider.complete(call_of("openai/gpt-4.1"))
         assert (await provider.probe()).available
     assert completion.text == "Hi there"
@@ -369,11 +365,11 @@ async def test_github_models() -> None:
 
 
 async def test_openrouter_auto_model_and_attribution_headers() -> None:
-    assert OpenRouterProvider(ProviderConfig(), {}).base_url == "https://openrouter.ai/api/v1"
+    assert build_provider("openrouter", ProviderConfig(), {}).base_url == "https://openrouter.ai/api/v1"
     async with FakeUpstream(lambda r: Json(chat_reply(model="anthropic/claude-sonnet-4.5"))) as up:
         env = {"OPENROUTER_API_KEY": CANARY}
-        await OpenRouterProvider(ProviderConfig(base_url=up.url + "/api/v1"), env).complete(call_of("auto"))
-        await OpenRouterProvider(ProviderConfig(base_url=up.url + "/api/v1"),
+        await build_provider("openrouter", ProviderConfig(base_url=up.url + "/api/v1"), env).complete(call_of("auto"))
+        await build_provider("openrouter", ProviderConfig(base_url=up.url + "/api/v1"),
                                  {**env, "OPENROUTER_HTTP_REFERER": "https://example.org/app"}).complete(
             call_of("anthropic/claude-sonnet-4.5"))
     first, second = up.requests
@@ -396,25 +392,25 @@ async def test_openrouter_stream_with_keepalive_comments_and_midstream_error() -
     head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n".encode()
     async with FakeUpstream(reply_once(Raw(head + body))) as up:
         deltas: list[str] = []
-        provider = OpenRouterProvider(ProviderConfig(base_url=up.url), {"OPENROUTER_API_KEY": CANARY})
+        provider = build_provider("openrouter", ProviderConfig(base_url=up.url), {"OPENROUTER_API_KEY": CANARY})
         with pytest.raises(errors.ProviderError, match="Provider disconnected"):
             await provider.complete(call_of("openrouter/auto"), deltas.append)
     assert deltas == ["Hel", "lo"]
 
 
 async def test_openai_compat_without_key_or_base_url() -> None:
-    missing = OpenAICompatProvider(ProviderConfig(), {})
+    missing = build_provider("openai_compat", ProviderConfig(), {})
     assert not missing.status().available and "base_url" in (missing.status().reason or "")
     assert not (await missing.probe()).available
     async with FakeUpstream(lambda r: Json(chat_reply(model="llama3:8b"))) as up:
-        keyless = OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1"), {})
+        keyless = build_provider("openai_compat", ProviderConfig(base_url=up.url + "/v1"), {})
         assert keyless.status().available
         completion = await keyless.complete(call_of("llama3:8b"))
         assert (await keyless.probe()).available
-        keyed = OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1", api_key_env="MY_VLLM_KEY"),
+        keyed = build_provider("openai_compat", ProviderConfig(base_url=up.url + "/v1", api_key_env="MY_VLLM_KEY"),
                                      {"MY_VLLM_KEY": CANARY, "OPENAI_COMPAT_API_KEY": "other"})
         await keyed.complete(call_of("llama3:8b"))
-        await OpenAICompatProvider(ProviderConfig(base_url=up.url + "/v1"),
+        await build_provider("openai_compat", ProviderConfig(base_url=up.url + "/v1"),
                                    {"OPENAI_COMPAT_API_KEY": "compat-key"}).complete(call_of("llama3:8b"))
     assert completion.text == "Hi there"
     chat, models, with_key, with_default_key = up.requests

@@ -18,7 +18,7 @@ from llmsrv.config import ConfigError, MockConfig, build_config
 from llmsrv.messages import LLMRequest, Message
 from llmsrv.providers import Call
 from llmsrv.providers.mock import MockProvider
-from llmsrv.service import Streamer
+from llmsrv.streaming import Streamer
 
 CFG = build_config({}, env={})
 
@@ -197,7 +197,8 @@ async def test_streamer_first_chunk_at_once_then_every_interval(
 
 def test_tool_call_id_extension_reaches_openai_shapes() -> None:
     from llmsrv.providers import Call
-    from llmsrv.providers.openai import chat_body, responses_body
+    from llmsrv.providers.codecs.openai_chat import chat_body
+    from llmsrv.providers.codecs.openai_responses import responses_body
 
     request = messages.decode_request(msgspec.json.encode({"messages": [
         {"role": "user", "content": "weather?"},

@@ -1,40 +1,44 @@
-"""What every HTTP provider shares: credentials, one httpx client, error mapping, SSE.
+"""The one HTTP transport: httpx, status mapping, SSE, body caps, and foreign exceptions mapped once.
 
 Theory of operation
 -------------------
-* **Credentials** come from environment variables, first found wins, each also as ``NAME_FILE``
-  (a path whose content is the secret, for Docker/Kubernetes secrets). ``[providers.X]
-  api_key_env`` names another variable. The secret is never logged, put in an error or a reply:
-  ``read_secret`` registers it with ``llmsrv.redact`` (the logging filter removes it from every
-  log record), and every message built from an upstream body or error is redacted (every run of
-  8 or more of the key's characters) before it is cut short (``redact.clip``).
+* **One exchange, one shape.** ``HttpTransport.exchange(request, fold)`` sends a codec's
+  ``HttpRequest`` and feeds what comes back to a fold: the whole body as one event, or, for a
+  streamed request, each server-sent event's ``data`` (reading stops once the fold is ``done``).
+  Text pieces go to ``on_delta``; the fold's ``result()`` is the answer. JSON fetches (``fetch``)
+  and status-only checks (``check``) are the same exchange with a small fold of their own.
+* **Errors are mapped once**, here, around the whole exchange (sending, reading, and the fold's
+  decoding of every event): HTTP status -> our error classes (400/413/422 caller error, 401/403
+  credentials, 404 model, 408/504 timeout, 429 with ``Retry-After``, 5xx upstream; a codec's
+  ``status_error`` hook may decide otherwise from the status and the body's message, once), and
+  httpx transport errors, malformed bodies (a fold raising ``KeyError``/``TypeError``/a decode
+  error) and cut streams -> ``ProviderError``. ``on_delta`` runs outside the mapping: a bug in
+  the caller is not an upstream's malformed response.
 * **Bodies are capped**: every upstream body (errors, JSON replies, the whole of an event stream)
   is read incrementally and counted; past ``[server] max_upstream_bytes`` (or with a larger
   ``Content-Length``) the exchange ends with ``UpstreamTooLarge`` and the connection is closed,
   so no more than about the cap is ever held. ``Accept-Encoding: identity`` is asked for, so the
   bytes counted are the bytes decoded (a plain body read through ``read_body`` is counted after
   decoding as well).
-* **One ``httpx.AsyncClient`` per provider**, created lazily inside trio, HTTP/1.1 keep-alive,
-  ``max_connections = max_concurrency``. httpcore 1.0.9 leaks pool entries when requests are
-  cancelled while the pool is contended (its issue #1093; afterwards every request fails with
-  ``PoolTimeout``): a ``trio.CapacityLimiter`` of the same size sits in front of the client so
-  no request ever waits inside the pool.
+* **One ``httpx.AsyncClient`` per transport** (per provider), created lazily inside trio, HTTP/1.1
+  keep-alive, ``max_connections = max_concurrency``. httpcore 1.0.9 leaks pool entries when
+  requests are cancelled while the pool is contended (its issue #1093; afterwards every request
+  fails with ``PoolTimeout``): a ``trio.CapacityLimiter`` of the same size sits in front of the
+  client so no request ever waits inside the pool.
 * **No timeouts here** beyond connect: the caller owns the deadline with cancel scopes, and
   cancelling a request closes its connection (the upstream sees the disconnect).
-* **Errors are mapped once**, here: HTTP status -> our error classes (400/422 caller error,
-  401/403 credentials, 404 model, 408/504 timeout, 429 with ``Retry-After``, 5xx upstream), and
-  httpx transport errors, malformed bodies and cut streams -> ``ProviderError``.
+* **Secrets** never reach an error text: every message built from an upstream body or error is
+  redacted (every run of 8 or more of a key's characters) before it is cut short (``redact.clip``).
 """
 
 from __future__ import annotations
 
 import email.utils
 import math
-import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
+from typing import Any, Generic, TypeVar
 
 import httpx
 import httpx_sse
@@ -42,39 +46,13 @@ import msgspec
 import trio
 
 from .. import errors
-from ..config import ProviderConfig, ServerConfig
-from ..redact import SCAN_CHARS, clip, register
-from . import ProviderStatus
+from ..redact import SCAN_CHARS, clip
+from . import OnDelta
+from .codecs import DETAIL_CHARS, Fold, HttpRequest, StatusHook, too_large
 
 CONNECT_TIMEOUT_S = 10.0
-DETAIL_CHARS = 300  # of an upstream error text, in our error messages
-CAP_KEY = "server.max_upstream_bytes"
 
-
-def read_secret(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | None, str | None]:
-    """(secret, problem): the first of ``names`` (or ``NAME_FILE``) that is set."""
-    for name in names:
-        if env.get(name):
-            value = env[name].strip()
-            register(value)
-            return value, None
-        path = env.get(f"{name}_FILE")
-        if path:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    value = fh.read().strip()
-            except OSError as exc:
-                return None, f"{name}_FILE is set but unreadable ({exc.strerror})"
-            if not value:
-                return None, f"{name}_FILE points to an empty file"
-            register(value)
-            return value, None
-    return None, None
-
-
-def too_large(provider: str, limit: int) -> errors.UpstreamTooLarge:
-    return errors.UpstreamTooLarge(f"{provider}: the upstream body is larger than {limit} bytes "
-                                   f"({CAP_KEY}); not read further")
+T = TypeVar("T")
 
 
 class CappedStream(httpx.AsyncByteStream):
@@ -97,7 +75,9 @@ class CappedStream(httpx.AsyncByteStream):
         await self._inner.aclose()
 
 
-def retry_after_ms(headers: httpx.Headers) -> int | None:
+# ---- status mapping ------------------------------------------------------------------------------
+
+def retry_after_ms(headers: Mapping[str, str]) -> int | None:
     """``retry-after-ms`` (OpenAI), or ``Retry-After`` in seconds or as an HTTP date."""
     raw_ms = headers.get("retry-after-ms")
     if raw_ms:
@@ -144,25 +124,35 @@ def _detail(body: bytes, secrets: Sequence[str | None]) -> str:
     return clip(str(data), DETAIL_CHARS, secrets)
 
 
-def error_for_status(provider: str, status: int, body: bytes, headers: httpx.Headers,
-                     secrets: Sequence[str | None] = ()) -> errors.LlmsrvError:
+STATUS_ERRORS: dict[int, type[errors.LlmsrvError]] = {
+    400: errors.ValidationFailed, 413: errors.ValidationFailed, 422: errors.ValidationFailed,
+    401: errors.MissingCredentials, 403: errors.MissingCredentials,
+    404: errors.ProviderNotFound,
+    408: errors.ProviderTimeout, 504: errors.ProviderTimeout,
+    429: errors.RateLimited,
+}
+_PREFIXES: dict[type[errors.LlmsrvError], str] = {
+    errors.ValidationFailed: "the request was rejected upstream: ",
+    errors.MissingCredentials: "credentials refused: ",
+    errors.ProviderNotFound: "model or endpoint not found: ",
+}
+
+
+def error_for_status(provider: str, status: int, body: bytes, headers: Mapping[str, str],
+                     secrets: Sequence[str | None] = (), hook: StatusHook | None = None) -> errors.LlmsrvError:
+    """The error for an HTTP status >= 400: ``hook`` (a codec's ``status_error``) first, then the table."""
     detail = _detail(body, secrets)
     where = f"{provider} answered HTTP {status}: {detail}" if detail else f"{provider} answered HTTP {status}"
-    if status in (400, 413, 422):
-        return errors.ValidationFailed(f"the request was rejected upstream: {where}")
-    if status in (401, 403):
-        return errors.MissingCredentials(f"credentials refused: {where}")
-    if status == 404:
-        return errors.ProviderNotFound(f"model or endpoint not found: {where}")
-    if status in (408, 504):
-        return errors.ProviderTimeout(where)
-    if status == 429:
+    cls = (hook(status, detail) if hook is not None else None) or STATUS_ERRORS.get(status, errors.ProviderError)
+    if cls is errors.RateLimited:
         return errors.RateLimited(where, retry_after_ms=retry_after_ms(headers) or _retry_info_ms(body))
-    return errors.ProviderError(where, retry_after_ms=retry_after_ms(headers) if status == 503 else None)
+    if cls is errors.ProviderError:
+        return errors.ProviderError(where, retry_after_ms=retry_after_ms(headers) if status == 503 else None)
+    return cls(_PREFIXES.get(cls, "") + where)
 
 
 @contextmanager
-def map_transport_errors(provider: str, secrets: Sequence[str | None] = ()) -> Iterator[None]:
+def _mapped(provider: str, secrets: Sequence[str | None]) -> Iterator[None]:
     """httpx / SSE / JSON failures of an exchange -> ``ProviderError`` (no secret in the text)."""
     try:
         yield
@@ -177,52 +167,69 @@ def map_transport_errors(provider: str, secrets: Sequence[str | None] = ()) -> I
     except httpx_sse.SSEError as exc:
         text = clip(str(exc), DETAIL_CHARS, secrets)
         raise errors.ProviderError(f"{provider}: malformed event stream ({text})") from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError,
+            AttributeError) as exc:
         raise errors.ProviderError(f"{provider}: malformed response ({type(exc).__name__})") from None
 
 
-class HttpProvider:
-    """Base of the HTTP providers; subclasses set the class attributes and implement ``complete``."""
+# ---- folds of the transport's own ----------------------------------------------------------------
 
-    name = ""
-    key_env: tuple[str, ...] = ()  # environment variables holding the key, first found wins
-    key_required = True
-    default_base_url = ""
+class JsonFold(Generic[T]):
+    """A whole JSON body, through ``parse`` (which may raise KeyError/TypeError: malformed)."""
 
-    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
-                 server: ServerConfig | None = None) -> None:
-        env = os.environ if env is None else env
-        self.cfg = cfg
-        self.max_body = (server or ServerConfig()).max_upstream_bytes
-        self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
-        names = ((cfg.api_key_env,) if cfg.api_key_env else ()) + self.key_env
-        self.key, self._problem = read_secret(env, names)
-        self._gate = trio.CapacityLimiter(cfg.max_concurrency)
-        self._client: httpx.AsyncClient | None = None
-
-    # ---- state -------------------------------------------------------------------------------
-
-    def status(self) -> ProviderStatus:
-        if self._problem:
-            return ProviderStatus(False, self._problem, state="invalid")
-        if self.key is None and self.key_required:
-            names = " or ".join(((self.cfg.api_key_env,) if self.cfg.api_key_env else ()) + self.key_env)
-            return ProviderStatus(False, f"no credentials: set {names} (or {names.split(' or ')[0]}_FILE)",
-                                  state="missing")
-        if not self.base_url:
-            return ProviderStatus(False, "no base_url configured", state="missing")
-        return ProviderStatus(True)
-
-    def has_model(self, model: str) -> bool:
-        return True
+    def __init__(self, parse: Callable[[Any], T]) -> None:
+        self._parse = parse
+        self._value: list[T] = []
 
     @property
-    def secrets(self) -> tuple[str | None, ...]:
-        return (self.key,)
+    def done(self) -> bool:
+        return bool(self._value)
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        self._value.append(self._parse(msgspec.json.decode(data)))
+        return ""
+
+    def result(self) -> T:
+        return self._value[0]
+
+
+class StatusOnly:
+    """The status is the answer: the body is never read (a model list can be large)."""
+
+    done = True
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        return ""
+
+    def result(self) -> None:
+        return None
+
+
+class _Result(Generic[T]):
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+# ---- the transport --------------------------------------------------------------------------------
+
+class HttpTransport:
+    """One provider's HTTP client, gate and limits; every exchange of that provider goes through it."""
+
+    def __init__(self, name: str, base_url: str, *, max_concurrency: int, max_body: int,
+                 secrets: Callable[[], Sequence[str | None]] = tuple) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.max_body = max_body
+        self._secrets = secrets
+        self._max_connections = max_concurrency
+        self._gate = trio.CapacityLimiter(max_concurrency)
+        self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            n = self.cfg.max_concurrency
+            n = self._max_connections
             self._client = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
                 timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
@@ -233,21 +240,44 @@ class HttpProvider:
         if self._client is not None:
             await self._client.aclose()
 
-    # ---- exchanges ---------------------------------------------------------------------------
+    # ---- exchanges -----------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def open(self, method: str, url: str, *, headers: Mapping[str, str],
-                   json: Any = None, params: Mapping[str, str] | None = None) -> AsyncIterator[httpx.Response]:
-        """A streamed response with a 2xx status (others raise the mapped error); closed on exit."""
+    async def exchange(self, request: HttpRequest, fold: Fold[T], on_delta: OnDelta | None = None, *,
+                       headers: Mapping[str, str], base: str | None = None,
+                       status_error: StatusHook | None = None) -> T:
+        """Send ``request``, fold the reply (``on_delta`` gets each text piece), return the fold's result."""
+        steps = self._steps(request, fold, headers, base or self.base_url, status_error)
+        async with aclosing(steps):
+            async for step in steps:
+                if isinstance(step, _Result):
+                    return step.value
+                if on_delta is not None:
+                    on_delta(step)
+        raise AssertionError("an exchange ends with its result")  # pragma: no cover
+
+    async def fetch(self, request: HttpRequest, parse: Callable[[Any], T], *, headers: Mapping[str, str],
+                    base: str | None = None, status_error: StatusHook | None = None) -> T:
+        """A JSON reply through ``parse`` (run inside the mapping: a KeyError there is a malformed reply)."""
+        return await self.exchange(request, JsonFold(parse), headers=headers, base=base, status_error=status_error)
+
+    async def check(self, request: HttpRequest, *, headers: Mapping[str, str], base: str | None = None,
+                    status_error: StatusHook | None = None) -> None:
+        """Raise the mapped error unless the status is 2xx; the body is not read."""
+        await self.exchange(request, StatusOnly(), headers=headers, base=base, status_error=status_error)
+
+    async def _steps(self, request: HttpRequest, fold: Fold[T], headers: Mapping[str, str], base: str,
+                     status_error: StatusHook | None) -> AsyncGenerator[str | _Result[T], None]:
+        """The exchange itself: text pieces, then the result. The only place foreign errors are mapped."""
+        secrets = self._secrets()
         async with self._gate:
-            with map_transport_errors(self.name, self.secrets):
-                request = self.client().build_request(
-                    method, url if url.startswith("http") else self.base_url + url,
-                    headers=headers, params=params,
-                    content=msgspec.json.encode(json) if json is not None else None)
-                if json is not None:
-                    request.headers["content-type"] = "application/json"
-                response = await self.client().send(request, stream=True)
+            with _mapped(self.name, secrets):
+                url = request.path if request.path.startswith("http") else base.rstrip("/") + request.path
+                sent = self.client().build_request(
+                    request.method, url, headers=headers, params=request.params,
+                    content=msgspec.json.encode(request.body) if request.body is not None else None)
+                if request.body is not None:
+                    sent.headers["content-type"] = "application/json"
+                response = await self.client().send(sent, stream=True)
                 try:
                     length = response.headers.get("content-length", "")
                     if length.isascii() and length.isdigit() and int(length) > self.max_body:
@@ -255,32 +285,26 @@ class HttpProvider:
                     assert isinstance(response.stream, httpx.AsyncByteStream)
                     response.stream = CappedStream(response.stream, self.max_body, self.name)
                     if response.status_code >= 400:
-                        body = await self.read_body(response)
+                        body = await self._read_body(response)
                         raise error_for_status(self.name, response.status_code, body, response.headers,
-                                               self.secrets)
-                    yield response
+                                               secrets, status_error)
+                    if request.stream:
+                        async for event in httpx_sse.EventSource(response).aiter_sse():
+                            if piece := fold.feed(event.data, event.event):
+                                yield piece
+                            if fold.done:
+                                break
+                    elif not fold.done:
+                        fold.feed(await self._read_body(response))
+                    yield _Result(fold.result())
                 finally:
                     await response.aclose()
 
-    async def call_json(self, method: str, url: str, *, headers: Mapping[str, str], json: Any = None,
-                        params: Mapping[str, str] | None = None) -> Any:
-        async with self.open(method, url, headers=headers, json=json, params=params) as response:
-            body = await self.read_body(response)
-            with map_transport_errors(self.name, self.secrets):
-                return msgspec.json.decode(body)
-
-    async def read_body(self, response: httpx.Response) -> bytes:
+    async def _read_body(self, response: httpx.Response) -> bytes:
         """The whole (decoded) body of ``response``, at most ``max_body`` bytes (else ``UpstreamTooLarge``)."""
         body = bytearray()
-        with map_transport_errors(self.name, self.secrets):
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > self.max_body:
-                    raise too_large(self.name, self.max_body)
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > self.max_body:
+                raise too_large(self.name, self.max_body)
         return bytes(body)
-
-    async def events(self, response: httpx.Response) -> AsyncIterator[httpx_sse.ServerSentEvent]:
-        """The server-sent events of ``response`` (errors mapped; a cut stream raises)."""
-        with map_transport_errors(self.name, self.secrets):
-            async for event in httpx_sse.EventSource(response).aiter_sse():
-                yield event

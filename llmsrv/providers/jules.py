@@ -54,18 +54,22 @@ ignored. Jules tasks take minutes: raise ``[providers.jules] timeout_ms`` and th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 
 from .. import errors
+from ..config import ProviderConfig, ServerConfig
 from ..messages import Message, Usage
 from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
-from .http import HttpProvider, map_transport_errors
+from .auth import ApiKeyHeader, Key
+from .codecs import HttpRequest
+from .http import HttpTransport
 
 log = logging.getLogger("llmsrv.providers.jules")
 
@@ -152,6 +156,11 @@ class _Run:
 
 # ---- pure helpers -----------------------------------------------------------------------------
 
+def known_model(model: str) -> bool:
+    """``default`` (repoless) or ``sources/...`` (a connected source, optionally ``@BRANCH``)."""
+    return model == DEFAULT_MODEL or (model.startswith(SOURCE_PREFIX) and len(model) > len(SOURCE_PREFIX))
+
+
 def build_prompt(messages: Sequence[Message]) -> str:
     """System text first, then the conversation (a lone user message as is), blank-line separated."""
     parts = [m.content for m in messages if m.role == "system"]
@@ -189,7 +198,12 @@ def _output_text(run: _Run) -> str:
 
 # ---- the provider -----------------------------------------------------------------------------
 
-class JulesProvider(HttpProvider):
+T = TypeVar("T")
+
+
+class JulesProvider:
+    """The Jules task API as a provider: create a session, poll it, delete it when abandoned."""
+
     name = "jules"
     key_env = ("JULES_API_KEY",)
     default_base_url = "https://jules.googleapis.com/v1alpha"
@@ -200,23 +214,45 @@ class JulesProvider(HttpProvider):
     STOP_TIMEOUT_S = 2.0  # the shielded cleanup that deletes an abandoned session
     PAGE_SIZE = 100  # activities per page, the API's maximum
 
-    def has_model(self, model: str) -> bool:
-        return model == DEFAULT_MODEL or (model.startswith(SOURCE_PREFIX) and len(model) > len(SOURCE_PREFIX))
+    def __init__(self, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
+                 server: ServerConfig | None = None) -> None:
+        env = os.environ if env is None else env
+        self.cfg = cfg
+        self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
+        self._key = Key.lookup(env, ((cfg.api_key_env,) if cfg.api_key_env else ()) + self.key_env)
+        self.key = self._key.value
+        self.auth = ApiKeyHeader(self._key, "X-Goog-Api-Key", provider=self.name)
+        self.transport = HttpTransport(self.name, self.base_url, max_concurrency=cfg.max_concurrency,
+                                       max_body=(server or ServerConfig()).max_upstream_bytes,
+                                       secrets=self.auth.secrets)
 
-    def _headers(self) -> dict[str, str]:
-        return {"X-Goog-Api-Key": self.key or ""}
+    def status(self) -> ProviderStatus:
+        if self._key.problem:
+            return ProviderStatus(False, self._key.problem, state="invalid")
+        if self._key.value is None:
+            return ProviderStatus(False, self._key.missing(), state="missing")
+        return ProviderStatus(True)
 
-    async def _get(self, url: str, kind: type[Any], params: Mapping[str, str] | None = None) -> Any:
-        data = await self.call_json("GET", url, headers=self._headers(), params=params)
-        with map_transport_errors(self.name, self.secrets):
-            return msgspec.convert(data, kind)
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        return self.auth.secrets()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def _fetch(self, request: HttpRequest, kind: type[T]) -> T:
+        session = await self.auth.session(self.transport)
+        return await self.transport.fetch(request, lambda data: msgspec.convert(data, kind), headers=session.headers)
+
+    async def _get(self, path: str, kind: type[T], params: Mapping[str, str] | None = None) -> T:
+        return await self._fetch(HttpRequest(method="GET", path=path, params=params), kind)
 
     # ---- probe -------------------------------------------------------------------------------
 
     async def probe(self) -> ProviderStatus:
         """``GET /sources``: proves the key without starting a session."""
         try:
-            await self.call_json("GET", "/sources", headers=self._headers(), params={"pageSize": "1"})
+            await self._get("/sources", object, {"pageSize": "1"})
         except errors.MissingCredentials as exc:
             return ProviderStatus(False, exc.message, state="invalid")
         return ProviderStatus(True)
@@ -224,7 +260,7 @@ class JulesProvider(HttpProvider):
     # ---- one call ----------------------------------------------------------------------------
 
     async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
-        if not self.has_model(call.model):
+        if not known_model(call.model):
             raise errors.ProviderNotFound(
                 f"unknown jules model {call.model!r}: use jules:default (repoless) or "
                 f"jules:sources/github/OWNER/REPO[@BRANCH]")
@@ -233,9 +269,7 @@ class JulesProvider(HttpProvider):
         context = source_context(call.model)
         if context is not None:
             body["sourceContext"] = context
-        created = await self.call_json("POST", "/sessions", headers=self._headers(), json=body)
-        with map_transport_errors(self.name, self.secrets):
-            session = msgspec.convert(created, _Session)
+        session = await self._fetch(HttpRequest(method="POST", path="/sessions", body=body), _Session)
         session_id = session.id or session.name.rpartition("/")[2]
         if not session_id:
             raise errors.ProviderError("jules: the created session has no id")
@@ -315,7 +349,8 @@ class JulesProvider(HttpProvider):
         """Best effort, shielded and bounded: delete a session we walk away from."""
         with trio.CancelScope(shield=True), trio.move_on_after(self.STOP_TIMEOUT_S):
             try:
-                async with self.open("DELETE", f"/sessions/{session_id}", headers=self._headers()):
-                    pass
+                session = await self.auth.session(self.transport)
+                await self.transport.check(HttpRequest(method="DELETE", path=f"/sessions/{session_id}"),
+                                           headers=session.headers)
             except errors.LlmsrvError as exc:
                 log.warning("jules: could not delete abandoned session %s: %s", session_id, exc.message)

@@ -16,7 +16,7 @@ import trio
 from ..config import MockConfig
 from ..errors import ProviderError, ProviderNotFound
 from ..messages import Usage
-from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
+from . import Call, Completion, OnDelta, ProviderStatus, estimate_prompt_tokens, estimate_tokens
 
 _LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
           "incididunt ut labore et dolore magna aliqua").split()
@@ -70,11 +70,11 @@ class MockProvider:
     def status(self) -> ProviderStatus:
         return AVAILABLE
 
-    def has_model(self, model: str) -> bool:
-        return model in self.models
-
     async def probe(self) -> ProviderStatus:
         return self.status()
+
+    async def aclose(self) -> None:
+        pass
 
     def statistics(self) -> MockStatistics:
         n = self._n
@@ -118,6 +118,6 @@ class MockProvider:
             if on_delta is not None:
                 on_delta(text)
         lorem = call.model == "lorem"
-        usage = Usage(prompt_tokens=sum(estimate_tokens(m.content) for m in call.messages),
+        usage = Usage(prompt_tokens=estimate_prompt_tokens(call),
                       completion_tokens=call.max_tokens if lorem else estimate_tokens(text))
         return Completion(text=text, usage=usage, finish_reason="length" if lorem else "stop")

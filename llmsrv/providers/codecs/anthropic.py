@@ -1,8 +1,8 @@
-"""The ``claude`` provider: Anthropic's Messages API (``POST /v1/messages``), plain and streamed.
+"""The Anthropic Messages codec (``POST /v1/messages``, plain and streamed): pure, no I/O.
 
 Theory of operation
 -------------------
-* **Request translation** is pure (``request_body``). System messages become the top-level
+* **Request translation** (``request_body``). System messages become the top-level
   ``system`` string (several joined by a blank line). User and assistant messages become
   ``messages`` turns; consecutive messages of one role are merged into one turn of several text
   blocks, because the API wants user and assistant turns to alternate.
@@ -22,31 +22,30 @@ Theory of operation
 * **Sampling.** ``model`` and ``max_tokens`` go as given (the router has resolved aliases);
   ``temperature`` is clamped to Anthropic's 0..1 (the contract allows up to 2, which the API
   would refuse with a 400 that ends the request instead of falling back).
-* **Streaming** when the caller passes ``on_delta``: ``StreamAssembler`` folds the SSE events
+* **Streaming** when the caller passes ``on_delta``: ``StreamFold`` folds the SSE events
   (``message_start`` .. ``message_stop``) into the same ``Completion`` the plain call returns,
-  reports every ``text_delta`` and joins ``input_json_delta`` pieces into tool arguments. An
+  returns every ``text_delta`` and joins ``input_json_delta`` pieces into tool arguments. An
   ``error`` event raises the mapped error; a stream that ends before ``message_stop`` is a
   ``ProviderError``. Unknown events and block types (thinking, citations) are ignored, as
   Anthropic's versioning policy asks.
-* HTTP status errors (529 overloaded included) are mapped by ``HttpProvider``.
+* HTTP status errors (529 overloaded included) are mapped by the transport (``http.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
 
-import httpx_sse
 import msgspec
 
-from .. import errors
-from ..messages import Tool, ToolCall, Usage
-from ..redact import clip
-from . import Call, Completion, OnDelta, ProviderStatus
-from .http import DETAIL_CHARS, HttpProvider, map_transport_errors
+from ... import errors
+from ...messages import Tool, ToolCall, Usage
+from ...redact import clip
+from .. import Call, Completion
+from . import Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, stream_cut
+from . import tool_definition as shared_tool
 
 API_VERSION = "2023-06-01"
+CLAUDE = Origin("claude")
 MAX_TEMPERATURE = 1.0
 
 FINISH_REASONS = {
@@ -162,11 +161,7 @@ def _add(turns: list[Block], role: str, blocks: list[Block]) -> None:
 
 
 def tool_definition(tool: Tool) -> Block:
-    fn = tool.function
-    definition: Block = {"name": fn.name, "input_schema": {"type": "object", **(fn.parameters or {})}}
-    if fn.description:
-        definition["description"] = fn.description
-    return definition
+    return shared_tool(tool, schema_key="input_schema", schema=lambda p: {"type": "object", **(p or {})})
 
 
 def request_body(call: Call) -> dict[str, Any]:
@@ -242,25 +237,48 @@ def parse_message(data: dict[str, Any]) -> Completion:
                       tool_calls=tuple(calls))
 
 
-def stream_error(data: dict[str, Any], provider: str = "claude",
-                 secrets: tuple[str | None, ...] = ()) -> errors.LlmsrvError:
-    """The exception for an ``error`` event of a stream."""
-    err = data.get("error")
+def stream_error(data: Any, origin: Origin = CLAUDE) -> errors.LlmsrvError:
+    """The exception for an ``error`` event of a stream (or an error body in a 200)."""
+    err = data.get("error") if isinstance(data, dict) else None
     if not isinstance(err, dict):
         err = {}
     kind, detail = str(err.get("type") or ""), str(err.get("message") or "")
-    cls = STREAM_ERRORS.get(kind, errors.ProviderError)
-    return cls(f"{provider} stream error {clip(kind, 40, secrets) or 'unknown'}: {clip(detail, DETAIL_CHARS, secrets)}")
+    what = f"stream error {clip(kind, 40, origin.secrets) or 'unknown'}"
+    return inband_error(origin, error_class(STREAM_ERRORS, kind), what, detail)
 
 
-class StreamAssembler:
-    """Folds the Messages API stream events into a ``Completion``; ``feed`` one decoded event at a time."""
+def _event(data: str | bytes) -> dict[str, Any]:
+    payload = msgspec.json.decode(data)
+    if not isinstance(payload, dict):
+        raise TypeError("a stream event is not an object")
+    return payload
 
-    def __init__(self, on_delta: OnDelta | None = None, provider: str = "claude",
-                 secrets: tuple[str | None, ...] = ()) -> None:
-        self.on_delta = on_delta
-        self.provider = provider
-        self.secrets = secrets
+
+class MessageFold:
+    """A plain reply: the one ``message`` body."""
+
+    def __init__(self) -> None:
+        self._completion: Completion | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._completion is not None
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        self._completion = parse_message(_event(data))
+        return ""
+
+    def result(self) -> Completion:
+        if self._completion is None:
+            raise errors.ProviderError("claude: no reply body")
+        return self._completion
+
+
+class StreamFold:
+    """Folds the Messages API stream events into a ``Completion``, one event at a time."""
+
+    def __init__(self, origin: Origin = CLAUDE) -> None:
+        self.origin = origin
         self.stopped = False
         self._text: list[str] = []
         self._tools: dict[int, tuple[str, str, list[str]]] = {}  # block index -> id, name, json pieces
@@ -269,13 +287,23 @@ class StreamAssembler:
         self._input_tokens = 0
         self._output_tokens = 0
 
-    def feed(self, data: dict[str, Any]) -> None:
+    @property
+    def done(self) -> bool:
+        return self.stopped
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        if not data:
+            return ""
+        return self.add(_event(data))
+
+    def add(self, data: dict[str, Any]) -> str:
+        """Fold one decoded event in; return its text piece."""
         kind = data.get("type")
         if kind == "content_block_delta":
             delta = data["delta"]
             if delta["type"] == "text_delta":
-                self._say(delta["text"])
-            elif delta["type"] == "input_json_delta":
+                return self._say(delta["text"])
+            if delta["type"] == "input_json_delta":
                 self._tools[data["index"]][2].append(delta["partial_json"])
         elif kind == "content_block_start":
             block = data["content_block"]
@@ -283,7 +311,7 @@ class StreamAssembler:
                 first = block.get("input")
                 self._tools[data["index"]] = (block["id"], block["name"], [_arguments(first)] if first else [])
             elif block["type"] == "text":
-                self._say(block.get("text") or "")  # empty in practice; deltas carry the text
+                return self._say(block.get("text") or "")  # empty in practice; deltas carry the text
         elif kind == "content_block_stop":
             self._close_tool(data["index"])
         elif kind == "message_start":
@@ -300,14 +328,14 @@ class StreamAssembler:
         elif kind == "message_stop":
             self.stopped = True
         elif kind == "error":
-            raise stream_error(data, self.provider, self.secrets)
+            raise stream_error(data, self.origin)
         # ping and event types added later: nothing to do
+        return ""
 
-    def _say(self, piece: str) -> None:
+    def _say(self, piece: str) -> str:
         if piece:
             self._text.append(piece)
-            if self.on_delta is not None:
-                self.on_delta(piece)
+        return piece
 
     def _close_tool(self, index: int) -> None:
         tool = self._tools.pop(index, None)
@@ -317,13 +345,13 @@ class StreamAssembler:
         try:  # normalised, so streamed and plain calls give the same text
             arguments = _arguments(msgspec.json.decode(raw))
         except msgspec.DecodeError:
-            name = clip(tool[1], 100, self.secrets)
-            raise errors.ProviderError(f"{self.provider}: tool {name!r} input is not JSON") from None
+            name = clip(tool[1], 100, self.origin.secrets)
+            raise errors.ProviderError(f"{self.origin.provider}: tool {name!r} input is not JSON") from None
         self._calls[index] = ToolCall(id=tool[0], name=tool[1], arguments=arguments)
 
     def result(self) -> Completion:
         if not self.stopped:
-            raise errors.ProviderError(f"{self.provider}: stream cut (ended without message_stop)")
+            raise stream_cut(self.origin, "message_stop")
         for index in list(self._tools):
             self._close_tool(index)
         return Completion(text="".join(self._text), finish_reason=finish_reason(self._stop_reason),
@@ -331,44 +359,23 @@ class StreamAssembler:
                           tool_calls=tuple(self._calls[i] for i in sorted(self._calls)))
 
 
-# ---- the provider -------------------------------------------------------------------------------
+# ---- the codec ----------------------------------------------------------------------------------
 
-class ClaudeProvider(HttpProvider):
-    name = "claude"
-    key_env = ("ANTHROPIC_API_KEY", "CLAUDE_API_KEY")
-    default_base_url = "https://api.anthropic.com"
-
-    def _headers(self) -> dict[str, str]:
-        if self.key is None:
-            raise errors.MissingCredentials(self.status().reason or "claude: no API key")
-        return {"x-api-key": self.key, "anthropic-version": API_VERSION}
-
-    async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
+class AnthropicMessages(StatusDefault):
+    def request(self, call: Call, *, stream: bool) -> HttpRequest:
         body = request_body(call)
-        headers = self._headers()
-        if on_delta is None:
-            data = await self.call_json("POST", "/v1/messages", headers=headers, json=body)
-            with map_transport_errors(self.name, self.secrets):
-                return parse_message(data)
-        body["stream"] = True
-        stream = StreamAssembler(on_delta, self.name, self.secrets)
-        async with self.open("POST", "/v1/messages", headers=headers, json=body) as response, \
-                aclosing(cast(AsyncGenerator[httpx_sse.ServerSentEvent, None], self.events(response))) as events:
-            with map_transport_errors(self.name, self.secrets):
-                async for event in events:
-                    if event.data:
-                        payload = msgspec.json.decode(event.data)
-                        if not isinstance(payload, dict):
-                            raise errors.ProviderError(f"{self.name}: malformed stream event")
-                        stream.feed(payload)
-                    if stream.stopped:
-                        break
-        return stream.result()
+        if stream:
+            body["stream"] = True
+        return HttpRequest(method="POST", path="/v1/messages", body=body, stream=stream)
 
-    async def probe(self) -> ProviderStatus:
-        """``GET /v1/models``: checks the key and the route without spending tokens. Failures raise
-        the mapped error (``MissingCredentials`` for a refused key)."""
-        data = await self.call_json("GET", "/v1/models", headers=self._headers(), params={"limit": "1000"})
-        with map_transport_errors(self.name, self.secrets):
-            models = [str(model["id"]) for model in data["data"]]
-        return ProviderStatus(True, f"key accepted; {len(models)} models listed")
+    def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
+        return StreamFold(origin) if stream else MessageFold()
+
+
+CODEC = AnthropicMessages()
+
+
+def models_listed(data: Any) -> str:
+    """The probe's reason, from a ``GET /v1/models`` page."""
+    models = [str(model["id"]) for model in data["data"]]
+    return f"key accepted; {len(models)} models listed"

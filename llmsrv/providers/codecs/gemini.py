@@ -1,4 +1,4 @@
-"""The ``gemini`` provider: Google's Gemini API with an API key (generateContent, streamGenerateContent).
+"""The Gemini codec (generateContent, streamGenerateContent): pure, no I/O.
 
 Wire shapes come from the public Gemini API reference:
 * https://ai.google.dev/api/generate-content -- ``POST /v1beta/models/{model}:generateContent`` and
@@ -29,24 +29,24 @@ Translation decisions
 * Usage: ``promptTokenCount``; ``candidatesTokenCount + thoughtsTokenCount`` (thinking is billed as output).
 * Thought-summary parts (``"thought": true``) are not part of the answer text.
 * Gemini answers a bad key with 400 INVALID_ARGUMENT ("API key not valid"), not 401: such a 400 is
-  mapped to ``MissingCredentials`` so the router falls back and ``probe()`` reports ``invalid``.
+  mapped to ``MissingCredentials`` (``status_error``, decided once from the status and the body's
+  message by the transport) so the router falls back and ``probe()`` reports ``invalid``.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
 
-from .. import errors
-from ..messages import Message, Tool, ToolCall, Usage
-from ..redact import clip
-from . import Call, Completion, OnDelta, ProviderStatus
-from .http import DETAIL_CHARS, HttpProvider, map_transport_errors
+from ... import errors
+from ...messages import Message, Tool, ToolCall, Usage
+from ...redact import clip
+from .. import Call, Completion
+from . import Fold, HttpRequest, Origin, inband_error, stream_cut, tool_definition
 
 API = "/v1beta"
 
@@ -132,16 +132,6 @@ def _contents(messages: Sequence[Message], tools: Sequence[Tool]) -> tuple[list[
     return contents, system
 
 
-def _declaration(tool: Tool) -> dict[str, Any]:
-    fn = tool.function
-    decl: dict[str, Any] = {"name": fn.name}
-    if fn.description:
-        decl["description"] = fn.description
-    if fn.parameters is not None:
-        decl["parameters"] = fn.parameters
-    return decl
-
-
 def request_body(call: Call) -> dict[str, Any]:
     contents, system = _contents(call.messages, call.tools)
     if not contents:  # only system messages: the API needs at least one turn
@@ -153,24 +143,31 @@ def request_body(call: Call) -> dict[str, Any]:
     if system:
         body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
     if call.tools:
-        body["tools"] = [{"functionDeclarations": [_declaration(tool) for tool in call.tools]}]
+        body["tools"] = [{"functionDeclarations": [tool_definition(tool) for tool in call.tools]}]
     return body
 
 
 # ---- reply accumulation (pure) --------------------------------------------------------------------
 
 
-class _Reply:
+class GeminiFold:
     """Folds one GenerateContentResponse (or every chunk of a stream, in order) into a Completion."""
 
-    def __init__(self, provider: str, secrets: Sequence[str | None]) -> None:
-        self.provider = provider
-        self.secrets = secrets
+    done = False  # a stream ends when the upstream closes it (the last chunk has the finishReason)
+
+    def __init__(self, origin: Origin) -> None:
+        self.provider, self.secrets = origin
+        self.origin = origin
         self.text: list[str] = []
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
         self.usage = _UsageMetadata()
         self.block_reason: str | None = None
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        if isinstance(data, str) and not data.strip():
+            return ""
+        return self.add(_decode_response(data))
 
     def add(self, chunk: _Response) -> str:
         """Take one chunk in; return its answer text."""
@@ -198,12 +195,12 @@ class _Reply:
             self.text.append(piece)
         return piece
 
-    def completion(self) -> Completion:
+    def result(self) -> Completion:
         if self.finish_reason is None:
             if self.block_reason:
                 reason = clip(self.block_reason, 100, self.secrets)
                 raise errors.ValidationFailed(f"{self.provider} refused the prompt (blockReason {reason})")
-            raise errors.ProviderError(f"{self.provider}: stream cut (ended without a finishReason)")
+            raise stream_cut(self.origin, "a finishReason")
         if self.tool_calls:
             finish = "tool_calls"
         elif self.finish_reason == "MAX_TOKENS":
@@ -215,68 +212,28 @@ class _Reply:
         return Completion(text="".join(self.text), usage=usage, finish_reason=finish, tool_calls=self.tool_calls)
 
     def _stream_error(self, error: _Error) -> errors.LlmsrvError:
-        detail = clip(f"{error.status or error.code}: {error.message}", DETAIL_CHARS, self.secrets)
-        message = f"{self.provider} stream failed: {detail}"
-        if error.code == 429 or error.status == "RESOURCE_EXHAUSTED":
-            return errors.RateLimited(message)
-        return errors.ProviderError(message)
+        limited = error.code == 429 or error.status == "RESOURCE_EXHAUSTED"
+        return inband_error(self.origin, errors.RateLimited if limited else errors.ProviderError, "stream failed",
+                            f"{error.status or error.code}: {error.message}")
 
 
-@contextmanager
-def _bad_key_is_credentials() -> Iterator[None]:
-    """Gemini rejects an invalid or expired key with 400 INVALID_ARGUMENT; that is a credentials error."""
-    try:
-        yield
-    except errors.ValidationFailed as exc:
-        if "api key" not in exc.message.lower():
-            raise
-        detail = exc.message.removeprefix("the request was rejected upstream: ")
-        raise errors.MissingCredentials(f"credentials refused: {detail}") from None
+# ---- the codec ------------------------------------------------------------------------------------
 
-
-# ---- the provider ---------------------------------------------------------------------------------
-
-
-class GeminiProvider(HttpProvider):
-    name = "gemini"
-    key_env = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
-    default_base_url = "https://generativelanguage.googleapis.com"
-
-    def _headers(self) -> dict[str, str]:
-        return {"x-goog-api-key": self.key or ""}
-
-    async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
+class GeminiGenerate:
+    def request(self, call: Call, *, stream: bool) -> HttpRequest:
         model = quote(call.model.removeprefix("models/"), safe="")
-        body = request_body(call)
-        reply = _Reply(self.name, self.secrets)
-        with _bad_key_is_credentials():
-            if on_delta is None:
-                async with self.open("POST", f"{API}/models/{model}:generateContent", headers=self._headers(),
-                                     json=body) as response:
-                    with map_transport_errors(self.name, self.secrets):
-                        reply.add(_decode_response(await self.read_body(response)))
-            else:
-                async with self.open("POST", f"{API}/models/{model}:streamGenerateContent", headers=self._headers(),
-                                     json=body, params={"alt": "sse"}) as response:
-                    async for event in self.events(response):
-                        if not event.data.strip():
-                            continue
-                        with map_transport_errors(self.name, self.secrets):
-                            chunk = _decode_response(event.data)
-                        piece = reply.add(chunk)
-                        if piece:
-                            on_delta(piece)
-        return reply.completion()
+        if stream:
+            return HttpRequest(method="POST", path=f"{API}/models/{model}:streamGenerateContent",
+                               body=request_body(call), params={"alt": "sse"}, stream=True)
+        return HttpRequest(method="POST", path=f"{API}/models/{model}:generateContent", body=request_body(call))
 
-    async def probe(self) -> ProviderStatus:
-        status = self.status()
-        if not status.available:
-            return status
-        try:
-            with _bad_key_is_credentials():
-                await self.call_json("GET", f"{API}/models", headers=self._headers(), params={"pageSize": "1"})
-        except errors.MissingCredentials as exc:
-            return ProviderStatus(False, exc.message, state="invalid")
-        except errors.LlmsrvError as exc:
-            return ProviderStatus(False, exc.message)
-        return ProviderStatus(True)
+    def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
+        return GeminiFold(origin)
+
+    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+        """Gemini rejects an invalid or expired key with 400 INVALID_ARGUMENT: a credentials error."""
+        return errors.MissingCredentials if status == 400 and "api key" in detail.lower() else None
+
+
+CODEC = GeminiGenerate()
+PROBE = HttpRequest(method="GET", path=f"{API}/models", params={"pageSize": "1"})

@@ -1,0 +1,129 @@
+"""The vocabulary every wire codec speaks: a request description, one folder protocol, shared helpers.
+
+Codecs are pure (h11-style): they never do I/O and import no trio, httpx or nats. A codec turns a
+``Call`` into an ``HttpRequest`` (or, for a CLI agent, an argv) and hands out a folder per call:
+the transport feeds it every received event -- a whole JSON body is one event, each SSE ``data``
+field one, each stdout line of a CLI one -- and ``feed`` returns the text delta it carried ("" for
+none). ``done`` says the terminal event came (the transport stops reading); ``result()`` is the
+``Completion`` (or raises: a stream cut short, an in-band refusal). A malformed event may raise
+``KeyError``/``TypeError``/``IndexError``/``msgspec.DecodeError``: the transport maps those, once,
+to ``ProviderError("... malformed response ...")``.
+
+::
+
+    request = codec.request(call, stream=True)
+    fold = codec.folder(call, origin, stream=True)
+    for event in received:          # the transport's loop
+        delta = fold.feed(event)
+        if fold.done: break
+    completion = fold.result()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import msgspec
+
+from ... import errors
+from ...messages import Tool
+from ...redact import clip
+from .. import Call, Completion
+
+DETAIL_CHARS = 300  # of an upstream error text, in our error messages
+CAP_KEY = "server.max_upstream_bytes"
+
+Json = dict[str, Any]
+
+
+class HttpRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What to send: ``path`` is relative to the provider's base URL (or absolute)."""
+
+    method: str
+    path: str
+    body: Any = None  # encoded as JSON when not None
+    params: Mapping[str, str] | None = None
+    stream: bool = False  # the reply is a server-sent event stream
+
+
+class Origin(NamedTuple):
+    """Who is speaking, for error messages: the provider's name and the secrets to redact."""
+
+    provider: str
+    secrets: Sequence[str | None] = ()
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Fold(Protocol[T_co]):
+    """Received events in, text deltas out, then one result (a ``Completion``, for a codec's folds)."""
+
+    @property
+    def done(self) -> bool:
+        """The terminal event came: nothing after it needs reading."""
+        ...
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        """Fold one event in (``event`` is the SSE event name, if any); return its text piece."""
+        ...
+
+    def result(self) -> T_co: ...
+
+
+StatusHook = Callable[[int, str], "type[errors.LlmsrvError] | None"]
+
+
+class Codec(Protocol):
+    def request(self, call: Call, *, stream: bool) -> HttpRequest: ...
+
+    def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]: ...
+
+    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+        """A format's own reading of an HTTP error (status + the body's human part), else None."""
+        ...
+
+
+class StatusDefault:
+    """Mixin: no particular status mapping (the transport's table decides)."""
+
+    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+        return None
+
+
+# ---- shared helpers -----------------------------------------------------------------------------
+
+def tool_definition(tool: Tool, *, schema_key: str = "parameters",
+                    schema: Callable[[Json | None], Json | None] = lambda p: p) -> Json:
+    """``{name, description?, <schema_key>?}`` of a function tool; ``schema`` shapes the parameters."""
+    fn = tool.function
+    out: Json = {"name": fn.name}
+    if fn.description:
+        out["description"] = fn.description
+    if (parameters := schema(fn.parameters)) is not None:
+        out[schema_key] = parameters
+    return out
+
+
+def inband_error(origin: Origin, cls: type[errors.LlmsrvError], what: str, detail: str) -> errors.LlmsrvError:
+    """An error reported inside a 2xx reply (an error event or chunk): ``<provider> <what>: <detail>``,
+    the detail redacted, then cut."""
+    return cls(f"{origin.provider} {what}: {clip(detail, DETAIL_CHARS, origin.secrets)}")
+
+
+def error_class(table: Mapping[str, type[errors.LlmsrvError]], *keys: str) -> type[errors.LlmsrvError]:
+    """The class the first of ``keys`` found in ``table`` names; ``ProviderError`` otherwise."""
+    for key in keys:
+        if key in table:
+            return table[key]
+    return errors.ProviderError
+
+
+def stream_cut(origin: Origin, marker: str) -> errors.ProviderError:
+    return errors.ProviderError(f"{origin.provider}: stream cut (the event stream ended without {marker})")
+
+
+def too_large(provider: str, limit: int) -> errors.UpstreamTooLarge:
+    return errors.UpstreamTooLarge(f"{provider}: the upstream body is larger than {limit} bytes "
+                                   f"({CAP_KEY}); not read further")

@@ -1,0 +1,159 @@
+"""The stream-JSON codec of command-line agents: the prompt and argv out, stdout lines in. Pure.
+
+* **The prompt.** System messages come first, as plain paragraphs. A conversation of one user
+  message follows as is; a longer one is written out with role labels (``User:``,
+  ``Assistant:``, ``Tool:``), one paragraph per message. ``max_tokens``, ``temperature`` and
+  ``tools`` have no CLI equivalent and are not passed (the agent uses its own tools). A prompt
+  that would start with ``-`` gets a leading space so no CLI parses it as an option. ``{model}``
+  and ``{prompt}`` are replaced inside each element of the command template, in one pass.
+* **Reading.** stdout is read as JSON lines (non-JSON lines are skipped): an ``assistant`` event
+  reports its text as a delta; the ``result`` event is the end of the answer and its ``result``
+  field is the final text (with ``usage`` when present, else ``estimate_tokens``). The same fold
+  understands Claude Code's stream-json (same shape) and Codex CLI's ``exec --json``
+  (``item.completed`` agent messages, ``turn.completed`` with usage).
+* **Outcome** (after a clean exit): a result with ``is_error`` (or a Codex ``turn.failed``) is
+  ``ProviderError("... reported an error ...")``; no terminal event is ``ProviderError("... no result")``.
+
+Sources: the Cursor CLI docs, "Output format" (https://cursor.com/docs/cli/reference/output-format:
+``--print``, ``--output-format stream-json``, NDJSON events ``system``/``user``/``assistant``/
+``tool_call``/``result``, "one line per assistant message", terminal ``{"type": "result", "subtype":
+"success", "is_error": false, "result": "<full text>", ...}``); Claude Code's and Codex CLI's
+``--output-format stream-json`` / ``exec --json`` event shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from ... import errors
+from ...messages import Message, Usage
+from ...redact import clip
+from .. import Call, Completion, estimate_prompt_tokens, estimate_tokens
+from . import DETAIL_CHARS, Origin
+
+_PLACEHOLDER = re.compile(r"\{(model|prompt)\}")
+_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def build_prompt(messages: Sequence[Message]) -> str:
+    """One text for a CLI that takes one prompt (see the module docstring)."""
+    system = [m.content for m in messages if m.role == "system"]
+    conversation = [m for m in messages if m.role != "system"]
+    if len(conversation) == 1 and conversation[0].role == "user":
+        turns = [conversation[0].content]
+    else:
+        turns = [f"{_LABELS[m.role]}: {m.content}" for m in conversation]
+    prompt = "\n\n".join(system + turns)
+    return " " + prompt if prompt.startswith("-") else prompt
+
+
+def substitute(template: Sequence[str], model: str, prompt: str) -> list[str]:
+    """``{model}`` and ``{prompt}`` replaced in one pass (a prompt containing "{model}" stays as is)."""
+    values = {"model": model, "prompt": prompt}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], part) for part in template]
+
+
+def _message_text(message: Any) -> str:
+    """The text of an assistant message: a string, or the ``text`` blocks of a content list."""
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    return "".join(str(block.get("text") or "") for block in content
+                   if isinstance(block, dict) and block.get("type") == "text")
+
+
+def _usage(raw: Any) -> Usage | None:
+    """Claude/Codex ``input_tokens``/``output_tokens`` (Claude's cache counts added) or camelCase."""
+    if not isinstance(raw, dict):
+        return None
+
+    def total(*keys: str) -> int | None:
+        found = [int(raw[k]) for k in keys if isinstance(raw.get(k), int | float) and not isinstance(raw[k], bool)]
+        return sum(found) if found else None
+
+    prompt = total("input_tokens", "inputTokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    completion = total("output_tokens", "outputTokens")
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0)
+
+
+class StreamJsonFold:
+    """stream-json lines in, deltas out; after the terminal event, ``done`` and the outcome."""
+
+    def __init__(self, call: Call, origin: Origin, binary: str) -> None:
+        self.call, self.origin, self.binary = call, origin, binary
+        self.parts: list[str] = []
+        self.done = False
+        self.text: str | None = None  # the final text, once a successful terminal event came
+        self.usage: Usage | None = None
+        self.error: str | None = None  # what the CLI reported as its failure, if it did
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        """Decode one line; return the text to report as a delta ("" for none)."""
+        try:
+            decoded = msgspec.json.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return ""  # banners, warnings, anything not JSON
+        if not isinstance(decoded, dict) or self.done:
+            return ""
+        return self._event(decoded)
+
+    def _event(self, event: dict[str, Any]) -> str:
+        kind = event.get("type")
+        text = ""
+        if kind == "assistant":
+            text = _message_text(event.get("message"))
+        elif kind == "item.completed":  # Codex CLI
+            item = event.get("item")
+            if isinstance(item, dict) and item.get("type") == "agent_message":
+                text = str(item.get("text") or "")
+        elif kind == "result":
+            self.done = True
+            self.usage = _usage(event.get("usage"))
+            result = event.get("result")
+            if event.get("is_error") or event.get("subtype") not in (None, "success"):
+                self.error = str(result or event.get("subtype") or "error")
+            else:
+                self.text = result if isinstance(result, str) else "".join(self.parts)
+                self.error = None
+        elif kind == "turn.completed":  # Codex CLI
+            self.done = True
+            self.usage = _usage(event.get("usage"))
+            self.text = "".join(self.parts)
+            self.error = None  # an earlier "error" event was a notice the CLI recovered from
+        elif kind in ("turn.failed", "error"):  # Codex CLI
+            detail = event.get("error")
+            self.error = str(detail.get("message") if isinstance(detail, dict) else event.get("message") or kind)
+            self.done = kind == "turn.failed"
+        if text:
+            self.parts.append(text)
+        return text
+
+    def result(self) -> Completion:
+        """The answer, once the CLI exited cleanly (the transport checks the exit status first)."""
+        where = f"{self.origin.provider}: {self.binary}"
+        if self.error is not None:
+            raise errors.ProviderError(f"{where} reported an error: "
+                                       f"{clip(self.error, DETAIL_CHARS, self.origin.secrets)}")
+        if self.text is None:
+            raise errors.ProviderError(f"{self.origin.provider}: no result: {self.binary} exited 0 "
+                                       f"without a result event")
+        usage = self.usage or Usage(prompt_tokens=estimate_prompt_tokens(self.call),
+                                    completion_tokens=estimate_tokens(self.text))
+        return Completion(text=self.text, usage=usage)
+
+
+def argv(template: Sequence[str], call: Call, provider: str) -> list[str]:
+    """The command line for ``call`` after the binary: placeholders substituted."""
+    if any(c.isspace() for c in call.model) or call.model.startswith("-") or not call.model:
+        raise errors.ProviderNotFound(f"{provider}: invalid model id {call.model!r}")
+    return substitute(template, call.model, build_prompt(call.messages))
