@@ -74,13 +74,11 @@ class HttpApiProvider:
         self.name = row.name
         self.cfg = cfg
         self.base_url = (cfg.base_url or row.base_url).rstrip("/")
-        self._key = Key.lookup(env, ((cfg.api_key_env,) if cfg.api_key_env else ()) + row.key_env)
+        self._key = Key.configured(env, cfg.api_key_env, row.key_env)
         self.key = self._key.value
         self.auth = row.auth(self._key, row.name)
         self.headers = {**row.headers, **{h: env[v] for h, v in row.env_headers.items() if env.get(v)}}
-        self.transport = HttpTransport(row.name, self.base_url, max_concurrency=cfg.max_concurrency,
-                                       max_body=(server or ServerConfig()).max_upstream_bytes,
-                                       secrets=self.auth.secrets)
+        self.transport = HttpTransport.configured(row.name, self.base_url, cfg, server, self.auth.secrets)
 
     def status(self) -> ProviderStatus:
         if not self.base_url:
@@ -88,11 +86,7 @@ class HttpApiProvider:
                 return ProviderStatus(False, f"no base_url: set [providers.{self.name}] base_url "
                                       f"({self.row.base_url_hint})", state="missing")
             return ProviderStatus(False, "no base_url configured", state="missing")
-        if self._key.problem:
-            return ProviderStatus(False, self._key.problem, state="invalid")
-        if self._key.value is None and self.row.key_required:
-            return ProviderStatus(False, self._key.missing(), state="missing")
-        return ProviderStatus(True)
+        return self._key.status(required=self.row.key_required)
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -24,6 +24,7 @@ import trio
 
 from .. import errors
 from ..redact import register
+from . import ProviderStatus
 from .codecs import HttpRequest
 from .http import HttpTransport
 
@@ -61,10 +62,23 @@ class Key(msgspec.Struct, frozen=True):
         value, problem = read_secret(env, names) if names else (None, None)
         return cls(value, problem, tuple(names))
 
+    @classmethod
+    def configured(cls, env: Mapping[str, str], api_key_env: str | None, names: Sequence[str]) -> Key:
+        """``api_key_env`` (a provider section's own variable) first, then ``names``."""
+        return cls.lookup(env, ((api_key_env,) if api_key_env else ()) + tuple(names))
+
     def missing(self) -> str:
         """What to do about a missing key."""
         names = " or ".join(self.names)
         return f"no credentials: set {names} (or {self.names[0]}_FILE)" if self.names else "no credentials"
+
+    def status(self, *, required: bool = True) -> ProviderStatus:
+        """``invalid`` for an unreadable ``NAME_FILE``, ``missing`` without a required key, else available."""
+        if self.problem:
+            return ProviderStatus(False, self.problem, state="invalid")
+        if self.value is None and required:
+            return ProviderStatus(False, self.missing(), state="missing")
+        return ProviderStatus(True)
 
 
 class Session(msgspec.Struct, frozen=True):

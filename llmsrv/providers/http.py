@@ -46,9 +46,10 @@ import msgspec
 import trio
 
 from .. import errors
+from ..config import ProviderConfig, ServerConfig
 from ..redact import SCAN_CHARS, clip
 from . import OnDelta
-from .codecs import DETAIL_CHARS, Fold, HttpRequest, StatusHook, too_large
+from .codecs import DETAIL_CHARS, BodyFold, Fold, HttpRequest, StatusHook, too_large
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -172,26 +173,7 @@ def _mapped(provider: str, secrets: Sequence[str | None]) -> Iterator[None]:
         raise errors.ProviderError(f"{provider}: malformed response ({type(exc).__name__})") from None
 
 
-# ---- folds of the transport's own ----------------------------------------------------------------
-
-class JsonFold(Generic[T]):
-    """A whole JSON body, through ``parse`` (which may raise KeyError/TypeError: malformed)."""
-
-    def __init__(self, parse: Callable[[Any], T]) -> None:
-        self._parse = parse
-        self._value: list[T] = []
-
-    @property
-    def done(self) -> bool:
-        return bool(self._value)
-
-    def feed(self, data: str | bytes, event: str = "") -> str:
-        self._value.append(self._parse(msgspec.json.decode(data)))
-        return ""
-
-    def result(self) -> T:
-        return self._value[0]
-
+# ---- the fold of a status-only check ----------------------------------------------------------------
 
 class StatusOnly:
     """The status is the answer: the body is never read (a model list can be large)."""
@@ -227,6 +209,13 @@ class HttpTransport:
         self._gate = trio.CapacityLimiter(max_concurrency)
         self._client: httpx.AsyncClient | None = None
 
+    @classmethod
+    def configured(cls, name: str, base_url: str, cfg: ProviderConfig, server: ServerConfig | None,
+                   secrets: Callable[[], Sequence[str | None]]) -> HttpTransport:
+        """The transport of a provider section: its concurrency, and the server's body cap."""
+        return cls(name, base_url, max_concurrency=cfg.max_concurrency,
+                   max_body=(server or ServerConfig()).max_upstream_bytes, secrets=secrets)
+
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             n = self._max_connections
@@ -258,7 +247,7 @@ class HttpTransport:
     async def fetch(self, request: HttpRequest, parse: Callable[[Any], T], *, headers: Mapping[str, str],
                     base: str | None = None, status_error: StatusHook | None = None) -> T:
         """A JSON reply through ``parse`` (run inside the mapping: a KeyError there is a malformed reply)."""
-        return await self.exchange(request, JsonFold(parse), headers=headers, base=base, status_error=status_error)
+        return await self.exchange(request, BodyFold(parse), headers=headers, base=base, status_error=status_error)
 
     async def check(self, request: HttpRequest, *, headers: Mapping[str, str], base: str | None = None,
                     status_error: StatusHook | None = None) -> None:

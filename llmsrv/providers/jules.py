@@ -68,7 +68,7 @@ from ..messages import Message, Usage
 from ..redact import clip
 from . import Call, Completion, OnDelta, ProviderStatus, estimate_tokens
 from .auth import ApiKeyHeader, Key
-from .codecs import HttpRequest
+from .codecs import HttpRequest, conversation_text
 from .http import HttpTransport
 
 log = logging.getLogger("llmsrv.providers.jules")
@@ -163,13 +163,7 @@ def known_model(model: str) -> bool:
 
 def build_prompt(messages: Sequence[Message]) -> str:
     """System text first, then the conversation (a lone user message as is), blank-line separated."""
-    parts = [m.content for m in messages if m.role == "system"]
-    conversation = [m for m in messages if m.role != "system"]
-    if len(conversation) == 1 and conversation[0].role == "user":
-        parts.append(conversation[0].content)
-    else:
-        parts.extend(f"{m.role.capitalize()}: {m.content}" for m in conversation)
-    return "\n\n".join(parts)
+    return conversation_text(messages)
 
 
 def source_context(model: str) -> dict[str, Any] | None:
@@ -219,19 +213,13 @@ class JulesProvider:
         env = os.environ if env is None else env
         self.cfg = cfg
         self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
-        self._key = Key.lookup(env, ((cfg.api_key_env,) if cfg.api_key_env else ()) + self.key_env)
+        self._key = Key.configured(env, cfg.api_key_env, self.key_env)
         self.key = self._key.value
         self.auth = ApiKeyHeader(self._key, "X-Goog-Api-Key", provider=self.name)
-        self.transport = HttpTransport(self.name, self.base_url, max_concurrency=cfg.max_concurrency,
-                                       max_body=(server or ServerConfig()).max_upstream_bytes,
-                                       secrets=self.auth.secrets)
+        self.transport = HttpTransport.configured(self.name, self.base_url, cfg, server, self.auth.secrets)
 
     def status(self) -> ProviderStatus:
-        if self._key.problem:
-            return ProviderStatus(False, self._key.problem, state="invalid")
-        if self._key.value is None:
-            return ProviderStatus(False, self._key.missing(), state="missing")
-        return ProviderStatus(True)
+        return self._key.status()
 
     @property
     def secrets(self) -> tuple[str | None, ...]:

@@ -189,6 +189,11 @@ class ProcessTransport:
         log.debug("%s: started %s as pid %d", self.name, os.path.basename(argv[0]), proc.pid)
         return _Child(proc)
 
+    async def _stop_then_drain(self, child: _Child, nursery: trio.Nursery) -> None:
+        """Stop the process group; the readers get ``DRAIN_S`` for what is left in the pipes, then EOF."""
+        await child.stop(self.kill_grace_s)
+        nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+
     async def exchange(self, argv: Sequence[str], env: Mapping[str, str], fold: Fold[Completion],
                        on_delta: OnDelta | None = None) -> Completion:
         """Run ``argv``, feed each stdout line to ``fold``; the exit status, then the fold, decide."""
@@ -226,9 +231,7 @@ class ProcessTransport:
                 # closed early) it runs until it exits or the caller's deadline cancels the call.
                 with trio.move_on_after(AFTER_RESULT_S if fold.done else math.inf):
                     await leader_gone.wait()
-                await child.stop(self.kill_grace_s)
-                # The whole group is dead: what is left in the pipes is read, then EOF.
-                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+                await self._stop_then_drain(child, nursery)
         finally:
             await child.aclose(self.kill_grace_s)
         code = child.proc.returncode
@@ -251,8 +254,7 @@ class ProcessTransport:
                     nursery.start_soon(out.collect, child.proc.stdout)
                     nursery.start_soon(err.collect, child.proc.stderr)
                     await child.wait_exited()
-                    await child.stop(self.kill_grace_s)
-                    nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+                    await self._stop_then_drain(child, nursery)
         finally:
             await child.aclose(self.kill_grace_s)
         binary = os.path.basename(executable)

@@ -22,12 +22,12 @@ to ``ProviderError("... malformed response ...")``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
 from ... import errors
-from ...messages import Tool
+from ...messages import Message, Tool
 from ...redact import clip
 from .. import Call, Completion
 
@@ -54,6 +54,7 @@ class Origin(NamedTuple):
     secrets: Sequence[str | None] = ()
 
 
+T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -92,7 +93,43 @@ class StatusDefault:
         return None
 
 
+class BodyFold(Generic[T]):
+    """A plain (not streamed) reply: the one JSON body, decoded, through ``parse``."""
+
+    def __init__(self, parse: Callable[[Any], T]) -> None:
+        self._parse = parse
+        self._value: list[T] = []
+
+    @property
+    def done(self) -> bool:
+        return bool(self._value)
+
+    def feed(self, data: str | bytes, event: str = "") -> str:
+        self._value.append(self._parse(msgspec.json.decode(data)))
+        return ""
+
+    def result(self) -> T:
+        if not self._value:
+            raise errors.ProviderError("no reply body")
+        return self._value[0]
+
+
 # ---- shared helpers -----------------------------------------------------------------------------
+
+_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def conversation_text(messages: Sequence[Message]) -> str:
+    """One text for an agent that takes one prompt: the system messages first, then a lone user
+    message as is, or every message as ``Role: content``; blank lines between the parts."""
+    system = [m.content for m in messages if m.role == "system"]
+    conversation = [m for m in messages if m.role != "system"]
+    if len(conversation) == 1 and conversation[0].role == "user":
+        turns = [conversation[0].content]
+    else:
+        turns = [f"{_LABELS[m.role]}: {m.content}" for m in conversation]
+    return "\n\n".join(system + turns)
+
 
 def tool_definition(tool: Tool, *, schema_key: str = "parameters",
                     schema: Callable[[Json | None], Json | None] = lambda p: p) -> Json:

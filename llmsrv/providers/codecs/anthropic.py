@@ -41,7 +41,7 @@ from ... import errors
 from ...messages import Tool, ToolCall, Usage
 from ...redact import clip
 from .. import Call, Completion
-from . import Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, stream_cut
+from . import BodyFold, Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, stream_cut
 from . import tool_definition as shared_tool
 
 API_VERSION = "2023-06-01"
@@ -247,31 +247,10 @@ def stream_error(data: Any, origin: Origin = CLAUDE) -> errors.LlmsrvError:
     return inband_error(origin, error_class(STREAM_ERRORS, kind), what, detail)
 
 
-def _event(data: str | bytes) -> dict[str, Any]:
-    payload = msgspec.json.decode(data)
+def _object(payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict):
-        raise TypeError("a stream event is not an object")
+        raise TypeError("an event is not an object")
     return payload
-
-
-class MessageFold:
-    """A plain reply: the one ``message`` body."""
-
-    def __init__(self) -> None:
-        self._completion: Completion | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._completion is not None
-
-    def feed(self, data: str | bytes, event: str = "") -> str:
-        self._completion = parse_message(_event(data))
-        return ""
-
-    def result(self) -> Completion:
-        if self._completion is None:
-            raise errors.ProviderError("claude: no reply body")
-        return self._completion
 
 
 class StreamFold:
@@ -294,7 +273,7 @@ class StreamFold:
     def feed(self, data: str | bytes, event: str = "") -> str:
         if not data:
             return ""
-        return self.add(_event(data))
+        return self.add(_object(msgspec.json.decode(data)))
 
     def add(self, data: dict[str, Any]) -> str:
         """Fold one decoded event in; return its text piece."""
@@ -369,7 +348,7 @@ class AnthropicMessages(StatusDefault):
         return HttpRequest(method="POST", path="/v1/messages", body=body, stream=stream)
 
     def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
-        return StreamFold(origin) if stream else MessageFold()
+        return StreamFold(origin) if stream else BodyFold(lambda data: parse_message(_object(data)))
 
 
 CODEC = AnthropicMessages()

@@ -156,7 +156,6 @@ class GeminiFold:
     done = False  # a stream ends when the upstream closes it (the last chunk has the finishReason)
 
     def __init__(self, origin: Origin) -> None:
-        self.provider, self.secrets = origin
         self.origin = origin
         self.text: list[str] = []
         self.tool_calls: list[ToolCall] = []
@@ -198,8 +197,8 @@ class GeminiFold:
     def result(self) -> Completion:
         if self.finish_reason is None:
             if self.block_reason:
-                reason = clip(self.block_reason, 100, self.secrets)
-                raise errors.ValidationFailed(f"{self.provider} refused the prompt (blockReason {reason})")
+                reason = clip(self.block_reason, 100, self.origin.secrets)
+                raise errors.ValidationFailed(f"{self.origin.provider} refused the prompt (blockReason {reason})")
             raise stream_cut(self.origin, "a finishReason")
         if self.tool_calls:
             finish = "tool_calls"

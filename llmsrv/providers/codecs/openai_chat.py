@@ -41,7 +41,7 @@ import msgspec
 from ... import errors
 from ...messages import Message, Tool, ToolCall, Usage
 from .. import Call, Completion, estimate_prompt_tokens, estimate_tokens
-from . import Fold, HttpRequest, Json, Origin, StatusDefault, inband_error, stream_cut, tool_definition
+from . import BodyFold, Fold, HttpRequest, Json, Origin, StatusDefault, inband_error, stream_cut, tool_definition
 
 _REASONING = re.compile(r"o\d|gpt-5|codex")
 _RATE_LIMIT_CODES = frozenset({"429", "rate_limit_exceeded", "rate_limit_error", "too_many_requests"})
@@ -139,28 +139,11 @@ def parse_chat(data: Any, call: Call) -> Completion:
                       usage.get("completion_tokens"))
 
 
-class ChatFold:
-    """A plain reply: one ``chat.completion`` body."""
-
-    def __init__(self, call: Call, origin: Origin) -> None:
-        self.call, self.origin = call, origin
-        self._completion: Completion | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._completion is not None
-
-    def feed(self, data: str | bytes, event: str = "") -> str:
-        reply = msgspec.json.decode(data)
-        if (err := error_object(reply)) is not None:
-            raise upstream_error(self.origin, err)
-        self._completion = parse_chat(reply, self.call)
-        return ""
-
-    def result(self) -> Completion:
-        if self._completion is None:
-            raise errors.ProviderError(f"{self.origin.provider}: no reply body")
-        return self._completion
+def checked(data: Any, origin: Origin) -> Any:
+    """``data``, unless it reports an error (raised)."""
+    if (err := error_object(data)) is not None:
+        raise upstream_error(origin, err)
+    return data
 
 
 @dataclass
@@ -191,10 +174,7 @@ class ChatStreamFold:
         if data == "[DONE]":
             self.finished = True
             return ""
-        chunk = msgspec.json.decode(data)
-        if (err := error_object(chunk)) is not None:
-            raise upstream_error(self.origin, err)
-        return self.add(chunk)
+        return self.add(checked(msgspec.json.decode(data), self.origin))
 
     def add(self, chunk: Any) -> str:
         """Fold one decoded chunk in; return its text piece ("" when it has none)."""
@@ -231,7 +211,9 @@ class OpenAIChat(StatusDefault):
                            stream=stream)
 
     def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
-        return ChatStreamFold(call, origin) if stream else ChatFold(call, origin)
+        if stream:
+            return ChatStreamFold(call, origin)
+        return BodyFold(lambda data: parse_chat(checked(data, origin), call))
 
 
 CODEC = OpenAIChat()

@@ -22,10 +22,9 @@ from typing import Any
 
 import msgspec
 
-from ... import errors
 from ...messages import Message, ToolCall
 from .. import Call, Completion
-from . import Fold, HttpRequest, Json, Origin, StatusDefault, stream_cut
+from . import BodyFold, Fold, HttpRequest, Json, Origin, StatusDefault, stream_cut
 from .openai_chat import bare, completion, function, is_reasoning, upstream_error
 
 _RESPONSES_ONLY = re.compile(r".*codex|o\d+-pro|.*deep-research")
@@ -78,11 +77,18 @@ def parse_response(data: Any, call: Call, streamed_text: str = "") -> Completion
                       usage.get("input_tokens"), usage.get("output_tokens"))
 
 
-class ResponseFold:
-    """A plain ``response`` body, or the event stream whose terminal event carries it."""
+def finished(data: Any, call: Call, origin: Origin, streamed_text: str = "") -> Completion:
+    """The answer a terminal ``response`` object carries (a failed one raises)."""
+    if data.get("status") == "failed" or data.get("error"):
+        raise upstream_error(origin, data.get("error") or "the response failed")
+    return parse_response(data, call, streamed_text)
 
-    def __init__(self, call: Call, origin: Origin, *, stream: bool) -> None:
-        self.call, self.origin, self.stream = call, origin, stream
+
+class ResponseStreamFold:
+    """The event stream whose terminal event carries the ``response``."""
+
+    def __init__(self, call: Call, origin: Origin) -> None:
+        self.call, self.origin = call, origin
         self.pieces: list[str] = []
         self._completion: Completion | None = None
 
@@ -94,29 +100,19 @@ class ResponseFold:
         if not data or data == "[DONE]":  # not part of this API, but some compatible servers send it
             return ""
         decoded = msgspec.json.decode(data)
-        if not self.stream:
-            self._finish(decoded)
-            return ""
         kind = (decoded.get("type") or event) if isinstance(decoded, dict) else event
         if kind == "response.output_text.delta":
             if piece := decoded.get("delta") or "":
                 self.pieces.append(piece)
             return piece
         if kind in TERMINAL:
-            self._finish(decoded["response"])
+            self._completion = finished(decoded["response"], self.call, self.origin, "".join(self.pieces))
         elif kind == "error":
             raise upstream_error(self.origin, decoded)
         return ""
 
-    def _finish(self, data: Any) -> None:
-        if data.get("status") == "failed" or data.get("error"):
-            raise upstream_error(self.origin, data.get("error") or "the response failed")
-        self._completion = parse_response(data, self.call, "".join(self.pieces))
-
     def result(self) -> Completion:
         if self._completion is None:
-            if not self.stream:
-                raise errors.ProviderError(f"{self.origin.provider}: no reply body")
             raise stream_cut(self.origin, "response.completed")
         return self._completion
 
@@ -126,7 +122,9 @@ class OpenAIResponses(StatusDefault):
         return HttpRequest(method="POST", path="/responses", body=responses_body(call, stream=stream), stream=stream)
 
     def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
-        return ResponseFold(call, origin, stream=stream)
+        if stream:
+            return ResponseStreamFold(call, origin)
+        return BodyFold(lambda data: finished(data, call, origin))
 
 
 CODEC = OpenAIResponses()

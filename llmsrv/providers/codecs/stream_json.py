@@ -33,21 +33,14 @@ from ... import errors
 from ...messages import Message, Usage
 from ...redact import clip
 from .. import Call, Completion, estimate_prompt_tokens, estimate_tokens
-from . import DETAIL_CHARS, Origin
+from . import DETAIL_CHARS, Origin, conversation_text
 
 _PLACEHOLDER = re.compile(r"\{(model|prompt)\}")
-_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
 
 
 def build_prompt(messages: Sequence[Message]) -> str:
     """One text for a CLI that takes one prompt (see the module docstring)."""
-    system = [m.content for m in messages if m.role == "system"]
-    conversation = [m for m in messages if m.role != "system"]
-    if len(conversation) == 1 and conversation[0].role == "user":
-        turns = [conversation[0].content]
-    else:
-        turns = [f"{_LABELS[m.role]}: {m.content}" for m in conversation]
-    prompt = "\n\n".join(system + turns)
+    prompt = conversation_text(messages)
     return " " + prompt if prompt.startswith("-") else prompt
 
 
