@@ -224,6 +224,4 @@ class Pipeline:
     async def aclose(self) -> None:
         for provider in self.providers.values():
             with trio.move_on_after(2):
-                closer = getattr(provider, "aclose", None)  # TEMP-ACLOSE
-                if closer is not None:  # TEMP-ACLOSE
-                    await closer()  # TEMP-ACLOSE
+                await provider.aclose()
