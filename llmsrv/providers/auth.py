@@ -84,7 +84,6 @@ class Key(msgspec.Struct, frozen=True):
 class Session(msgspec.Struct, frozen=True):
     headers: dict[str, str]
     base: str | None = None  # the API base the credentials name, else the provider's base URL
-    token: str | None = None  # a derived secret (Copilot), for the drop on refusal
 
 
 class Auth(Protocol):
@@ -230,5 +229,5 @@ class CopilotExchange:
         register(token)  # the logging filter removes it from every record from now on
         self._last_token = token
         self._exchanges += 1
-        session = Session({"authorization": f"Bearer {token}", **_CHAT_HEADERS}, base=api.rstrip("/"), token=token)
+        session = Session({"authorization": f"Bearer {token}", **_CHAT_HEADERS}, base=api.rstrip("/"))
         return _Grant(session, expires_at - REFRESH_MARGIN_S)

@@ -51,10 +51,8 @@ from ..config import ProviderConfig, ServerConfig
 from . import Call, Completion, OnDelta, ProviderStatus
 from .auth import Key
 from .codecs import Origin
-from .codecs.stream_json import StreamJsonFold, argv, build_prompt, substitute
-from .process import AFTER_RESULT_S, ProcessTransport
-
-__all__ = ["AFTER_RESULT_S", "CliProvider", "CliRow", "build_prompt", "substitute"]
+from .codecs.stream_json import StreamJsonFold, argv
+from .process import ProcessTransport
 
 
 @dataclass(frozen=True, kw_only=True)
