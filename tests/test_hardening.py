@@ -165,6 +165,9 @@ class BuggyProvider:
     async def probe(self) -> ProviderStatus:
         return self.status()
 
+    async def aclose(self) -> None:
+        pass
+
     async def complete(self, call: Call, on_delta: OnDelta | None = None) -> Completion:
         if on_delta is not None:
             on_delta("partial ")

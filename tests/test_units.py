@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
 from typing import Any
 
 import msgspec
@@ -107,30 +105,6 @@ def test_config_merges_cells_and_env() -> None:
     assert cfg.routing.matrix.general.simple == ["mock:lorem"]
     assert cfg.routing.matrix.general.medium == CFG.routing.matrix.general.medium
     assert cfg.providers.mock.latency_ms == 25 and cfg.nats.url == "nats://h:1"
-
-
-# ---- layering -----------------------------------------------------------------------------------
-
-PURE = ["messages.py", "errors.py", "config.py", "routing.py"]
-FORBIDDEN = {"trio", "trio_asyncio", "httpx", "nats", "asyncio", "anyio"}
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_do_no_io(module: str) -> None:
-    tree = ast.parse((pathlib.Path(__file__).parent.parent / "llmsrv" / module).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-    assert not imported & FORBIDDEN
-
-
-def test_only_bus_touches_nats() -> None:
-    pkg = pathlib.Path(__file__).parent.parent / "llmsrv"
-    users = sorted(p.name for p in pkg.rglob("*.py")
-                   if "import nats" in p.read_text() or "from nats" in p.read_text()
-                   or "trio_asyncio" in p.read_text())
-    assert users == ["bus.py", "cli.py"]  # cli only opens the trio-asyncio loop
 
 
 # ---- mock provider on virtual time ------------------------------------------------------------
