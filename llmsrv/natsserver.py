@@ -74,20 +74,23 @@ class NatsServer:
         raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout_s}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._end(graceful=True)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no goodbye to the clients (tests of outages use this)."""
+        self._end(graceful=False)
+
+    def _end(self, graceful: bool) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            if graceful:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def __enter__(self) -> NatsServer:

@@ -68,16 +68,9 @@ def complexity_score(messages: Sequence[Message], cfg: ComplexityConfig) -> int:
     score = sum(1 for limit in cfg.length_chars if len(text) > limit)
     if len(messages) > cfg.many_messages:
         score += 1
-    if any(w in text for w in cfg.complex_words):
-        score += 3
-    if any(w in text for w in cfg.medium_words):
-        score += 1
-    if any(w in text for w in cfg.code_markers):
-        score += 1
-    if any(w in text for w in cfg.reasoning_markers):
-        score += 1
-    if any(w in text for w in cfg.simple_words):
-        score -= 1
+    weighted = ((cfg.complex_words, 3), (cfg.medium_words, 1), (cfg.code_markers, 1), (cfg.reasoning_markers, 1),
+                (cfg.simple_words, -1))
+    score += sum(weight for words, weight in weighted if any(w in text for w in words))
     return score
 
 

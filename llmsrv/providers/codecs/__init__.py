@@ -119,6 +119,13 @@ class BodyFold(Generic[T]):
 _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
 
 
+def said(text: list[str], piece: str) -> str:
+    """Keep ``piece`` (when there is one) as part of the answer ``text``; return it as the delta."""
+    if piece:
+        text.append(piece)
+    return piece
+
+
 def conversation_text(messages: Sequence[Message]) -> str:
     """One text for an agent that takes one prompt: the system messages first, then a lone user
     message as is, or every message as ``Role: content``; blank lines between the parts."""

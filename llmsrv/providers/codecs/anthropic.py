@@ -41,7 +41,7 @@ from ... import errors
 from ...messages import Tool, ToolCall, Usage
 from ...redact import clip
 from .. import Call, Completion
-from . import BodyFold, Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, stream_cut
+from . import BodyFold, Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, said, stream_cut
 from . import tool_definition as shared_tool
 
 API_VERSION = "2023-06-01"
@@ -312,9 +312,7 @@ class StreamFold:
         return ""
 
     def _say(self, piece: str) -> str:
-        if piece:
-            self._text.append(piece)
-        return piece
+        return said(self._text, piece)
 
     def _close_tool(self, index: int) -> None:
         tool = self._tools.pop(index, None)

@@ -46,7 +46,7 @@ from ... import errors
 from ...messages import Message, Tool, ToolCall, Usage
 from ...redact import clip
 from .. import Call, Completion
-from . import Fold, HttpRequest, Origin, inband_error, stream_cut, tool_definition
+from . import Fold, HttpRequest, Origin, inband_error, said, stream_cut, tool_definition
 
 API = "/v1beta"
 
@@ -190,9 +190,7 @@ class GeminiFold:
             elif part.text and not part.thought:
                 pieces.append(part.text)
         piece = "".join(pieces)
-        if piece:
-            self.text.append(piece)
-        return piece
+        return said(self.text, piece)
 
     def result(self) -> Completion:
         if self.finish_reason is None:

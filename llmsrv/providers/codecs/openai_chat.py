@@ -41,7 +41,7 @@ import msgspec
 from ... import errors
 from ...messages import Message, Tool, ToolCall, Usage
 from .. import Call, Completion, estimate_prompt_tokens, estimate_tokens
-from . import BodyFold, Fold, HttpRequest, Json, Origin, StatusDefault, inband_error, stream_cut, tool_definition
+from . import BodyFold, Fold, HttpRequest, Json, Origin, StatusDefault, inband_error, said, stream_cut, tool_definition
 
 _REASONING = re.compile(r"o\d|gpt-5|codex")
 _RATE_LIMIT_CODES = frozenset({"429", "rate_limit_exceeded", "rate_limit_error", "too_many_requests"})
@@ -190,9 +190,7 @@ class ChatStreamFold:
                 partial.name = fn.get("name") or partial.name  # some servers repeat it: never append
                 partial.arguments.append(fn.get("arguments") or "")
             self.finish = choice.get("finish_reason") or self.finish
-        if piece:
-            self.text.append(piece)
-        return piece
+        return said(self.text, piece)
 
     def result(self) -> Completion:
         if not self.finished:

@@ -33,7 +33,7 @@ from ... import errors
 from ...messages import Message, Usage
 from ...redact import clip
 from .. import Call, Completion, estimate_prompt_tokens, estimate_tokens
-from . import DETAIL_CHARS, Origin, conversation_text
+from . import DETAIL_CHARS, Origin, conversation_text, said
 
 _PLACEHOLDER = re.compile(r"\{(model|prompt)\}")
 
@@ -127,9 +127,7 @@ class StreamJsonFold:
             detail = event.get("error")
             self.error = str(detail.get("message") if isinstance(detail, dict) else event.get("message") or kind)
             self.done = kind == "turn.failed"
-        if text:
-            self.parts.append(text)
-        return text
+        return said(self.parts, text)
 
     def result(self) -> Completion:
         """The answer, once the CLI exited cleanly (the transport checks the exit status first)."""
