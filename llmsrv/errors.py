@@ -17,6 +17,7 @@
     |   +-- ProviderTimeout         PROVIDER_ERROR      502  (one attempt ran out of time)
     |   +-- ProviderUnreachable     PROVIDER_ERROR      502  (no connection to the upstream at all)
     |   +-- UpstreamTooLarge        PROVIDER_ERROR      502  (over max_upstream_bytes; that target is not retried)
+    |   +-- QuotaExhausted          PROVIDER_ERROR      502  (billing/quota: next candidate, that provider not retried)
     +-- ResponseTooLarge            RESPONSE_TOO_LARGE  502  (the reply would exceed NATS max_payload)
     +-- Timeout                     TIMEOUT             504
     +-- InternalError               INTERNAL_ERROR      500
@@ -33,6 +34,8 @@ Policy lives on the classes, so the router and the guard read it instead of list
   (everything but the caller's own errors; ``trio.Cancelled`` is never an ``Exception`` here).
 * ``provider_wide``: a failure of the provider as a whole (no connection, refused credentials):
   with per-model breakers it counts against every model of the provider.
+* ``retry_same_target``: worth trying the same provider:model again later in the request (after a
+  backoff); not for an oversized body or an exhausted quota, which would fail the same way.
 * ``outcome``: the name of an attempt that ended with it (``attempts[].outcome``, metrics).
 
 The client's errors (``llmsrv.client``) are part of the tree: ``NoResponders`` and
@@ -48,6 +51,7 @@ class LlmsrvError(Exception):
     error_code = "INTERNAL_ERROR"
     status = 500
     retryable = False
+    retry_same_target = True
     counts_for_breaker = True
     provider_wide = False
 
@@ -154,6 +158,16 @@ class UpstreamTooLarge(ProviderError):
     the router does not try that target again in the request."""
 
     outcome = "too_large"
+    retry_same_target = False
+
+
+class QuotaExhausted(ProviderError):
+    """The account's quota or credit is used up (OpenAI ``insufficient_quota``): not a rate limit, so no
+    wait helps; the next candidate is tried at once and this provider not again in the request."""
+
+    outcome = "quota_exhausted"
+    retry_same_target = False
+    provider_wide = True
 
 
 class ResponseTooLarge(LlmsrvError):

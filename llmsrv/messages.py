@@ -37,15 +37,35 @@ TaskType = Literal[
 ]
 
 
+CallId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: ToolName
+    arguments: str  # JSON text of an object (checked by decode_request)
+
+
+class MessageToolCall(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A tool call an assistant made, as the conversation sends it back (OpenAI's form)."""
+
+    id: CallId
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class Message(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One turn. ``content`` may be empty only on an assistant turn that carries ``tool_calls``;
+    a ``tool`` turn answers one call of an earlier assistant turn, named by ``tool_call_id``."""
+
     role: Role
-    content: Annotated[str, msgspec.Meta(min_length=1)]
-    # extension: on a ``tool`` message, the id of the tool call it answers (OpenAI's field)
-    tool_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    content: str = ""
+    tool_calls: list[MessageToolCall] | None = None  # assistant only
+    tool_call_id: CallId | None = None  # tool only, required there
 
 
 class FunctionDef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
@@ -97,9 +117,10 @@ class LLMResponse(msgspec.Struct, kw_only=True):
     timestamp: str
     correlation_id: str
     usage: Usage
-    finish_reason: str = "stop"
+    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
     tool_calls: list[ToolCall] = []
     attempts: list[Attempt] = []
+    refusal: str | msgspec.UnsetType = msgspec.UNSET  # with content_filter: the provider's refusal text
 
 
 class LLMError(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -215,6 +236,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, max_depth: int = DE
 def decode_request(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> LLMRequest:
     """Decode and validate an ``llm.request`` body, or raise a ``RequestError``."""
     request: LLMRequest = _decode(_request_decoder, data, max_depth)
+    check_turns(request.messages)
     for i, tool in enumerate(request.tools or ()):
         params = tool.function.parameters
         if params is not None and params.get("type", "object") != "object":
@@ -223,6 +245,38 @@ def decode_request(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> LLMReques
                 f" - at `$.tools[{i}].function.parameters.type`"
             )
     return request
+
+
+def check_turns(messages: list[Message]) -> None:
+    """The rules of CONTRACT section 2 a schema cannot say: where content may be empty, which role
+    carries ``tool_calls`` / ``tool_call_id``, and that every tool turn answers a call made before it."""
+    called: set[str] = set()
+    for i, m in enumerate(messages):
+        at = f"$.messages[{i}]"
+        if m.tool_calls is not None and m.role != "assistant":
+            raise errors.ValidationFailed(f"only an assistant message carries tool_calls - at `{at}.tool_calls`")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise errors.ValidationFailed(f"only a tool message carries tool_call_id - at `{at}.tool_call_id`")
+        if not m.content and not m.tool_calls:
+            raise errors.ValidationFailed("Expected `str` of length >= 1 (empty only on an assistant message"
+                                          f" with tool_calls) - at `{at}.content`")
+        for j, call in enumerate(m.tool_calls or ()):
+            try:
+                arguments = msgspec.json.decode(call.function.arguments)
+            except msgspec.DecodeError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise errors.ValidationFailed(
+                    f"Expected the JSON text of an object - at `{at}.tool_calls[{j}].function.arguments`")
+            called.add(call.id)
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise errors.ValidationFailed(
+                    f"a tool message needs the tool_call_id it answers - at `{at}.tool_call_id`")
+            if m.tool_call_id not in called:
+                raise errors.ValidationFailed(
+                    f"tool_call_id {m.tool_call_id[:64]!r} names no tool call of an earlier assistant message"
+                    f" - at `{at}.tool_call_id`")
 
 
 def decode_cancel(data: bytes) -> CancelRequest:

@@ -98,7 +98,8 @@ class Pipeline:
         return LLMResponse(
             text=done.text, model=target.spec, tokens_used=done.usage.prompt_tokens + done.usage.completion_tokens,
             cost_cents=cost, timestamp=messages.timestamp(), correlation_id=correlation_id, usage=done.usage,
-            finish_reason=done.finish_reason, tool_calls=list(done.tool_calls), attempts=result.attempts)
+            finish_reason=done.finish_reason, tool_calls=list(done.tool_calls), attempts=result.attempts,
+            refusal=msgspec.UNSET if done.refusal is None else done.refusal)
 
     def plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)

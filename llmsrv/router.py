@@ -20,8 +20,9 @@ Within it:
   ``retry_after_ms``. When every candidate's breaker is open: ``CIRCUIT_OPEN`` at once. A
   ``RATE_LIMITED`` answer always carries ``retry_after_ms``: the upstream's hint, else the limiter's,
   else the backoff the router would have waited next.
-* **Oversized bodies**: a target whose body passed ``max_upstream_bytes`` is not tried again in
-  this request (reading it again would cost the same); other candidates still are.
+* **Not again**: a target that failed in a way another try would repeat (``retry_same_target``
+  false: a body over ``max_upstream_bytes``, an exhausted quota) is not tried again in this
+  request; other candidates still are.
 * **Streaming**: once a chunk went out, a failure ends the request (no fallback mid-stream).
 * **Hedging** (off by default): trio's happy-eyeballs shape. The first candidate starts; if it has
   neither succeeded nor failed after the hedge delay, the next starts too, and so on; a failure
@@ -69,6 +70,7 @@ class Router:
         """Answer with the first successful attempt, or raise the error that ends the request."""
         deadline = trio.current_effective_deadline()
         attempts: list[Attempt] = []
+        spent: set[Target] = set()  # failed in a way that trying them again would repeat
         last: errors.LlmsrvError | None = None
         used = 0
         round_no = 0
@@ -77,17 +79,16 @@ class Router:
             if not current.candidates:
                 await self._wait_or_raise(current, deadline, last, attempts)
                 continue
-            spent = {(a.provider, a.model) for a in attempts if a.outcome == errors.UpstreamTooLarge.outcome}
-            todo = [t for t in current.candidates if (t.provider, t.model) not in spent]
+            todo = [t for t in current.candidates if t not in spent]
             if not todo:
                 assert last is not None
                 raise self._final(last, attempts)
             todo = todo[: self.retry.max_attempts - used]
             used += len(todo)
             if hedge_delay is not None and len(todo) > 1:
-                result, last = await self._hedged(todo, attempt, attempts, hedge_delay, last)
+                result, last = await self._hedged(todo, attempt, attempts, spent, hedge_delay, last)
             else:
-                result, last = await self._in_turn(todo, attempt, attempts, streamed, last)
+                result, last = await self._in_turn(todo, attempt, attempts, spent, streamed, last)
             if result is not None:
                 return result
             assert last is not None
@@ -110,7 +111,7 @@ class Router:
         return exc
 
     async def _in_turn(self, todo: Sequence[Target], attempt: RunAttempt, attempts: list[Attempt],
-                       streamed: Callable[[], bool], last: errors.LlmsrvError | None,
+                       spent: set[Target], streamed: Callable[[], bool], last: errors.LlmsrvError | None,
                        ) -> tuple[Result | None, errors.LlmsrvError | None]:
         for target in todo:
             started = trio.current_time()
@@ -119,7 +120,7 @@ class Router:
             except errors.LlmsrvError as exc:
                 if not exc.retryable:
                     raise
-                attempts.append(_attempt(target, exc.outcome, started))
+                _failed(target, exc, started, attempts, spent)
                 if streamed():
                     raise self._final(exc, attempts) from None
                 last = exc
@@ -129,7 +130,7 @@ class Router:
         return None, last
 
     async def _hedged(self, todo: Sequence[Target], attempt: RunAttempt, attempts: list[Attempt],
-                      hedge_delay: Callable[[Target], float], last: errors.LlmsrvError | None,
+                      spent: set[Target], hedge_delay: Callable[[Target], float], last: errors.LlmsrvError | None,
                       ) -> tuple[Result | None, errors.LlmsrvError | None]:
         winner: list[Result] = []
         fatal: list[BaseException] = []
@@ -147,7 +148,7 @@ class Router:
                     fatal.append(exc)
                     nursery.cancel_scope.cancel()
                     return
-                attempts.append(_attempt(target, exc.outcome, started))
+                _failed(target, exc, started, attempts, spent)
                 failures.append(exc)
                 failed.set()
                 return
@@ -192,6 +193,13 @@ class Router:
             raise errors.CircuitOpen("every candidate provider's circuit breaker is open",
                                      retry_after_ms=min(opened))
         raise errors.MissingCredentials("no candidate provider has usable credentials")
+
+
+def _failed(target: Target, exc: errors.LlmsrvError, started: float, attempts: list[Attempt],
+            spent: set[Target]) -> None:
+    attempts.append(_attempt(target, exc.outcome, started))
+    if not exc.retry_same_target:
+        spent.add(target)
 
 
 def _attempt(target: Target, outcome: str, started: float) -> Attempt:

@@ -169,16 +169,52 @@ async def test_streamer_first_chunk_at_once_then_every_interval(
     assert "".join(c["delta"] for _, c in sent) == "t" * 10
 
 
-def test_tool_call_id_extension_reaches_openai_shapes() -> None:
+def test_tool_call_id_reaches_openai_shapes() -> None:
     from llmsrv.providers import Call
     from llmsrv.providers.codecs.openai_chat import chat_body
     from llmsrv.providers.codecs.openai_responses import responses_body
 
     request = messages.decode_request(msgspec.json.encode({"messages": [
         {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_9", "type": "function",
+                                               "function": {"name": "weather", "arguments": "{}"}}]},
         {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_9"}]}))
     call = Call(model="gpt-4o", messages=request.messages, max_tokens=10, temperature=0.1)
-    assert chat_body(call, "gpt-4o", stream=False)["messages"][1] == {
+    assert chat_body(call, "gpt-4o", stream=False)["messages"][2] == {
         "role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_9"}
-    assert responses_body(call, stream=False)["input"][1] == {
+    assert responses_body(call, stream=False)["input"][-1] == {
         "type": "function_call_output", "call_id": "call_9", "output": '{"temp": 3}'}
+
+
+@pytest.mark.parametrize(("turns", "where"), [
+    ([{"role": "user", "content": ""}], "$.messages[0].content"),
+    ([{"role": "assistant", "content": ""}], "$.messages[0].content"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "$.messages[0].tool_call_id"),
+    ([{"role": "user", "content": "x", "tool_calls": []}], "$.messages[0].tool_calls"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "3"}], "$.messages[1].tool_call_id"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "3", "tool_call_id": "c9"}],
+     "$.messages[1].tool_call_id"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}],
+     "$.messages[0].tool_calls[0].function.arguments"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}],
+     "$.messages[0].tool_calls[0].function.arguments"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "no space", "arguments": "{}"}}]}],
+     "$.messages[0].tool_calls[0].function.name"),
+], ids=["empty-user", "empty-assistant", "id-on-user", "calls-on-user", "tool-without-id", "tool-unknown-id",
+        "arguments-not-object", "arguments-not-json", "bad-name"])
+def test_conversation_rules(turns: list[dict[str, object]], where: str) -> None:
+    with pytest.raises(errors.ValidationFailed) as info:
+        messages.decode_request(msgspec.json.encode({"messages": turns}))
+    assert f"at `{where}`" in info.value.message
+
+
+def test_a_tool_round_trip_answered_in_any_order_decodes() -> None:
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": f'{{"i": {i}}}'}}
+             for i in range(2)]
+    request = messages.decode_request(msgspec.json.encode({"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "1", "tool_call_id": "c1"},
+        {"role": "tool", "content": "0", "tool_call_id": "c0"}]}))
+    assistant = request.messages[1]
+    assert assistant.tool_calls is not None and [c.id for c in assistant.tool_calls] == ["c0", "c1"]
+    assert [m.tool_call_id for m in request.messages[2:]] == ["c1", "c0"]

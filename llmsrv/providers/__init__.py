@@ -33,8 +33,9 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     usage: Usage
-    finish_reason: str = "stop"
+    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
     tool_calls: Sequence[ToolCall] = ()
+    refusal: str | None = None  # with content_filter: the provider's refusal text, when it gave one
 
 
 class ProviderStatus(msgspec.Struct, frozen=True):
