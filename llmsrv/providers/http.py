@@ -49,7 +49,7 @@ from .. import errors
 from ..config import ProviderConfig, ServerConfig
 from ..redact import SCAN_CHARS, clip
 from . import OnDelta
-from .codecs import DETAIL_CHARS, BodyFold, Fold, HttpRequest, StatusHook, too_large
+from .codecs import DETAIL_CHARS, BodyFold, Fold, HttpRequest, StatusHook, error_object, retry_info_ms, too_large
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -96,18 +96,6 @@ def retry_after_ms(headers: Mapping[str, str]) -> int | None:
         return max(1, math.ceil((when.timestamp() - time.time()) * 1000)) if when else None
 
 
-def _retry_info_ms(body: bytes) -> int | None:
-    """Google APIs put the retry hint in the body: ``error.details[] RetryInfo.retryDelay = "36s"``."""
-    try:
-        details = msgspec.json.decode(body)["error"]["details"]
-        for item in details:
-            if str(item.get("@type", "")).endswith("RetryInfo"):
-                return max(1, math.ceil(float(str(item["retryDelay"]).rstrip("s")) * 1000))
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
-        pass
-    return None
-
-
 def _detail(body: bytes, secrets: Sequence[str | None]) -> str:
     """The human part of an upstream error body (most APIs use {"error": {"message": ...}}),
     redacted, then cut to ``DETAIL_CHARS``."""
@@ -141,14 +129,18 @@ _PREFIXES: dict[type[errors.LlmsrvError], str] = {
 
 def error_for_status(provider: str, status: int, body: bytes, headers: Mapping[str, str],
                      secrets: Sequence[str | None] = (), hook: StatusHook | None = None) -> errors.LlmsrvError:
-    """The error for an HTTP status >= 400: ``hook`` (a codec's ``status_error``) first, then the table."""
+    """The error for an HTTP status >= 400: ``hook`` (a codec's ``status_error``) first, then the table.
+    The retry hint (``Retry-After``, ``retry-after-ms``, Google's ``RetryInfo``) rides on a rate limit and
+    on any upstream failure that gives one (503, Anthropic's 529 overloaded)."""
     detail = _detail(body, secrets)
+    try:
+        error = error_object(msgspec.json.decode(body))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        error = None
     where = f"{provider} answered HTTP {status}: {detail}" if detail else f"{provider} answered HTTP {status}"
-    cls = (hook(status, detail) if hook is not None else None) or STATUS_ERRORS.get(status, errors.ProviderError)
-    if cls is errors.RateLimited:
-        return errors.RateLimited(where, retry_after_ms=retry_after_ms(headers) or _retry_info_ms(body))
-    if cls is errors.ProviderError:
-        return errors.ProviderError(where, retry_after_ms=retry_after_ms(headers) if status == 503 else None)
+    cls = (hook(status, detail, error) if hook is not None else None) or STATUS_ERRORS.get(status, errors.ProviderError)
+    if cls in (errors.RateLimited, errors.ProviderError):
+        return cls(where, retry_after_ms=retry_after_ms(headers) or retry_info_ms(error))
     return cls(_PREFIXES.get(cls, "") + where)
 
 

@@ -21,6 +21,7 @@ to ``ProviderError("... malformed response ...")``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -73,7 +74,8 @@ class Fold(Protocol[T_co]):
     def result(self) -> T_co: ...
 
 
-StatusHook = Callable[[int, str], "type[errors.LlmsrvError] | None"]
+# (status, the error's human text, the decoded error object or None) -> the class to raise, or None
+StatusHook = Callable[[int, str, Any], "type[errors.LlmsrvError] | None"]
 
 
 class Codec(Protocol):
@@ -81,7 +83,7 @@ class Codec(Protocol):
 
     def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]: ...
 
-    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+    def status_error(self, status: int, detail: str, error: Any) -> type[errors.LlmsrvError] | None:
         """A format's own reading of an HTTP error (status + the body's human part), else None."""
         ...
 
@@ -89,7 +91,7 @@ class Codec(Protocol):
 class StatusDefault:
     """Mixin: no particular status mapping (the transport's table decides)."""
 
-    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+    def status_error(self, status: int, detail: str, error: Any) -> type[errors.LlmsrvError] | None:
         return None
 
 
@@ -117,6 +119,27 @@ class BodyFold(Generic[T]):
 # ---- shared helpers -----------------------------------------------------------------------------
 
 _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def error_object(data: Any) -> Any:
+    """The error object of a decoded error body: ``{"error": {...}}`` (also inside Gemini's list), else None."""
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]  # Gemini wraps errors in a list on some endpoints
+    if isinstance(data, dict):
+        err = data.get("error")
+        return err if isinstance(err, dict) else None
+    return None
+
+
+def retry_info_ms(error: Any) -> int | None:
+    """Google's retry hint inside an error object: ``details[] RetryInfo.retryDelay = "36s"``."""
+    try:
+        for item in error["details"]:
+            if str(item.get("@type", "")).endswith("RetryInfo"):
+                return max(1, math.ceil(float(str(item["retryDelay"]).rstrip("s")) * 1000))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def said(text: list[str], piece: str) -> str:

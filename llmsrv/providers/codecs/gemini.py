@@ -227,7 +227,7 @@ class GeminiGenerate:
     def folder(self, call: Call, origin: Origin, *, stream: bool) -> Fold[Completion]:
         return GeminiFold(origin)
 
-    def status_error(self, status: int, detail: str) -> type[errors.LlmsrvError] | None:
+    def status_error(self, status: int, detail: str, error: Any) -> type[errors.LlmsrvError] | None:
         """Gemini rejects an invalid or expired key with 400 INVALID_ARGUMENT: a credentials error."""
         return errors.MissingCredentials if status == 400 and "api key" in detail.lower() else None
 
