@@ -205,13 +205,21 @@ def _prices(table: dict[str, tuple[float, float]]) -> dict[str, Any]:
 
 
 DEFAULTS: dict[str, Any] = {
-    # Public list prices, USD per million tokens (input, output); override per model in config.
+    # Public list prices, USD per million tokens (input, output), as of 2026-12 (Anthropic's models
+    # overview and pricing pages, OpenAI's and Google's pricing pages; README "Providers" says how they were
+    # checked). Override or extend per model in config: [providers.X.prices."model-id"].
     "providers": {
-        "claude": _prices({"claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4-5": (3.0, 15.0),
+        "claude": _prices({"claude-opus-4-7": (5.0, 25.0), "claude-opus-4-6": (5.0, 25.0),
+                           "claude-opus-4-5": (5.0, 25.0), "claude-opus-4-1": (15.0, 75.0),
+                           "claude-sonnet-4-6": (3.0, 15.0), "claude-sonnet-4-5": (3.0, 15.0),
                            "claude-haiku-4-5": (1.0, 5.0)}),
-        "codex": _prices({"gpt-5-codex": (1.25, 10.0), "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0),
-                          "gpt-4.1": (2.0, 8.0), "gpt-4o": (2.5, 10.0), "o3-mini": (1.1, 4.4)}),
-        "gemini": _prices({"gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5)}),
+        "codex": _prices({"gpt-5.2": (1.75, 14.0), "gpt-5.2-codex": (1.75, 14.0), "gpt-5.3-codex": (1.75, 14.0),
+                          "gpt-5.1": (1.25, 10.0), "gpt-5.1-codex": (1.25, 10.0), "gpt-5-codex": (1.25, 10.0),
+                          "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-4.1": (2.0, 8.0),
+                          "gpt-4o": (2.5, 10.0), "o3-mini": (1.1, 4.4)}),
+        "gemini": _prices({"gemini-3.1-pro-preview": (2.0, 12.0), "gemini-3-flash-preview": (0.5, 3.0),
+                           "gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5),
+                           "gemini-2.5-flash-lite": (0.1, 0.4)}),
         "jules": {"timeout_ms": 600000},  # agent tasks take minutes; the request deadline still applies
     },
     "routing": {
@@ -249,15 +257,16 @@ DEFAULTS: dict[str, Any] = {
                             "copilot:gpt-4.1", "cursor:auto"],
             },
         },
-        "aliases": {"sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-1", "haiku": "claude-haiku-4-5"},
+        # the current model of each Claude tier (Anthropic's models overview, 2026-12)
+        "aliases": {"sonnet": "claude-sonnet-4-6", "opus": "claude-opus-4-7", "haiku": "claude-haiku-4-5"},
         "prefixes": {
             "claude-": "claude", "gemini-": "gemini", "gpt-": "codex", "o1": "codex", "o3": "codex",
             "o4": "codex", "codex-": "codex", "grok-": "copilot", "echo": "mock", "lorem": "mock",
         },
         # 1-10; a missing model or capability scores a neutral 5.
         "capability_scores": {
-            "claude:claude-opus-4-1": {"code": 9, "reasoning": 10, "creativity": 9, "speed": 3, "cost": 2},
-            "claude:claude-sonnet-4-5": {"code": 9, "reasoning": 8, "creativity": 8, "speed": 6, "cost": 5},
+            "claude:claude-opus-4-7": {"code": 9, "reasoning": 10, "creativity": 9, "speed": 3, "cost": 4},
+            "claude:claude-sonnet-4-6": {"code": 9, "reasoning": 8, "creativity": 8, "speed": 6, "cost": 5},
             "codex:gpt-5-codex": {"code": 10, "reasoning": 8, "creativity": 5, "speed": 5, "cost": 5},
             "codex:o3-mini": {"code": 7, "reasoning": 8, "creativity": 4, "speed": 7, "cost": 8},
             "gemini:gemini-2.5-pro": {"code": 8, "reasoning": 8, "creativity": 7, "speed": 5, "cost": 5},

@@ -54,12 +54,12 @@ async def test_claude_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) 
         chunks: list[StreamChunk] = []
         streamed = await h.client.stream({"messages": user("hi"), "model": "claude:sonnet"}, chunks.append)
         auto = await h.client.complete({"messages": user("Design a distributed system architecture, step by step")})
-    assert (reply.text, reply.model, reply.finish_reason) == ("Hello there", "claude:claude-sonnet-4-5", "stop")
+    assert (reply.text, reply.model, reply.finish_reason) == ("Hello there", "claude:claude-sonnet-4-6", "stop")
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.tokens_used) == (12, 3, 15)
     assert reply.cost_cents == pytest.approx((12 * 3.0 + 3 * 15.0) / 1e6 * 100)  # default price table
     assert "".join(c.delta for c in chunks) == streamed.text == "Hello there" and len(chunks) >= 2
-    assert auto.model == "claude:claude-sonnet-4-5"  # auto routing now finds a provider with credentials
-    assert up.requests[0].json()["model"] == "claude-sonnet-4-5"
+    assert auto.model == "claude:claude-sonnet-4-6"  # auto routing now finds a provider with credentials
+    assert up.requests[0].json()["model"] == "claude-sonnet-4-6"
 
 
 async def test_canary_key_never_in_replies_or_logs(nats_url: str, monkeypatch: pytest.MonkeyPatch,

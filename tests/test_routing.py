@@ -34,20 +34,20 @@ def _plan(kw: dict[str, Any], states: dict[str, ProviderState]) -> routing.Plan:
     ({"model": "gpt-4o"}, _states("codex"), ["codex:gpt-4o"]),
     ({"model": "grok-code-fast-1"}, _states("copilot"), ["copilot:grok-code-fast-1"]),
     ({"model": "lorem", "provider": "mock"}, _states(), ["mock:lorem"]),
-    ({"model": "claude:sonnet"}, _states("claude"), ["claude:claude-sonnet-4-5"]),
+    ({"model": "claude:sonnet"}, _states("claude"), ["claude:claude-sonnet-4-6"]),
     ({}, _states(), ["mock:echo"]),
     ({"task_type": "tester", "complexity": "simple"}, _states(), ["mock:echo"]),
     ({"complexity": "simple"}, _states("gemini", "codex"), ["gemini:gemini-2.5-flash", "codex:o3-mini"]),
     ({"complexity": "complex", "provider": "claude"}, _states("claude", "codex"),
-     ["claude:claude-sonnet-4-5", "claude:claude-opus-4-1"]),
+     ["claude:claude-sonnet-4-6", "claude:claude-opus-4-7"]),
     ({"task_type": "developer", "complexity": "simple"}, _states("copilot"),
      ["copilot:gpt-5-mini", "copilot:grok-code-fast-1"]),
     ({"task_type": "planning", "complexity": "medium"}, _states("openrouter", "claude"),
-     ["claude:claude-sonnet-4-5", "openrouter:auto"]),
+     ["claude:claude-sonnet-4-6", "openrouter:auto"]),
     ({"complexity": "complex", "capabilities": ["code"]}, _states("claude", "codex"),
-     ["codex:gpt-5-codex", "claude:claude-sonnet-4-5", "claude:claude-opus-4-1"]),
+     ["codex:gpt-5-codex", "claude:claude-sonnet-4-6", "claude:claude-opus-4-7"]),
     ({"complexity": "complex", "capabilities": ["reasoning"]}, _states("claude", "codex"),
-     ["claude:claude-opus-4-1", "claude:claude-sonnet-4-5", "codex:gpt-5-codex"]),
+     ["claude:claude-opus-4-7", "claude:claude-sonnet-4-6", "codex:gpt-5-codex"]),
     ({"complexity": "simple", "capabilities": ["cost"]}, _states("cursor", "gemini"),
      ["gemini:gemini-2.5-flash", "cursor:auto"]),
 ], ids=["explicit", "bare-mock", "bare-claude", "bare-gpt", "bare-grok", "bare-hint", "alias",
@@ -128,7 +128,7 @@ def test_inferred_complexity_picks_the_matrix_cell() -> None:
     complex_req = _req("Design a distributed system architecture and prove it is correct step by step")
     plan = routing.plan(complex_req, CFG.routing, _states("claude"))
     assert plan.complexity == "complex"
-    assert [t.spec for t in plan.candidates] == ["claude:claude-sonnet-4-5", "claude:claude-opus-4-1"]
+    assert [t.spec for t in plan.candidates] == ["claude:claude-sonnet-4-6", "claude:claude-opus-4-7"]
 
 
 def test_complexity_thresholds_are_config() -> None:
