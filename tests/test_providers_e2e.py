@@ -128,3 +128,58 @@ async def test_openai_compatible_providers_over_nats(nats_url: str, monkeypatch:
     assert up.requests[0].json()["model"] == sent_model
     assert up.requests[0].json()["tools"][0]["function"]["name"] == "get_weather"
     assert auth[0] == (f"Bearer {CANARY}" if env else None)
+
+
+# ---- a tool round trip and a refusal, end to end (CONTRACT sections 2 and 3) ------------------------
+
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+ROUND_TRIP = [
+    {"role": "user", "content": "Weather in Oslo and Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_oslo", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": "call_rome", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    # answered in the other order: each result names its call
+    {"role": "tool", "tool_call_id": "call_rome", "content": '{"celsius": 21}'},
+    {"role": "tool", "tool_call_id": "call_oslo", "content": '{"celsius": 3}'},
+]
+
+
+def _chat_reply(message: dict[str, object], finish: str) -> Json:
+    return Json({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+                 "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}})
+
+
+async def test_a_tool_round_trip_over_nats_is_accepted_upstream(nats_url: str) -> None:
+    from .upstream_rules import validating
+
+    upstream = validating("openai_chat", lambda request: _chat_reply(
+        {"content": "Oslo 3 C, Rome 21 C."}, "stop"))
+    async with FakeUpstream(upstream) as up, \
+            running(nats_url, providers={"openai_compat": {"base_url": up.url}}) as h:
+        reply = await h.client.complete({"messages": ROUND_TRIP, "tools": [WEATHER], "model": "openai_compat:m"})
+        bad = await h.error_of(ENC({"messages": ROUND_TRIP[:2] + [{"role": "tool", "tool_call_id": "call_x",
+                                                                   "content": "1"}], "model": "openai_compat:m"}))
+    assert upstream.problems == [], upstream.problems
+    assert reply.text == "Oslo 3 C, Rome 21 C." and reply.finish_reason == "stop"
+    sent = up.requests[0].json()["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == ["call_oslo", "call_rome"]
+    assert [m["tool_call_id"] for m in sent[2:]] == ["call_rome", "call_oslo"]
+    # a tool turn answering no call is refused here, naming the field, before any upstream call
+    assert bad["error_code"] == "VALIDATION_ERROR" and "$.messages[2].tool_call_id" in bad["error"]
+    assert len(up.requests) == 1
+
+
+async def test_a_refusal_over_nats_is_content_filter_with_its_text(nats_url: str) -> None:
+    upstream = lambda request: _chat_reply({"content": None, "refusal": "I can't help with that."}, "stop")  # noqa: E731
+    async with FakeUpstream(upstream) as up, \
+            running(nats_url, providers={"openai_compat": {"base_url": up.url}}) as h:
+        msg = await h.raw(ENC({"messages": user("something refused"), "model": "openai_compat:m"}))
+        raw = msgspec.json.decode(msg.data)
+        plain = await h.client.complete({"messages": user("hi"), "model": "openai_compat:m"})
+    assert raw["finish_reason"] == "content_filter" and raw["refusal"] == "I can't help with that."
+    assert raw["text"] == "" and len(up.requests) == 2
+    assert plain.finish_reason == "content_filter"
