@@ -6,6 +6,7 @@ The fake speaks the documented wire format: generateContent / streamGenerateCont
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -14,13 +15,27 @@ import pytest
 from llmsrv import errors
 from llmsrv.client import ReplyError
 from llmsrv.config import ProviderConfig
-from llmsrv.messages import FunctionDef, Message, StreamChunk, Tool
-from llmsrv.providers import Call
+from llmsrv.messages import FunctionCall, FunctionDef, Message, MessageToolCall, StreamChunk, Tool, check_turns
+from llmsrv.providers import Call, Completion
 from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.codecs import Origin
+from llmsrv.providers.codecs.gemini import SKIP_SIGNATURE, GeminiFold, finish_reason, request_body
 from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
-from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
+from .fakes import (
+    CANCEL_CLOSE_BOUND_S,
+    Deltas,
+    FakeUpstream,
+    Hang,
+    Json,
+    Raw,
+    Request,
+    Sse,
+    cancel_when,
+    sse_frame,
+)
+from .upstream_rules import gemini_problems, validating
 
 CANARY = "canary-key-9d41c7e2b0"
 MODEL = "gemini-2.5-flash"
@@ -37,10 +52,40 @@ def _provider(url: str, key: str = CANARY) -> HttpApiProvider:
     return build_provider("gemini", ProviderConfig(base_url=url), {"GEMINI_API_KEY": key})
 
 
-def _call(*messages: tuple[str, str], tools: tuple[Tool, ...] = (), max_tokens: int = 64,
+def _call(*messages: tuple[str, str] | Message, tools: tuple[Tool, ...] = (), max_tokens: int = 64,
           temperature: float = 0.7) -> Call:
-    msgs = [Message(role, content) for role, content in messages] or [Message("user", "hi")]  # type: ignore[arg-type]
+    msgs = [m if isinstance(m, Message) else Message(*m) for m in messages] or [Message("user", "hi")]  # type: ignore[arg-type]
     return Call(model=MODEL, messages=msgs, max_tokens=max_tokens, temperature=temperature, tools=tools)
+
+
+def calls(content: str, *made: tuple[str, str, dict[str, Any]]) -> Message:
+    """An assistant turn that made tool calls: (id, function name, arguments)."""
+    return Message("assistant", content, tool_calls=[
+        MessageToolCall(id=i, function=FunctionCall(name=name, arguments=msgspec.json.encode(args).decode()))
+        for i, name, args in made])
+
+
+def result(call_id: str, content: str) -> Message:
+    return Message("tool", content, tool_call_id=call_id)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
+
+
+def fixture(name: str) -> Any:
+    """A recorded reply (``.json``) or stream (``.jsonl``: one chunk a line), see fixtures/gemini/SOURCES.md."""
+    text = (FIXTURES / name).read_text(encoding="utf-8")
+    if name.endswith(".jsonl"):
+        return [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
+    return msgspec.json.decode(text)
+
+
+def fold(*chunks: Any) -> Completion:
+    """Feed chunks (decoded JSON, or raw text) through the codec's fold, as the transport does."""
+    folder = GeminiFold(Origin("gemini", (CANARY,)))
+    for chunk in chunks:
+        folder.feed(chunk if isinstance(chunk, str) else msgspec.json.encode(chunk))
+    return folder.result()
 
 
 def answer(*parts: dict[str, Any], finish: str | None = "STOP", prompt: int = 7, out: int = 3,
@@ -68,7 +113,8 @@ def gerror(code: int, status: str, message: str) -> dict[str, Any]:
 
 
 async def test_text_answer_usage_and_request_shape() -> None:
-    async with FakeUpstream(lambda r: Json(answer(text("Hello"), text(" there"), thoughts=5))) as up:
+    checked = validating("gemini", lambda r: Json(answer(text("Hello"), text(" there"), thoughts=5)))
+    async with FakeUpstream(checked) as up:
         provider = _provider(up.url)
         completion = await provider.complete(_call(
             ("system", "be brief"), ("system", "be kind"), ("user", "hi"), ("assistant", "hello"),
@@ -91,36 +137,164 @@ async def test_text_answer_usage_and_request_shape() -> None:
         "generationConfig": {"maxOutputTokens": 123, "temperature": 0.25},
         "tools": [{"functionDeclarations": [
             {"name": "get_weather", "description": "Weather for a city",
-             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+             "parametersJsonSchema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                      "required": ["city"]}},
             {"name": "get_time"},
         ]}],
     }
+    assert checked.problems == []
 
 
-async def test_tool_results_become_function_responses() -> None:
-    async with FakeUpstream(lambda r: Json(answer(text("It is sunny.")))) as up:
+# ---- tool round trips (CONTRACT section 2) -------------------------------------------------------------
+# Each conversation passes messages.check_turns (the edge) and the request it makes passes the Gemini API's
+# rules (tests/upstream_rules.py): functionResponse names the called function, ids match, one user turn
+# answers all the calls of one model turn.
+
+
+def _fc(call_id: str, name: str, args: dict[str, Any], *, first: bool = True) -> dict[str, Any]:
+    part: dict[str, Any] = {"functionCall": {"id": call_id, "name": name, "args": args}}
+    if first:
+        part["thoughtSignature"] = SKIP_SIGNATURE
+    return part
+
+
+def _fr(call_id: str, name: str, response: dict[str, Any]) -> dict[str, Any]:
+    return {"functionResponse": {"id": call_id, "name": name, "response": response}}
+
+
+ROUND_TRIPS = [
+    pytest.param(
+        [("user", "weather in Paris?"), calls("", ("c1", "get_weather", {"city": "Paris"})),
+         result("c1", '{"temp_c": 21}')],
+        [{"role": "user", "parts": [{"text": "weather in Paris?"}]},
+         {"role": "model", "parts": [_fc("c1", "get_weather", {"city": "Paris"})]},
+         {"role": "user", "parts": [_fr("c1", "get_weather", {"temp_c": 21})]}],
+        id="one-call-object-result"),
+    pytest.param(
+        [("user", "Paris, Oslo and the time?"),
+         calls("Checking.", ("w1", "get_weather", {"city": "Paris"}), ("w2", "get_weather", {"city": "Oslo"}),
+               ("t1", "get_time", {})),
+         result("t1", "12:00"), result("w2", "[1, 2]"), result("w1", '"sunny"'), ("user", "and tomorrow?")],
+        [{"role": "user", "parts": [{"text": "Paris, Oslo and the time?"}]},
+         {"role": "model", "parts": [{"text": "Checking."}, _fc("w1", "get_weather", {"city": "Paris"}),
+                                     _fc("w2", "get_weather", {"city": "Oslo"}, first=False),
+                                     _fc("t1", "get_time", {}, first=False)]},
+         {"role": "user", "parts": [_fr("t1", "get_time", {"output": "12:00"}),  # not JSON: the raw text
+                                    _fr("w2", "get_weather", {"output": [1, 2]}),  # JSON, not an object
+                                    _fr("w1", "get_weather", {"output": "sunny"}),
+                                    {"text": "and tomorrow?"}]}],
+        id="parallel-calls-same-function-answered-in-reverse-with-text"),
+    pytest.param(
+        [("system", "be brief"), ("user", "weather?"), calls("", ("a", "get_weather", {"city": "Rome"})),
+         result("a", '{"sky": "clear"}'), calls("One more.", ("b", "get_time", {})), result("b", "null"),
+         ("assistant", "Clear, and it is noon.")],
+        [{"role": "user", "parts": [{"text": "weather?"}]},
+         {"role": "model", "parts": [_fc("a", "get_weather", {"city": "Rome"})]},
+         {"role": "user", "parts": [_fr("a", "get_weather", {"sky": "clear"})]},
+         {"role": "model", "parts": [{"text": "One more."}, _fc("b", "get_time", {})]},
+         {"role": "user", "parts": [_fr("b", "get_time", {"output": None})]},
+         {"role": "model", "parts": [{"text": "Clear, and it is noon."}]}],
+        id="two-rounds"),
+]
+
+
+@pytest.mark.parametrize(("messages", "contents"), ROUND_TRIPS)
+def test_round_trip_contents(messages: list[tuple[str, str] | Message], contents: list[dict[str, Any]]) -> None:
+    call = _call(*messages, tools=(WEATHER, CLOCK))
+    check_turns(list(call.messages))  # the contract's edge accepts the conversation
+    body = request_body(call)
+    assert body["contents"] == contents
+    assert gemini_problems(body, GENERATE) == []  # and so does the Gemini API
+
+
+@pytest.mark.parametrize("messages", [
+    pytest.param([("user", "q"), result("nope", "x")], id="answers-no-call"),
+    pytest.param([("user", "q"), Message("tool", "x")], id="no-tool-call-id"),
+    pytest.param([("user", "q"), Message("assistant", "", tool_calls=[MessageToolCall(
+        id="c", function=FunctionCall(name="get_time", arguments="[1]"))])], id="arguments-not-an-object"),
+])
+def test_codec_refuses_what_the_edge_refuses(messages: list[tuple[str, str] | Message]) -> None:
+    """A Call built past messages.check_turns: the codec names the problem instead of guessing."""
+    with pytest.raises(errors.ValidationFailed):
+        request_body(_call(*messages, tools=(CLOCK,)))
+
+
+PARTY = tuple(Tool(type="function", function=FunctionDef(name=name, parameters={
+    "type": "object", "properties": {key: {"type": kind} for key, kind in props.items()}, "required": list(props)}))
+    for name, props in [("power_disco_ball", {"power": "boolean"}),
+                        ("start_music", {"energetic": "boolean", "loud": "boolean"}),
+                        ("dim_lights", {"brightness": "number"})])
+
+
+def _without_ids(reply: dict[str, Any]) -> dict[str, Any]:
+    """The same reply as Gemini 2.5 gives it: no call ids, no signature."""
+    parts = reply["candidates"][0]["content"]["parts"]
+    bare = [{"functionCall": {k: v for k, v in p["functionCall"].items() if k != "id"}} for p in parts]
+    return {**reply, "candidates": [{**reply["candidates"][0], "content": {"role": "model", "parts": bare}}]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])
+@pytest.mark.parametrize("ids", [True, False], ids=["gemini-3-ids", "gemini-2.5-no-ids"])
+async def test_agent_loop_answers_parallel_calls_in_any_order(ids: bool, stream: bool) -> None:
+    first = fixture("parallel_calls.json") if ids else _without_ids(fixture("parallel_calls.json"))
+    replies = iter([first, answer(text("Party on!"))])
+    checked = validating("gemini", lambda r: Sse([next(replies)]) if stream else Json(next(replies)))
+    on_delta = (lambda piece: None) if stream else None
+    async with FakeUpstream(checked) as up:
         provider = _provider(up.url)
-        await provider.complete(_call(
-            ("user", "weather in Paris?"), ("assistant", "calling get_weather"),
-            ("tool", '{"temp_c": 21}'), ("tool", "plain words"), ("user", "and?"), tools=(WEATHER,)))
-        await provider.complete(_call(
-            ("user", "q"), ("tool", '{"name": "get_time", "response": {"now": "12:00"}}'), ("tool", "[1, 2]"),
-            tools=(WEATHER, CLOCK)))
-    first, second = (r.json()["contents"] for r in up.requests)
-    assert first == [
-        {"role": "user", "parts": [{"text": "weather in Paris?"}]},
-        {"role": "model", "parts": [{"text": "calling get_weather"}]},
-        {"role": "user", "parts": [  # consecutive user-side messages merge into one turn
-            {"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}},
-            {"functionResponse": {"name": "get_weather", "response": {"output": "plain words"}}},
-            {"text": "and?"},
-        ]},
-    ]
-    assert second[0]["parts"] == [
-        {"text": "q"},
-        {"functionResponse": {"name": "get_time", "response": {"now": "12:00"}}},
-        {"functionResponse": {"name": "tool", "response": {"output": [1, 2]}}},  # several tools: no name to pick
-    ]
+        ask = Message("user", "Turn this place into a party!")
+        made = await provider.complete(_call(ask, tools=PARTY), on_delta=on_delta)
+        assert made.finish_reason == "tool_calls"
+        assert [(c.name, msgspec.json.decode(c.arguments)) for c in made.tool_calls] == [
+            ("power_disco_ball", {"power": True}), ("start_music", {"energetic": True, "loud": True}),
+            ("dim_lights", {"brightness": 0.5})]
+        if ids:
+            assert [c.id for c in made.tool_calls] == ["fc-a1", "fc-b2", "fc-c3"]
+        assistant = Message("assistant", "", tool_calls=[
+            MessageToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in made.tool_calls])
+        answers = [result(c.id, '{"ok": true}') for c in reversed(made.tool_calls)]
+        done = await provider.complete(_call(ask, assistant, *answers, tools=PARTY), on_delta=on_delta)
+    assert (done.text, done.finish_reason) == ("Party on!", "stop")
+    assert checked.problems == []
+    model_turn, answer_turn = up.requests[1].json()["contents"][1:]
+    assert [p["functionCall"]["id"] for p in model_turn["parts"]] == [c.id for c in made.tool_calls]
+    assert [(p["functionResponse"]["id"], p["functionResponse"]["name"]) for p in answer_turn["parts"]] == [
+        (c.id, c.name) for c in reversed(made.tool_calls)]
+
+
+async def test_unanswered_call_is_refused_for_the_apis_reason() -> None:
+    """The edge lets a call go unanswered; the Gemini API does not, and says why (400 -> VALIDATION_ERROR)."""
+    checked = validating("gemini", lambda r: Json(answer(text("never"))))
+    async with FakeUpstream(checked) as up:
+        with pytest.raises(errors.ValidationFailed) as info:
+            await _provider(up.url).complete(_call(
+                ("user", "two cities"), calls("", ("p", "get_weather", {"city": "Paris"}),
+                                            ("o", "get_weather", {"city": "Oslo"})),
+                result("o", "cold"), tools=(WEATHER,)))
+    assert "number of function response parts is equal to the number of function call parts" in info.value.message
+    assert len(checked.rejected) == 1
+
+
+STRICT = Tool(type="function", function=FunctionDef(name="set_mode", description="Sets the mode.", parameters={
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
+    "properties": {"mode": {"const": "fast"}, "note": {"type": ["string", "null"]}}, "required": ["mode"]}))
+
+
+async def test_json_schema_parameters_go_as_parameters_json_schema() -> None:
+    checked = validating("gemini", lambda r: Json(answer(text("ok"))))
+    async with FakeUpstream(checked) as up:
+        await _provider(up.url).complete(_call(("user", "fast please"), tools=(STRICT,)))
+    body = up.requests[0].json()
+    assert body["tools"] == [{"functionDeclarations": [
+        {"name": "set_mode", "description": "Sets the mode.", "parametersJsonSchema": STRICT.function.parameters}]}]
+    assert checked.problems == []
+    # the old form: the API's OpenAPI-subset Schema refuses $schema, additionalProperties, const, type arrays
+    old = {**body, "tools": [{"functionDeclarations": [
+        {"name": "set_mode", "description": "Sets the mode.", "parameters": STRICT.function.parameters}]}]}
+    refused = "\n".join(gemini_problems(old, GENERATE))
+    for name in ('"$schema"', '"additionalProperties"', '"const"', "cannot start list"):
+        assert name in refused
 
 
 async def test_only_system_messages_still_send_a_turn() -> None:
@@ -147,14 +321,46 @@ async def test_function_calls_come_back_as_tool_calls() -> None:
     assert (second.id, second.name, second.arguments) == ("fc-7", "get_time", "{}")
 
 
-@pytest.mark.parametrize(("finish", "expected"), [
-    ("STOP", "stop"), ("MAX_TOKENS", "length"), ("SAFETY", "stop"), ("RECITATION", "stop"), ("OTHER", "stop"),
-    ("BLOCKLIST", "stop"),
-])
-async def test_finish_reasons_keep_the_text(finish: str, expected: str) -> None:
+@pytest.mark.parametrize(("reason", "tool_calls", "blocked", "expected"), [
+    ("STOP", False, False, "stop"), ("MAX_TOKENS", False, False, "length"), ("CONTINUATION", False, False, "length"),
+    ("SAFETY", False, False, "content_filter"), ("RECITATION", False, False, "content_filter"),
+    ("BLOCKLIST", False, False, "content_filter"), ("PROHIBITED_CONTENT", False, False, "content_filter"),
+    ("SPII", False, False, "content_filter"), ("IMAGE_SAFETY", False, False, "content_filter"),
+    ("IMAGE_PROHIBITED_CONTENT", False, False, "content_filter"), ("IMAGE_RECITATION", False, False, "content_filter"),
+    ("OTHER", False, False, "stop"), ("LANGUAGE", False, False, "stop"),
+    ("MALFORMED_FUNCTION_CALL", False, False, "stop"),
+    ("STOP", True, False, "tool_calls"), ("MAX_TOKENS", True, False, "tool_calls"),
+    ("SAFETY", True, False, "content_filter"), (None, False, True, "content_filter"),
+], ids=lambda v: str(v))
+def test_finish_reason_table(reason: str | None, tool_calls: bool, blocked: bool, expected: str) -> None:
+    assert finish_reason(reason, tool_calls=tool_calls, blocked=blocked) == expected
+
+
+def test_every_sdk_finish_reason_is_decided() -> None:
+    """google-genai's FinishReason enum (the API's): a value added upstream fails here until it is placed."""
+    from google.genai.types import FinishReason
+
+    from llmsrv.providers.codecs.gemini import _FILTERED, _LENGTH
+    stop = {"FINISH_REASON_UNSPECIFIED", "STOP", "LANGUAGE", "OTHER", "MALFORMED_FUNCTION_CALL", "NO_IMAGE",
+            "IMAGE_OTHER", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS", "MISSING_THOUGHT_SIGNATURE",
+            "MALFORMED_RESPONSE"}
+    assert {r.value for r in FinishReason} - _FILTERED - _LENGTH - stop == set()
+
+
+@pytest.mark.parametrize("finish", ["SAFETY", "RECITATION", "PROHIBITED_CONTENT", "SPII"])
+async def test_filtered_answer_keeps_the_text_without_refusal(finish: str) -> None:
     async with FakeUpstream(lambda r: Json(answer(text("partial"), finish=finish))) as up:
         completion = await _provider(up.url).complete(_call())
-    assert (completion.text, completion.finish_reason) == ("partial", expected)
+    assert (completion.text, completion.finish_reason, completion.refusal) == ("partial", "content_filter", None)
+
+
+async def test_safety_stop_in_a_stream() -> None:
+    async with FakeUpstream(lambda r: Sse(fixture("safety_stream.jsonl"))) as up:
+        deltas: list[str] = []
+        completion = await _provider(up.url).complete(_call(), on_delta=deltas.append)
+    assert deltas == ["Here is how you"]
+    assert (completion.text, completion.finish_reason, completion.refusal) == ("Here is how you", "content_filter",
+                                                                              None)
 
 
 async def test_thought_parts_are_not_answer_text() -> None:
@@ -164,15 +370,54 @@ async def test_thought_parts_are_not_answer_text() -> None:
     assert completion.text == "42"
 
 
-async def test_blocked_prompt_is_a_request_error() -> None:
-    blocked = {"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
-               "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}}
-    async with FakeUpstream(lambda r: Json(blocked) if r.path == GENERATE else Sse([blocked])) as up:
-        provider = _provider(up.url)
-        with pytest.raises(errors.ValidationFailed, match="SAFETY"):
-            await provider.complete(_call())
-        with pytest.raises(errors.ValidationFailed, match="SAFETY"):
-            await provider.complete(_call(), on_delta=lambda piece: None)
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])
+async def test_blocked_prompt_is_a_content_filter_finish(stream: bool) -> None:
+    blocked = fixture("prompt_blocked.json")
+    async with FakeUpstream(lambda r: Sse([blocked]) if stream else Json(blocked)) as up:
+        completion = await _provider(up.url).complete(_call(), on_delta=(lambda piece: None) if stream else None)
+    assert (completion.text, completion.finish_reason, completion.refusal) == ("", "content_filter", None)
+    assert not completion.tool_calls
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (12559, 0)
+
+
+# ---- recorded replies, folded by the codec alone (no event loop) ---------------------------------------
+
+FOLDS = [
+    pytest.param(["sdk_batch_response.json"], "This recipe makes a moist and delicious banana bread!", "stop", 0,
+                 (0, 0), id="sdk-batch-response"),
+    pytest.param(["prompt_blocked.json"], "", "content_filter", 0, (12559, 0), id="prompt-blocked"),
+    pytest.param(["safety_stream.jsonl"], "Here is how you", "content_filter", 0, (9, 4), id="safety-stream"),
+    pytest.param(["parallel_calls.json"], "", "tool_calls", 3, (120, 30 + 44), id="parallel-calls"),
+    pytest.param(["thinking_stream.jsonl"], "The answer is 42.", "stop", 0, (12, 7 + 40),
+                 id="thinking-then-usage-only-chunk"),
+    pytest.param(["unicode_stream.jsonl"], "Grüße aus 東京 🌸👩‍💻 — ok", "stop", 0, (5, 8), id="unicode"),
+    pytest.param(["sdk_thought_signature_150k.jsonl", "unicode_stream.jsonl"], "Grüße aus 東京 🌸👩‍💻 — ok", "stop", 0,
+                 (5, 8), id="sdk-150k-thought-signature-chunk"),
+]
+
+
+@pytest.mark.parametrize(("names", "text_", "finish", "tool_calls", "usage"), FOLDS)
+def test_recorded_replies_fold(names: list[str], text_: str, finish: str, tool_calls: int,
+                               usage: tuple[int, int]) -> None:
+    chunks: list[Any] = []
+    for name in names:
+        loaded = fixture(name)
+        chunks += loaded if isinstance(loaded, list) else [loaded]
+    completion = fold(*chunks)
+    assert (completion.text, completion.finish_reason, len(completion.tool_calls), completion.refusal) == (
+        text_, finish, tool_calls, None)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == usage
+
+
+@pytest.mark.parametrize(("name", "error", "retry_ms"), [
+    pytest.param("sdk_stream_error.jsonl", errors.ProviderError, None, id="sdk-500-in-stream"),
+    pytest.param("stream_rate_limited.jsonl", errors.RateLimited, 36000, id="429-retry-info-in-stream"),
+])
+def test_recorded_stream_errors_fold(name: str, error: type[errors.LlmsrvError], retry_ms: int | None) -> None:
+    with pytest.raises(error) as info:
+        fold(*fixture(name))
+    assert type(info.value) is error
+    assert info.value.retry_after_ms == retry_ms
 
 
 # ---- streaming ----------------------------------------------------------------------------------------
@@ -210,6 +455,54 @@ async def test_streamed_function_call() -> None:
     assert completion.finish_reason == "tool_calls"
     assert [(c.name, msgspec.json.decode(c.arguments)) for c in completion.tool_calls] == [
         ("get_weather", {"city": "Oslo"})]
+
+
+async def test_thinking_stream_and_a_usage_only_last_chunk() -> None:
+    async with FakeUpstream(lambda r: Sse(fixture("thinking_stream.jsonl"))) as up:
+        deltas: list[str] = []
+        completion = await _provider(up.url).complete(_call(), on_delta=deltas.append)
+    assert deltas == ["The answer", " is 42."]  # the thought summary is not answer text
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (12, 7 + 40)
+
+
+def _chunked_sse(chunks: list[Any], cut: int) -> Raw:
+    """The stream as HTTP/1.1 chunks of ``cut`` bytes: the cuts fall inside multi-byte characters."""
+    body = b"".join(sse_frame(chunk) for chunk in chunks)
+    pieces = [body[i:i + cut] for i in range(0, len(body), cut)]
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    return Raw(head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5])
+async def test_unicode_cut_across_network_chunks(cut: int) -> None:
+    chunks = fixture("unicode_stream.jsonl")
+    async with FakeUpstream(lambda r: _chunked_sse(chunks, cut)) as up:
+        deltas: list[str] = []
+        completion = await _provider(up.url).complete(_call(), on_delta=deltas.append)
+    assert deltas == ["Grüße aus ", "東京 🌸👩‍💻", " — ok"]
+    assert completion.text == "Grüße aus 東京 🌸👩‍💻 — ok"
+
+
+async def test_a_150k_thought_signature_line() -> None:
+    """google-genai's own regression (aiohttp LineTooLong): one SSE line larger than 128 KiB."""
+    chunks = [*fixture("sdk_thought_signature_150k.jsonl"), answer(text("ok"))]
+    async with FakeUpstream(lambda r: Sse(chunks)) as up:
+        completion = await _provider(up.url).complete(_call(), on_delta=lambda piece: None)
+    assert (completion.text, completion.finish_reason) == ("ok", "stop")
+
+
+@pytest.mark.parametrize(("name", "error", "retry_ms"), [
+    pytest.param("sdk_stream_error.jsonl", errors.ProviderError, None, id="sdk-500-in-stream"),
+    pytest.param("stream_rate_limited.jsonl", errors.RateLimited, 36000, id="429-retry-info-in-stream"),
+])
+async def test_recorded_errors_inside_a_stream(name: str, error: type[errors.LlmsrvError],
+                                               retry_ms: int | None) -> None:
+    async with FakeUpstream(lambda r: Sse(fixture(name))) as up:
+        deltas: list[str] = []
+        with pytest.raises(error) as info:
+            await _provider(up.url).complete(_call(), on_delta=deltas.append)
+    assert len(deltas) == 1  # the text before the error was passed on
+    assert type(info.value) is error and info.value.retry_after_ms == retry_ms
 
 
 @pytest.mark.parametrize("reply", [
