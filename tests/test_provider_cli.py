@@ -18,10 +18,10 @@ import trio
 from llmsrv import errors
 from llmsrv.client import ReplyError
 from llmsrv.config import ProviderConfig
-from llmsrv.messages import Message, Usage
+from llmsrv.messages import FunctionCall, Message, MessageToolCall, Usage, check_turns
 from llmsrv.providers import Call
 from llmsrv.providers.cli import CliProvider
-from llmsrv.providers.codecs import Origin
+from llmsrv.providers.codecs import Origin, conversation_text
 from llmsrv.providers.codecs.stream_json import StreamJsonFold, build_prompt, substitute
 from llmsrv.providers.process import AFTER_RESULT_S
 from llmsrv.providers.registry import build_provider
@@ -29,6 +29,7 @@ from llmsrv.providers.registry import build_provider
 from .conftest import running, user
 
 FAKE = Path(__file__).with_name("fake_cli.py")
+FIXTURES = Path(__file__).with_name("fixtures") / "cursor"
 TEXT = "Hello from the fake cursor-agent"
 KEY = "sk-cursor-secret-4242"
 
@@ -91,6 +92,65 @@ def test_build_prompt(messages: list[Message], prompt: str) -> None:
     assert build_prompt(messages) == prompt
 
 
+def tool_call(call_id: str, name: str, arguments: str = "{}") -> MessageToolCall:
+    return MessageToolCall(id=call_id, function=FunctionCall(name=name, arguments=arguments))
+
+
+def assistant_calls(*calls: MessageToolCall, content: str = "") -> Message:
+    return Message("assistant", content, tool_calls=list(calls))
+
+
+def tool_result(call_id: str, content: str) -> Message:
+    return Message("tool", content, tool_call_id=call_id)
+
+
+WEATHER = tool_call("call_w", "get_weather", '{"city": "Paris"}')
+CLOCK = tool_call("call_t", "get_time", '{"tz": "Europe/Paris"}')
+ASK = Message("user", "Weather and time in Paris?")
+
+
+@pytest.mark.parametrize(("messages", "text"), [
+    ([ASK, assistant_calls(WEATHER), tool_result("call_w", "18C, sunny")],
+     'User: Weather and time in Paris?\n\n'
+     'Assistant:\nTool call call_w: get_weather {"city": "Paris"}\n\n'
+     'Tool result for call_w (get_weather): 18C, sunny'),
+    ([ASK, assistant_calls(WEATHER, CLOCK, content="Looking both up."),
+      tool_result("call_t", "14:05"), tool_result("call_w", "18C, sunny"), Message("assistant", "18C at 14:05.")],
+     'User: Weather and time in Paris?\n\n'
+     'Assistant: Looking both up.\n'
+     'Tool call call_w: get_weather {"city": "Paris"}\n'
+     'Tool call call_t: get_time {"tz": "Europe/Paris"}\n\n'
+     'Tool result for call_t (get_time): 14:05\n\n'
+     'Tool result for call_w (get_weather): 18C, sunny\n\n'
+     'Assistant: 18C at 14:05.'),
+    ([Message("system", "use the tools"), ASK, assistant_calls(WEATHER), tool_result("call_w", "18C"),
+      Message("user", "And tomorrow?"), assistant_calls(tool_call("call_w2", "get_weather", '{"day": 1}')),
+      tool_result("call_w2", "20C")],
+     'use the tools\n\nUser: Weather and time in Paris?\n\n'
+     'Assistant:\nTool call call_w: get_weather {"city": "Paris"}\n\n'
+     'Tool result for call_w (get_weather): 18C\n\nUser: And tomorrow?\n\n'
+     'Assistant:\nTool call call_w2: get_weather {"day": 1}\n\n'
+     'Tool result for call_w2 (get_weather): 20C'),
+    ([ASK, tool_result("call_x", "orphan")],
+     "User: Weather and time in Paris?\n\nTool result for call_x: orphan"),
+    ([ASK, Message("tool", "42")], "User: Weather and time in Paris?\n\nTool: 42"),
+    ([ASK], "Weather and time in Paris?"),
+], ids=["one-call", "two-calls-answered-out-of-order", "two-rounds-system-first", "unknown-call-id",
+        "no-call-id", "lone-user-as-is"])
+def test_conversation_text_pairs_each_result_with_its_call(messages: list[Message], text: str) -> None:
+    assert conversation_text(messages) == text
+
+
+def test_conversation_text_names_every_result_in_any_order() -> None:
+    calls = [tool_call(f"c{i}", f"tool_{i}", f'{{"n": {i}}}') for i in range(4)]
+    for order in ([3, 1, 0, 2], [0, 1, 2, 3], [2, 3, 1, 0]):
+        messages = [ASK, assistant_calls(*calls), *(tool_result(f"c{i}", f"r{i}") for i in order)]
+        check_turns(messages)  # a conversation the contract accepts
+        paragraphs = conversation_text(messages).split("\n\n")
+        assert paragraphs[2:] == [f"Tool result for c{i} (tool_{i}): r{i}" for i in order]
+        assert paragraphs[1].splitlines()[1:] == [f'Tool call c{i}: tool_{i} {{"n": {i}}}' for i in range(4)]
+
+
 def test_substitute_is_literal_and_single_pass() -> None:
     prompt = "say {model} and {prompt}; $(rm -rf /) `id` 'q' \"dq\""
     argv = substitute(["--model", "{model}", "--x={model}", "{prompt}", "plain"], "gpt-5", prompt)
@@ -120,6 +180,32 @@ def test_event_decoder(lines: list[bytes], deltas: list[str], text: str | None, 
     got = [d for line in lines if (d := decoder.feed(line))]
     assert (got, decoder.text, decoder.usage, decoder.error) == (deltas, text, usage, error)
     assert decoder.done
+
+
+def fixture_lines(name: str) -> list[bytes]:
+    return (FIXTURES / name).read_bytes().splitlines()
+
+
+def test_the_documented_stream_folds_to_the_result_text_and_an_estimate() -> None:
+    """tests/fixtures/cursor/stream_json_docs.ndjson: the Output format page's events, which carry no
+    ``usage`` (it is not documented): the result text stands, usage is estimated."""
+    fold = StreamJsonFold(call("Read README.md and create a summary"), Origin("cursor"), "cursor-agent")
+    deltas = [d for line in fixture_lines("stream_json_docs.ndjson") if (d := fold.feed(line))]
+    assert deltas == ["I'll read the README.md file", " Based on the README, here's a summary: it is a sample project."]
+    assert fold.done and fold.usage is None
+    completion = fold.result()
+    assert completion.text == "".join(deltas)  # "concatenation of all text deltas", as the page defines result
+    assert completion.usage == Usage(prompt_tokens=9, completion_tokens=(len(completion.text) + 3) // 4)
+
+
+def test_usage_seen_from_the_real_cli_is_read() -> None:
+    """tests/fixtures/cursor/result_usage_seen.ndjson: the undocumented camelCase ``usage`` of a real
+    cursor-agent result; input and output tokens are read (the cache counts are not)."""
+    fold = StreamJsonFold(call(), Origin("cursor"), "cursor-agent")
+    for line in fixture_lines("result_usage_seen.ndjson"):
+        fold.feed(line)
+    assert fold.done and fold.usage == Usage(prompt_tokens=229382, completion_tokens=10147)
+    assert fold.result().text == ""
 
 
 # ---- a real process -----------------------------------------------------------------------------
@@ -159,6 +245,17 @@ async def test_configured_command_replaces_the_template(tmp_path: Path) -> None:
     completion = await provider.complete(call(model="auto", messages=messages))
     [rec] = records(tmp_path)
     assert rec["argv"] == ["-p", "--model", "auto", "--", "be brief\n\nUser: a\n\nAssistant: b\n\nUser: c"]
+    assert completion.text == TEXT
+
+
+async def test_a_tool_round_trip_reaches_the_cli_as_one_prompt(tmp_path: Path) -> None:
+    messages = [Message("system", "use the tools"), ASK, assistant_calls(WEATHER, CLOCK),
+                tool_result("call_t", "14:05"), tool_result("call_w", "18C")]
+    completion = await make(tmp_path).complete(call(messages=messages))
+    [rec] = records(tmp_path)
+    assert rec["argv"][-1] == conversation_text(messages)
+    assert rec["argv"][-1].endswith("Tool result for call_t (get_time): 14:05\n\n"
+                                    "Tool result for call_w (get_weather): 18C")
     assert completion.text == TEXT
 
 
@@ -304,6 +401,20 @@ async def test_end_to_end_over_nats(nats_url: str, tmp_path: Path, monkeypatch: 
         streamed = await h.client.stream({"messages": user("hello"), "model": "cursor:auto"}, chunks.append)
         assert streamed.text == TEXT and "".join(c.delta for c in chunks) == TEXT
         assert [c.seq for c in chunks] == list(range(len(chunks)))
+
+        round_trip = [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_w", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"P"}'}},
+                {"id": "call_t", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_t", "content": "14:05"},
+            {"role": "tool", "tool_call_id": "call_w", "content": "18C"}]
+        answered = await h.client.complete({"messages": round_trip, "model": "cursor:auto"})
+        assert answered.text == TEXT
+        [prompt] = [r["argv"][-1] for r in records(tmp_path) if "call_w" in r["argv"][-1]]
+        assert prompt == ('User: Weather in Paris?\n\nAssistant:\nTool call call_w: get_weather {"city":"P"}\n'
+                          'Tool call call_t: get_time {}\n\nTool result for call_t (get_time): 14:05\n\n'
+                          'Tool result for call_w (get_weather): 18C')
 
         outcome: list[ReplyError] = []
 

@@ -4,6 +4,8 @@ probe, and one request end to end over real NATS."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +13,9 @@ import trio
 
 from llmsrv import errors
 from llmsrv.config import ProviderConfig
-from llmsrv.messages import Message
+from llmsrv.messages import FunctionCall, Message, MessageToolCall
 from llmsrv.providers import Call
+from llmsrv.providers.codecs import HttpRequest
 from llmsrv.providers.jules import JulesProvider, build_prompt, known_model, source_context
 
 from .conftest import running, user
@@ -20,6 +23,7 @@ from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Reply
 
 CANARY = "AIza-canary-5e1f7b9d"
 SID = "1234567890"
+FIXTURES = Path(__file__).with_name("fixtures") / "jules"
 
 
 class FastJules(JulesProvider):
@@ -43,6 +47,44 @@ PROGRESS = event(2, "progressUpdated", {"title": "Reading", "description": "Read
 COMPLETED = event(9, "sessionCompleted")
 
 
+# The input fields of a Session (R/sessions#Session; automationMode in jules.google/docs/api/reference/types);
+# the output-only ones (name, id, state, ...) are ignored by the API when sent, like any Google API.
+SESSION_INPUT = {"prompt", "sourceContext", "title", "requirePlanApproval", "automationMode"}
+OUTPUT_ONLY = {"name", "id", "createTime", "updateTime", "state", "url", "outputs"}
+
+
+def create_problems(body: Any) -> list[str]:
+    """What the Jules API refuses in a ``POST /sessions`` body, in Google's own words (ESF's
+    "Invalid JSON payload received" / "Invalid value at" messages for unknown names and wrong types)."""
+    if not isinstance(body, dict):
+        return ["Invalid JSON payload received. Expected an object."]
+    found = [f'Invalid JSON payload received. Unknown name "{k}" at \'session\': Cannot find field.'
+             for k in body if k not in SESSION_INPUT | OUTPUT_ONLY]
+    if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+        found.append("Request contains an invalid argument. (session.prompt is required)")
+    if "requirePlanApproval" in body and not isinstance(body["requirePlanApproval"], bool):
+        found.append(f"Invalid value at 'session.require_plan_approval' (TYPE_BOOL), {body['requirePlanApproval']!r}")
+    context = body.get("sourceContext")
+    if context is not None:
+        if not isinstance(context, dict) or not str(context.get("source", "")).startswith("sources/"):
+            found.append("Request contains an invalid argument. (session.source_context.source)")
+        else:
+            found += [f'Invalid JSON payload received. Unknown name "{k}" at \'session.source_context\': '
+                      "Cannot find field." for k in context if k not in ("source", "githubRepoContext")]
+            repo = context.get("githubRepoContext", {})
+            found += [f'Invalid JSON payload received. Unknown name "{k}" at '
+                      "'session.source_context.github_repo_context': Cannot find field."
+                      for k in (repo if isinstance(repo, dict) else {"<not an object>": 0}) if k != "startingBranch"]
+    return found
+
+
+def invalid_argument(problems: list[str]) -> Json:
+    """Google's 400 for a refused request body (google.rpc.Status with a BadRequest detail)."""
+    return Json({"error": {"code": 400, "message": problems[0], "status": "INVALID_ARGUMENT", "details": [
+        {"@type": "type.googleapis.com/google.rpc.BadRequest",
+         "fieldViolations": [{"field": "session", "description": p} for p in problems]}]}}, status=400)
+
+
 class FakeJules:
     """A Jules API whose session moves one step per poll: ``steps[k]`` = (state, new activities).
 
@@ -61,6 +103,7 @@ class FakeJules:
         self.polls = 0
         self.poll_times: list[float] = []
         self.deletes: list[float] = []
+        self.problems: list[str] = []  # what the real API would have refused in a create body
 
     @property
     def step(self) -> tuple[str, list[dict[str, Any]]]:
@@ -71,6 +114,9 @@ class FakeJules:
 
     def __call__(self, r: Request) -> Reply:
         if r.method == "POST" and r.path == "/sessions":
+            if problems := create_problems(r.json()):
+                self.problems += problems
+                return invalid_argument(problems)
             return self.fail.get("create") or Json({"name": f"sessions/{SID}", "id": SID, "state": "QUEUED",
                                                     "prompt": r.json()["prompt"]})
         if r.method == "GET" and r.path == f"/sessions/{SID}":
@@ -105,6 +151,10 @@ def call(model: str = "default", messages: list[Message] | None = None) -> Call:
     return Call(model=model, messages=messages or [Message("user", "hi")], max_tokens=100, temperature=0.2)
 
 
+ROUND_TRIP_CALLS = [MessageToolCall(id="c1", function=FunctionCall(name="grep", arguments='{"q": "bug"}')),
+                    MessageToolCall(id="c2", function=FunctionCall(name="run_tests", arguments="{}"))]
+
+
 # ---- pure parts ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("messages", "prompt"), [
@@ -113,7 +163,11 @@ def call(model: str = "default", messages: list[Message] | None = None) -> Call:
     ([Message("system", "a"), Message("user", "q1"), Message("assistant", "r1"), Message("system", "b"),
       Message("user", "q2")], "a\n\nb\n\nUser: q1\n\nAssistant: r1\n\nUser: q2"),
     ([Message("assistant", "r"), Message("tool", "42")], "Assistant: r\n\nTool: 42"),
-], ids=["lone-user", "system-first", "conversation", "no-user"])
+    ([Message("user", "fix it"), Message("assistant", "", tool_calls=[ROUND_TRIP_CALLS[0], ROUND_TRIP_CALLS[1]]),
+      Message("tool", "ok", tool_call_id="c2"), Message("tool", "a.py", tool_call_id="c1")],
+     'User: fix it\n\nAssistant:\nTool call c1: grep {"q": "bug"}\nTool call c2: run_tests {}\n\n'
+     "Tool result for c2 (run_tests): ok\n\nTool result for c1 (grep): a.py"),
+], ids=["lone-user", "system-first", "conversation", "no-user", "tool-round-trip-out-of-order"])
 def test_build_prompt(messages: list[Message], prompt: str) -> None:
     assert build_prompt(messages) == prompt
 
@@ -144,6 +198,7 @@ async def test_create_poll_complete_and_deltas() -> None:
     assert create.headers["content-type"] == "application/json"
     assert "authorization" not in create.headers
     assert create.json() == {"prompt": "be brief\n\nhi", "requirePlanApproval": False}
+    assert fake.problems == []
     assert done.text == "Hello\n\nWorld"
     assert deltas == ["Hello", "\n\nWorld"] and "".join(deltas) == done.text
     assert done.finish_reason == "stop"
@@ -163,6 +218,84 @@ async def test_source_context_sent_only_for_a_source_model() -> None:
     assert done.text == "done"
     assert up.requests[0].json()["sourceContext"] == {"source": "sources/github/o/r",
                                                       "githubRepoContext": {"startingBranch": "main"}}
+    assert fake.problems == []
+
+
+async def test_a_tool_round_trip_goes_into_the_prompt_with_each_result_beside_its_call() -> None:
+    messages = [Message("system", "be careful"), Message("user", "fix it"),
+                Message("assistant", "Looking.", tool_calls=ROUND_TRIP_CALLS),
+                Message("tool", "ok", tool_call_id="c2"), Message("tool", "a.py", tool_call_id="c1")]
+    fake = FakeJules([("COMPLETED", [agent(1, "Fixed a.py")])])
+    async with FakeUpstream(fake) as up:
+        done = await provider(up.url).complete(call(messages=messages))
+    assert fake.problems == []
+    assert up.requests[0].json() == {"requirePlanApproval": False, "prompt": (
+        "be careful\n\nUser: fix it\n\nAssistant: Looking.\n"
+        'Tool call c1: grep {"q": "bug"}\nTool call c2: run_tests {}\n\n'
+        "Tool result for c2 (run_tests): ok\n\nTool result for c1 (grep): a.py")}
+    assert done.text == "Fixed a.py"
+
+
+async def test_a_body_the_api_refuses_fails_as_google_answers_it() -> None:
+    """The fake refuses what the real API refuses: an unknown Session field is Google's 400
+    INVALID_ARGUMENT ("Unknown name ... Cannot find field"), which is VALIDATION_ERROR here."""
+    fake = FakeJules([("COMPLETED", [])])
+    async with FakeUpstream(fake) as up:
+        jules = provider(up.url)
+        with pytest.raises(errors.ValidationFailed) as info:
+            await jules._fetch(HttpRequest(method="POST", path="/sessions",
+                                           body={"prompt": "hi", "tittle": "typo"}), dict)
+    assert info.value.error_code == "VALIDATION_ERROR"
+    assert 'Unknown name "tittle"' in info.value.message
+    assert fake.problems == ['Invalid JSON payload received. Unknown name "tittle" at \'session\': Cannot find field.']
+
+
+# ---- Google's SDK's recorded shapes (tests/fixtures/jules/SOURCES.md) ----------------------------
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+async def test_the_sdk_repoless_session_completes_with_its_patch() -> None:
+    """jules-sdk's repoless mock: a create reply with only id and name, a session whose state is
+    lower case (so only the ``sessionCompleted`` activity says it is done) and a changeSet output."""
+    session, activities = fixture("repoless_session.json"), fixture("repoless_activities.json")
+    sid = session["id"]
+
+    def handler(r: Request) -> Reply:
+        if (r.method, r.path) == ("POST", "/sessions"):
+            problems.extend(create_problems(r.json()))
+            return Json({"id": sid, "name": f"sessions/{sid}"})
+        if (r.method, r.path) == ("GET", f"/sessions/{sid}"):
+            return Json(session)
+        if (r.method, r.path) == ("GET", f"/sessions/{sid}/activities"):
+            return Json(activities)
+        return Json({"error": {"code": 404, "message": "no route"}}, status=404)
+
+    problems: list[str] = []
+    async with FakeUpstream(handler) as up:
+        done = await provider(up.url).complete(call())
+    assert problems == [] and "sourceContext" not in up.requests[0].json()
+    patch = session["outputs"][0]["changeSet"]["gitPatch"]
+    assert done.text == f"Add hello function\n\n{patch['unidiffPatch']}"
+    assert not [r for r in up.requests if r.method == "DELETE"]  # completed: nothing to stop
+
+
+@pytest.mark.parametrize(("kind", "outcome"), [
+    ("agentMessaged", "Hello there!"),
+    ("progressUpdated", "Analyzing the request..."),
+    ("sessionFailed", "failed: Something went wrong."),
+], ids=["agent-message-is-the-answer", "progress-stands-in-without-messages", "failure-reason"])
+async def test_the_sdk_activity_shapes(kind: str, outcome: str) -> None:
+    activity = {**fixture("mapper_activities.json")[kind], "name": f"sessions/{SID}/activities/456"}
+    fake = FakeJules([("IN_PROGRESS", [activity]), ("COMPLETED", [COMPLETED])])
+    async with FakeUpstream(fake) as up:
+        if kind == "sessionFailed":
+            with pytest.raises(errors.ProviderError, match=outcome):
+                await provider(up.url).complete(call())
+        else:
+            assert (await provider(up.url).complete(call())).text == outcome
+    assert fake.problems == []
 
 
 class BackoffJules(FastJules):

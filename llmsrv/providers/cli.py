@@ -15,14 +15,14 @@ on the subprocess transport (``process.py``) with the stream-JSON codec (``codec
   router moves on to the next candidate, and the breaker does not count it).
 * ``probe()`` runs ``<binary> --version`` (bounded).
 
-Sources for the default command and the event format: the Cursor CLI docs, "Output format"
-(https://cursor.com/docs/cli/reference/output-format: ``--print``, ``--output-format
-stream-json``, NDJSON events ``system``/``user``/``assistant``/``tool_call``/``result``, "one line
-per assistant message", terminal ``{"type": "result", "subtype": "success", "is_error": false,
-"result": "<full text>", ...}``, "on failure, non-zero exit, error on stderr") and "Parameters"
-(``--model``, ``--version``, ``--api-key`` or ``CURSOR_API_KEY``). ``--stream-partial-output``
-is deliberately not used: it repeats text in consolidated events (forum.cursor.com thread 156289),
-which would stream it twice. Model ``auto`` is passed as ``--model auto`` (Cursor's own choice).
+Sources: every flag of the default command (``--print``, ``--output-format stream-json``,
+``--model``, the prompt, ``--version`` for the probe), the key variable and every event field
+the fold reads are traced to the Cursor CLI docs, page and section, in the table of
+``codecs/stream_json.py`` (``usage`` on the result is not documented there: where it was seen
+instead, and that its absence is tolerated, is written there too). ``--stream-partial-output``
+is deliberately not used: it repeats text in consolidated events (forum.cursor.com thread
+156289), which would stream it twice. Model ``auto`` is passed as ``--model auto`` (Cursor's own
+choice).
 
 Configuration (``[providers.cursor]``): ``command`` replaces the template; ``{model}`` and
 ``{prompt}`` are replaced inside each element per call. Newer cursor-agent releases can be told

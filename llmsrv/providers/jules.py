@@ -1,11 +1,53 @@
 """The ``jules`` provider: Google's Jules coding agent, a task API (sessions), not a chat API.
 
-Docs used (Jules API v1alpha): the REST reference at developers.google.com/jules/api/reference/rest
-(``sessions``, ``sessions.create``, ``sessions.activities``, ``sessions.activities.list``,
-``sources.list``), jules.google/docs/api/reference (``sessions``, ``activities``, ``types``: the
-``SessionState`` enum), the Jules changelog of 2026-01-26 (repoless sessions in the REST API), and
-Google's own TypeScript SDK google-labs-code/jules-sdk (activity shapes in ``mappers.ts``; session
-deletion, issues #99/#105 and PR #184).
+Every field we send or read, and where it is defined (Jules API ``v1alpha``; REST reference
+``R`` = https://developers.google.com/jules/api/reference/rest/v1alpha; the JSON names are
+camelCase on the wire, unknown fields in replies are ignored):
+
+==============================================  ===================================================================
+field                                           documented at
+==============================================  ===================================================================
+header ``X-Goog-Api-Key``                       https://jules.google/docs/api/reference ("Authentication")
+``POST /sessions``                              R/sessions/create (body and reply: a ``Session``)
+  ``prompt``                                    R/sessions#Session ("Required")
+  ``requirePlanApproval: false``                R/sessions#Session ("Input only ... If not set, plans will be
+                                                auto-approved"); sent explicitly anyway
+  ``sourceContext.source``                      R/sessions#SourceContext ("Format: sources/{source}")
+  ``...githubRepoContext.startingBranch``       R/sessions#GitHubRepoContext
+  no ``sourceContext`` (repoless)               NOT in R (it calls sourceContext "Required"): the Jules changelog
+                                                https://jules.google/docs/changelog/2026-01-26-4 ("Repoless support
+                                                in the REST API"); jules-sdk omits it (tests/repoless.test.ts)
+  reply ``name``, ``id``                        R/sessions#Session (``id`` is the ``{session}`` of ``name``)
+``GET /sessions/{id}``                          R/sessions/get
+  ``state``                                     R/sessions#State; the values (QUEUED, PLANNING,
+                                                AWAITING_PLAN_APPROVAL, AWAITING_USER_FEEDBACK, IN_PROGRESS,
+                                                PAUSED, FAILED, COMPLETED) in
+                                                https://jules.google/docs/api/reference/types ("SessionState")
+  ``outputs[].pullRequest.url``, ``.title``     R/sessions#SessionOutput, R/sessions#PullRequest
+  ``outputs[].changeSet.gitPatch``              shape: R/sessions.activities#ChangeSet, #GitPatch (as an activity
+                                                artifact); as a session output NOT in R: the changelog above ("file
+                                                outputs") and jules-sdk ``RestSessionOutput`` (src/types.ts)
+    ``.unidiffPatch``                           R/sessions.activities#GitPatch
+    ``.suggestedCommitMessage``                 R/sessions.activities#GitPatch
+``GET /sessions/{id}/activities``               R/sessions.activities/list
+  query ``pageSize=100``, ``pageToken``         same page ("between 1 and 100 ... defaults to 50")
+  ``activities[]``, ``nextPageToken``           same page ("If this field is omitted, there are no subsequent
+                                                pages")
+  ``activities[].name``, ``.id``                R/sessions.activities#Activity
+  ``.agentMessaged.agentMessage``               R/sessions.activities#AgentMessaged
+  ``.progressUpdated.title``/``.description``   R/sessions.activities#ProgressUpdated
+  ``.sessionCompleted``                         R/sessions.activities#SessionCompleted (an empty object)
+  ``.sessionFailed.reason``                     R/sessions.activities#SessionFailed
+``DELETE /sessions/{id}``                       NOT in R (methods: approvePlan, create, get, list, sendMessage);
+                                                jules-sdk ``Session.delete()`` (src/session.ts; #99, #105, #184)
+``GET /sources?pageSize=1`` (the probe)         R/sources/list
+error replies ``{"error": {...}}``              Google's error model (https://google.aip.dev/193), read by the
+                                                HTTP transport (``http.py``), not here
+==============================================  ===================================================================
+
+``jules-sdk`` is Google's own TypeScript SDK, https://github.com/google-labs-code/jules-sdk (paths under
+packages/core/, read at commit 19fc117a). Recorded shapes used by the tests: tests/fixtures/jules/
+(SOURCES.md names each one's origin).
 
 Theory of operation
 -------------------
@@ -15,8 +57,10 @@ One call is one Jules session:
    automatically, so the agent never waits on us), plus a ``sourceContext`` only when the model names
    a source. No ``title`` (Jules makes one) and no ``automationMode`` (no pull request is opened).
    The prompt is the system messages first, then the conversation: a lone user message as is,
-   otherwise each message as ``"User: ..."`` / ``"Assistant: ..."`` / ``"Tool: ..."``; the parts are
-   separated by blank lines.
+   otherwise each message as ``"User: ..."`` / ``"Assistant: ..."``; the parts are separated by
+   blank lines (``codecs.conversation_text``). Jules has no tool-call fields: a tool round trip is
+   written into the prompt, each assistant call as ``Tool call <id>: <name> <arguments>`` and each
+   result as ``Tool result for <id> (<name>): ...``, so results pair with their calls in any order.
 2. Poll until the session settles, waiting ``POLL_INITIAL_S`` doubling to ``POLL_MAX_S`` between
    polls (back to ``POLL_INITIAL_S`` whenever something new happened). Polling is waiting for the
    agent, not a retry policy: an HTTP error while polling ends the call with the mapped error. Each

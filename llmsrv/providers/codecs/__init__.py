@@ -151,14 +151,29 @@ def said(text: list[str], piece: str) -> str:
 
 def conversation_text(messages: Sequence[Message]) -> str:
     """One text for an agent that takes one prompt: the system messages first, then a lone user
-    message as is, or every message as ``Role: content``; blank lines between the parts."""
+    message as is, or every message as ``Role: content``; blank lines between the parts.
+
+    A tool round trip is written out so the agent can pair each result with its call, in whatever
+    order the results come: an assistant turn lists its calls below its text, one line each,
+    ``Tool call <id>: <name> <arguments JSON>``; a tool turn is ``Tool result for <id> (<name>):
+    <content>``, the name looked up from the call it answers (``Tool result for <id>:`` when no
+    call has that id, plain ``Tool: <content>`` without an id)."""
     system = [m.content for m in messages if m.role == "system"]
     conversation = [m for m in messages if m.role != "system"]
     if len(conversation) == 1 and conversation[0].role == "user":
-        turns = [conversation[0].content]
-    else:
-        turns = [f"{_LABELS[m.role]}: {m.content}" for m in conversation]
-    return "\n\n".join(system + turns)
+        return "\n\n".join([*system, conversation[0].content])
+    names = {c.id: c.function.name for m in conversation for c in m.tool_calls or ()}
+
+    def turn(m: Message) -> str:
+        if m.role == "tool" and m.tool_call_id is not None:
+            name = names.get(m.tool_call_id)
+            about = f"{m.tool_call_id} ({name})" if name is not None else m.tool_call_id
+            return f"Tool result for {about}: {m.content}"
+        head = f"{_LABELS[m.role]}: {m.content}" if m.content else f"{_LABELS[m.role]}:"
+        calls = [f"Tool call {c.id}: {c.function.name} {c.function.arguments}" for c in m.tool_calls or ()]
+        return "\n".join([head, *calls])
+
+    return "\n\n".join(system + [turn(m) for m in conversation])
 
 
 def tool_definition(tool: Tool, *, schema_key: str = "parameters",

@@ -2,10 +2,14 @@
 
 * **The prompt.** System messages come first, as plain paragraphs. A conversation of one user
   message follows as is; a longer one is written out with role labels (``User:``,
-  ``Assistant:``, ``Tool:``), one paragraph per message. ``max_tokens``, ``temperature`` and
-  ``tools`` have no CLI equivalent and are not passed (the agent uses its own tools). A prompt
-  that would start with ``-`` gets a leading space so no CLI parses it as an option. ``{model}``
-  and ``{prompt}`` are replaced inside each element of the command template, in one pass.
+  ``Assistant:``), one paragraph per message (``codecs.conversation_text``). A CLI agent takes
+  one prompt and no tool-call fields, so a tool round trip is written into it: under an
+  assistant turn each of its calls as ``Tool call <id>: <name> <arguments JSON>``, and each tool
+  turn as ``Tool result for <id> (<name>): <content>``, so the agent pairs every result with its
+  call whatever their order. ``max_tokens``, ``temperature`` and ``tools`` have no CLI
+  equivalent and are not passed (the agent uses its own tools). A prompt that would start with
+  ``-`` gets a leading space so no CLI parses it as an option. ``{model}`` and ``{prompt}`` are
+  replaced inside each element of the command template, in one pass.
 * **Reading.** stdout is read as JSON lines (non-JSON lines are skipped): an ``assistant`` event
   reports its text as a delta; the ``result`` event is the end of the answer and its ``result``
   field is the final text (with ``usage`` when present, else ``estimate_tokens``). The same fold
@@ -14,11 +18,40 @@
 * **Outcome** (after a clean exit): a result with ``is_error`` (or a Codex ``turn.failed``) is
   ``ProviderError("... reported an error ...")``; no terminal event is ``ProviderError("... no result")``.
 
-Sources: the Cursor CLI docs, "Output format" (https://cursor.com/docs/cli/reference/output-format:
-``--print``, ``--output-format stream-json``, NDJSON events ``system``/``user``/``assistant``/
-``tool_call``/``result``, "one line per assistant message", terminal ``{"type": "result", "subtype":
-"success", "is_error": false, "result": "<full text>", ...}``); Claude Code's and Codex CLI's
-``--output-format stream-json`` / ``exec --json`` event shapes.
+cursor-agent: every flag we pass and every field we read, and where it is defined (``P`` =
+https://cursor.com/docs/cli/reference/parameters, ``O`` =
+https://cursor.com/docs/cli/reference/output-format):
+
+=========================================  ======================================================================
+flag / field                               documented at
+=========================================  ======================================================================
+``--print``                                P (``-p, --print``: responses to the console, for scripts)
+``--output-format stream-json``            P; O "Stream JSON format" (NDJSON, one object a line)
+``--model {model}``                        P (``--model <model>``)
+``{prompt}`` (last argument)               P (the positional ``[prompt]``, as in ``agent -p "..."``)
+``--version`` (the probe)                  P (``-v, --version``)
+env ``CURSOR_API_KEY``                     P (``--api-key <key>``, or the variable instead);
+                                           https://cursor.com/docs/cli/reference/authentication
+``type``                                   O "Event types"
+``system`` / ``user`` / ``tool_call``      O "System initialization", "User message", "Tool call events": read and
+                                           ignored (no text of the answer in them)
+``assistant`` ``message.content[]``        O "Assistant message" ("one line per assistant message", "concatenate
+  ``.type == "text"``, ``.text``           all message.content[].text values")
+``message.content`` as a string            NOT documented (a Claude-style shortcut); tolerated
+``result`` ``subtype``, ``is_error``       O "Terminal result" (``subtype: "success"``, ``is_error: false``)
+``result`` ``result``                      O "Terminal result" ("complete assistant response text")
+``result`` ``usage.inputTokens``,          NOT documented in O. Seen in cursor-agent 2026.09.02 output quoted in
+  ``usage.outputTokens``                   github.com/chenhg5/cc-connect issue #1810 and paperclipai/paperclip
+                                           issue #12908 (camelCase, with ``cacheReadTokens``/``cacheWriteTokens``,
+                                           which are not read); absent (O's own example has none): estimated
+failure: non-zero exit, error on stderr    O ("On failure, the process exits with a non-zero code ... error
+                                           message is written to stderr"): ``process.py``
+=========================================  ======================================================================
+
+``--stream-partial-output`` (P) is deliberately not passed: its ``assistant`` events come in
+several undocumented forms that repeat text (forum.cursor.com/t/156289). Claude Code's and Codex
+CLI's event shapes are understood as well but are not traced here (cursor-agent is the row this
+project ships). Recorded lines used by the tests: tests/fixtures/cursor/ (SOURCES.md).
 """
 
 from __future__ import annotations
