@@ -4,6 +4,10 @@ error mapping, cancellation, probes; and codex end to end over real NATS."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -12,15 +16,19 @@ import trio
 
 from llmsrv import errors
 from llmsrv.config import ProviderConfig
-from llmsrv.messages import FunctionDef, Message, StreamChunk, Tool, ToolCall, Usage
-from llmsrv.providers import Call
+from llmsrv.messages import FunctionCall, FunctionDef, Message, MessageToolCall, StreamChunk, Tool, ToolCall, Usage
+from llmsrv.providers import Call, Completion
 from llmsrv.providers.api import HttpApiProvider
+from llmsrv.providers.codecs import Origin
+from llmsrv.providers.codecs.openai_chat import CODEC as CHAT
 from llmsrv.providers.codecs.openai_chat import chat_body
-from llmsrv.providers.codecs.openai_responses import is_responses_only
+from llmsrv.providers.codecs.openai_responses import CODEC as RESPONSES
+from llmsrv.providers.codecs.openai_responses import is_responses_only, responses_body
 from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, Deltas, FakeUpstream, Hang, Json, Raw, Request, Sse, cancel_when
+from .upstream_rules import openai_chat_problems, openai_responses_problems, validating
 
 CANARY = "sk-canary-5d1e0b7a93"
 WEATHER = Tool(type="function", function=FunctionDef(
@@ -447,3 +455,345 @@ async def test_codex_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.Mon
     assert (streamed.model, streamed.usage) == ("codex:gpt-4.1", Usage(8, 3))
     assert (responses.text, responses.model, responses.usage) == ("codex", "codex:gpt-5-codex", Usage(9, 2))
     assert [r.path for r in up.requests] == ["/v1/chat/completions"] * 2 + ["/v1/responses"]
+
+
+# ---- recorded fixtures (tests/fixtures/openai/SOURCES.md) ------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "openai"
+
+
+def recorded(name: str) -> Any:
+    """A fixture: a ``.json`` body decoded, or a ``.sse`` stream as ``Sse`` events (``(event, data)`` where
+    the stream names its events, else the ``data`` text), each data field as recorded."""
+    raw = (FIXTURES / name).read_text()
+    if name.endswith(".json"):
+        return msgspec.json.decode(raw)
+    events: list[Any] = []
+    for frame in raw.split("\n\n"):
+        lines = [line for line in frame.split("\n") if line]
+        if not lines:
+            continue
+        name_ = next((line[len("event: "):] for line in lines if line.startswith("event: ")), None)
+        data = "\n".join(line[len("data: "):] for line in lines if line.startswith("data: "))
+        events.append((name_, data) if name_ else data)
+    return events
+
+
+def fold_all(codec: Any, call: Call, events: list[Any], *, stream: bool) -> tuple[Completion, list[str]]:
+    """Feed ``events`` to a fresh fold of ``codec`` as the transport does; the result and the deltas."""
+    fold = codec.folder(call, Origin("codex", (CANARY,)), stream=stream)
+    deltas = []
+    for event in events:
+        name, data = event if isinstance(event, tuple) else ("", event)
+        if piece := fold.feed(data if isinstance(data, str) else msgspec.json.encode(data), name):
+            deltas.append(piece)
+        if fold.done:
+            break
+    return fold.result(), deltas
+
+
+STOCK = Tool(type="function", function=FunctionDef(name="get_stock_price", parameters={
+    "type": "object", "properties": {"ticker": {"type": "string"}, "exchange": {"type": "string"}}}))
+WEATHER_ARGS = Tool(type="function", function=FunctionDef(name="GetWeatherArgs", parameters={
+    "type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                     "units": {"type": "string"}}}))
+REFUSED = "I'm very sorry, but I can't assist with that."
+STREAM_REFUSED = "I'm sorry, I can't assist with that request."
+RESPONSES_REFUSED = "I'm sorry, but I can't help with that."
+EDINBURGH = '{"city": "Edinburgh", "country": "GB", "units": "c"}'
+AAPL = '{"ticker": "AAPL", "exchange": "NASDAQ"}'
+
+
+RECORDED = [
+    (CHAT, "chat_text.json", False, "I'm unable to provide real-time weather", "stop", [], None, Usage(14, 37)),
+    (CHAT, "chat_stream_text.sse", True, "I'm unable to provide real-time weather", "stop", [], None, Usage(14, 30)),
+    (CHAT, "chat_two_tool_calls.json", False, "", "tool_calls",
+     [ToolCall("call_fdNz3vOBKYgOIpMdWotB9MjY", "GetWeatherArgs", EDINBURGH),
+      ToolCall("call_h1DWI1POMJLb0KwIyQHWXD4p", "get_stock_price", AAPL)], None, Usage(149, 60)),
+    (CHAT, "chat_stream_two_tool_calls.sse", True, "", "tool_calls",
+     [ToolCall("call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs", EDINBURGH),
+      ToolCall("call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price", AAPL)], None, Usage(149, 60)),
+    (CHAT, "chat_stream_tool_call.sse", True, "", "tool_calls",
+     [ToolCall("call_4XzlGBLtUe9dy3GVNV4jhq7h", "get_weather", '{"city":"New York City"}')],
+     None, Usage(44, 16)),
+    (CHAT, "chat_refusal.json", False, "", "content_filter", [], REFUSED, Usage(79, 12)),
+    (CHAT, "chat_stream_refusal.sse", True, "", "content_filter", [], STREAM_REFUSED, Usage(79, 11)),
+    (CHAT, "chat_length.json", False, '{"', "length", [], None, Usage(79, 1)),
+    (CHAT, "chat_stream_length.sse", True, '{"', "length", [], None, Usage(79, 1)),
+    (RESPONSES, "responses_text.json", False, "I can't provide real-time updates", "stop", [], None, Usage(14, 50)),
+    (RESPONSES, "responses_stream_text.sse", True, "Oslo: 5 °C ❄️, Rome: 25 °C ☀️", "stop", [], None, Usage(120, 14)),
+    (RESPONSES, "responses_two_tool_calls.json", False, "", "tool_calls",
+     [ToolCall("call_oslo", "get_weather", '{"city":"Oslo"}'), ToolCall("call_rome", "get_weather", '{"city":"Rome"}')],
+     None, Usage(58, 36)),
+    (RESPONSES, "responses_stream_two_tool_calls.sse", True, "", "tool_calls",
+     [ToolCall("call_oslo", "get_weather", '{"city":"Oslo"}'), ToolCall("call_rome", "get_weather", '{"city":"Rome"}')],
+     None, Usage(58, 36)),
+    (RESPONSES, "responses_refusal.json", False, "", "content_filter", [], RESPONSES_REFUSED, Usage(41, 11)),
+    (RESPONSES, "responses_stream_refusal.sse", True, "", "content_filter", [], RESPONSES_REFUSED, Usage(41, 11)),
+]
+
+
+@pytest.mark.parametrize(("codec", "fixture", "stream", "text", "finish", "calls", "refusal", "usage"), RECORDED,
+                         ids=[row[1] for row in RECORDED])
+def test_recorded_replies_fold(codec: Any, fixture: str, stream: bool, text: str, finish: str,
+                               calls: list[ToolCall], refusal: str | None, usage: Usage) -> None:
+    data = recorded(fixture)
+    completion, deltas = fold_all(codec, call_of(), data if stream else [msgspec.json.encode(data).decode()],
+                                  stream=stream)
+    assert completion.text.startswith(text) and completion.finish_reason == finish
+    assert list(completion.tool_calls) == calls and completion.refusal == refusal
+    assert completion.usage == usage
+    if stream:
+        assert "".join(deltas) == completion.text  # refusal text is never a delta
+    if usage.completion_tokens == 50:  # responses_text.json: check the recorded usage really is that
+        assert recorded(fixture)["usage"]["output_tokens"] == 50
+
+
+@pytest.mark.parametrize(("events", "finish", "refusal"), [
+    ([chunk({"content": "Some"}), chunk(finish="content_filter"), "[DONE]"], "content_filter", None),
+    ([chunk({"refusal": "No."}), chunk(finish="stop"), "[DONE]"], "content_filter", "No."),
+    ([chunk({"role": "assistant", "content": None, "refusal": ""}), chunk(finish="stop"), "[DONE]"], "stop", None),
+], ids=["content-filter-stop", "refusal-delta", "empty-refusal-is-none"])
+def test_chat_stream_refusal_and_filter_table(events: list[Any], finish: str, refusal: str | None) -> None:
+    completion, _ = fold_all(CHAT, call_of(), events, stream=True)
+    assert (completion.finish_reason, completion.refusal) == (finish, refusal)
+
+
+@pytest.mark.parametrize(("body", "finish", "refusal"), [
+    (chat_reply("partial", finish="content_filter"), "content_filter", None),
+    ({**chat_reply(None), "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "Can't."}}]}, "content_filter", "Can't."),
+    ({**response_object(status="incomplete"), "incomplete_details": {"reason": "content_filter"}},
+     "content_filter", None),
+], ids=["chat-content-filter", "chat-refusal", "responses-incomplete-content-filter"])
+def test_plain_refusal_and_filter_table(body: dict[str, Any], finish: str, refusal: str | None) -> None:
+    codec = RESPONSES if body.get("object") == "response" else CHAT
+    completion, _ = fold_all(codec, call_of(), [msgspec.json.encode(body).decode()], stream=False)
+    assert (completion.finish_reason, completion.refusal) == (finish, refusal)
+
+
+# ---- tool round trips through the real provider path ------------------------------------------
+
+def assistant_turn(completion: Completion) -> Message:
+    """The assistant turn a client sends back: the text (often "") and the calls, in OpenAI's form."""
+    return Message("assistant", completion.text, tool_calls=[
+        MessageToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in completion.tool_calls])
+
+
+def answered_in_reverse(call: Call, first: Completion) -> Call:
+    """The next turn: the assistant's calls, then one tool message per call, last call first."""
+    answers = [Message("tool", f"result of {c.name} #{i}", tool_call_id=c.id)
+               for i, c in reversed(list(enumerate(first.tool_calls)))]
+    return msgspec.structs.replace(call, messages=[*call.messages, assistant_turn(first), *answers])
+
+
+ROUND_TRIPS = [  # provider, env, base path, model, api
+    ("codex", {"OPENAI_API_KEY": CANARY}, "/v1", "gpt-4.1", "openai_chat"),
+    ("codex", {"OPENAI_API_KEY": CANARY}, "/v1", "o4-mini", "openai_chat"),
+    ("codex", {"OPENAI_API_KEY": CANARY}, "/v1", "gpt-5-codex", "openai_responses"),
+    ("github", {"GITHUB_TOKEN": CANARY}, "/inference", "openai/gpt-4.1", "openai_chat"),
+    ("openrouter", {"OPENROUTER_API_KEY": CANARY}, "/api/v1", "anthropic/claude-sonnet-4.5", "openai_chat"),
+    ("openai_compat", {}, "/v1", "llama3:8b", "openai_chat"),
+]
+
+
+def round_trip_handler(api: str, stream: bool) -> Any:
+    """The first turn answers two tool calls, the next (with tool results) a text: recorded replies."""
+    prefix = "chat" if api == "openai_chat" else "responses"
+
+    def handler(request: Request) -> Json | Sse:
+        body = request.json()
+        answering = any(m.get("role") == "tool" or m.get("type") == "function_call_output"
+                        for m in body.get("messages") or body.get("input") or [])
+        name = f"{prefix}_{'stream_' if stream else ''}{'text' if answering else 'two_tool_calls'}"
+        return Sse(recorded(name + ".sse")) if stream else Json(recorded(name + ".json"))
+
+    return handler
+
+
+def round_trip_call(api: str, model: str) -> Call:
+    tools = (WEATHER_ARGS, STOCK) if api == "openai_chat" else (WEATHER,)
+    return Call(model=model, max_tokens=50, temperature=0.3, tools=tools, messages=[
+        Message("system", "be brief"), Message("user", "Weather in Edinburgh, and the AAPL price?")])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize(("key", "env", "base", "model", "api"), ROUND_TRIPS,
+                         ids=[f"{r[0]}-{r[3]}" for r in ROUND_TRIPS])
+async def test_two_call_round_trip_answered_in_reverse(key: str, env: dict[str, str], base: str, model: str,
+                                                       api: str, stream: bool) -> None:
+    wrapped = validating(api, round_trip_handler(api, stream))
+    async with FakeUpstream(wrapped) as up:
+        provider = build_provider(key, ProviderConfig(base_url=up.url + base), env)
+        on_delta = (lambda d: None) if stream else None
+        call = round_trip_call(api, model)
+        first = await provider.complete(call, on_delta)
+        assert first.finish_reason == "tool_calls" and len(first.tool_calls) == 2
+        second = await provider.complete(answered_in_reverse(call, first), on_delta)
+    assert wrapped.problems == [] and wrapped.rejected == []
+    assert second.finish_reason == "stop" and second.text
+    [a, b] = first.tool_calls
+    sent = up.requests[1].json()
+    if api == "openai_chat":
+        assert sent["messages"][2:] == [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in (a, b)]},
+            {"role": "tool", "tool_call_id": b.id, "content": f"result of {b.name} #1"},
+            {"role": "tool", "tool_call_id": a.id, "content": f"result of {a.name} #0"}]
+    else:
+        assert sent["input"][1:] == [
+            {"type": "function_call", "call_id": a.id, "name": a.name, "arguments": a.arguments},
+            {"type": "function_call", "call_id": b.id, "name": b.name, "arguments": b.arguments},
+            {"type": "function_call_output", "call_id": b.id, "output": f"result of {b.name} #1"},
+            {"type": "function_call_output", "call_id": a.id, "output": f"result of {a.name} #0"}]
+        assert sent["instructions"] == "be brief"
+
+
+@pytest.mark.parametrize("api", ["openai_chat", "openai_responses"])
+def test_assistant_text_beside_tool_calls(api: str) -> None:
+    call = round_trip_call(api, "gpt-4.1")
+    turn = Message("assistant", "Let me check.", tool_calls=[
+        MessageToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Oslo"}'))])
+    call = msgspec.structs.replace(call, messages=[*call.messages, turn, Message("tool", "5 C", tool_call_id="call_1")])
+    if api == "openai_chat":
+        body = chat_body(call, stream=False)
+        assert body["messages"][2]["content"] == "Let me check." and openai_chat_problems(body) == []
+    else:
+        body = responses_body(call, stream=True)
+        assert body["input"][1:3] == [
+            {"role": "assistant", "content": "Let me check."},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Oslo"}'}]
+        assert openai_responses_problems(body) == []
+
+
+@pytest.mark.parametrize("api", ["openai_chat", "openai_responses"])
+async def test_an_unanswered_call_fails_upstream_for_the_apis_reason(api: str) -> None:
+    # check_turns lets a conversation leave a call unanswered (it checks only that answers name calls):
+    # the real API refuses it, and so does the validating fake, with the API's own text -> VALIDATION_ERROR.
+    first = Completion(text="", usage=Usage(1, 1), finish_reason="tool_calls", tool_calls=(
+        ToolCall("call_a", "get_weather", '{"city":"Oslo"}'), ToolCall("call_b", "get_weather", '{"city":"Rome"}')))
+    call = round_trip_call(api, "gpt-5-codex" if api == "openai_responses" else "gpt-4.1")
+    call = msgspec.structs.replace(call, messages=[*call.messages, assistant_turn(first),
+                                                   Message("tool", "5 C", tool_call_id="call_a")])
+    wrapped = validating(api, round_trip_handler(api, False))
+    async with FakeUpstream(wrapped) as up:
+        with pytest.raises(errors.ValidationFailed) as info:
+            await codex(up.url).complete(call)
+    reason = "call_b" if api == "openai_chat" else "No tool output found for function call call_b"
+    assert reason in info.value.message and len(wrapped.rejected) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("model", ["gpt-4.1", "o3-mini", "gpt-5", "openai/o4-mini", "codex-mini-latest", "llama3:8b"])
+def test_reasoning_parameters_are_what_the_api_accepts(model: str, stream: bool) -> None:
+    call = round_trip_call("openai_chat", model)
+    assert openai_chat_problems(chat_body(call, stream=stream)) == []
+    assert openai_responses_problems(responses_body(call, stream=stream)) == []
+
+
+# ---- refusals through the provider --------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "reply", "refusal"), [
+    ("gpt-4.1", Json(recorded("chat_refusal.json")), REFUSED),
+    ("gpt-4.1", Sse(recorded("chat_stream_refusal.sse")), STREAM_REFUSED),
+    ("gpt-5-codex", Json(recorded("responses_refusal.json")), RESPONSES_REFUSED),
+    ("gpt-5-codex", Sse(recorded("responses_stream_refusal.sse")), RESPONSES_REFUSED),
+], ids=["chat-plain", "chat-streamed", "responses-plain", "responses-streamed"])
+async def test_refusal_is_content_filter_with_the_text(model: str, reply: Json | Sse, refusal: str) -> None:
+    api = "openai_responses" if model == "gpt-5-codex" else "openai_chat"
+    wrapped = validating(api, reply_once(reply))
+    async with FakeUpstream(wrapped) as up:
+        deltas: list[str] = []
+        completion = await codex(up.url).complete(call_of(model), deltas.append if isinstance(reply, Sse) else None)
+    assert (completion.finish_reason, completion.refusal, completion.text) == ("content_filter", refusal, "")
+    assert deltas == [] and wrapped.problems == []
+
+
+# ---- insufficient_quota -------------------------------------------------------------------------
+
+QUOTA = {"message": f"You exceeded your current quota, please check your plan and billing details. ({CANARY})",
+         "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}
+
+
+@pytest.mark.parametrize(("key", "model", "reply"), [
+    ("codex", "gpt-4.1", Json({"error": QUOTA}, status=429, headers={"retry-after": "20"})),
+    ("codex", "gpt-4.1", Json({"error": {**QUOTA, "code": None}}, status=429)),  # the older form: type only
+    ("codex", "gpt-4.1", Json({"error": {**QUOTA, "code": "credit_balance_exhausted"}}, status=429)),
+    ("codex", "gpt-5-codex", Json({"error": QUOTA}, status=429)),
+    ("codex", "gpt-4.1", Sse([chunk({"content": "a"}), {"error": QUOTA}, "[DONE]"])),
+    ("codex", "gpt-5-codex", Sse([("error", {"type": "error", "sequence_number": 1, **{
+        k: QUOTA[k] for k in ("code", "message", "param")}})])),
+    ("codex", "gpt-5-codex", Sse([("error", {"type": "error", "sequence_number": 1, "error": QUOTA})])),
+    ("codex", "gpt-5-codex", Sse([("response.failed", {"type": "response.failed", "sequence_number": 1, "response": {
+        **response_object(), "status": "failed", "output": [], "error": QUOTA}})])),
+    ("openrouter", "openai/gpt-4.1", Json({"error": {"code": 402, "message": "Insufficient credits"}}, status=402)),
+    ("openrouter", "openai/gpt-4.1", Sse([{"error": {"code": 402, "message": "Insufficient credits"}}, "[DONE]"])),
+], ids=["chat-429", "chat-429-type-only", "chat-429-credit-balance", "responses-429", "chat-in-stream",
+        "responses-error-event", "responses-error-event-nested", "responses-failed", "openrouter-402",
+        "openrouter-in-stream-402"])
+async def test_insufficient_quota_is_quota_exhausted(key: str, model: str, reply: Json | Sse) -> None:
+    env = {"OPENAI_API_KEY": CANARY, "OPENROUTER_API_KEY": CANARY}
+    async with FakeUpstream(reply_once(reply)) as up:
+        provider = build_provider(key, ProviderConfig(base_url=up.url), env)
+        with pytest.raises(errors.QuotaExhausted) as info:
+            await provider.complete(call_of(model), (lambda d: None) if isinstance(reply, Sse) else None)
+    exc = info.value
+    assert not isinstance(exc, errors.RateLimited) and exc.retry_after_ms is None  # no wait helps
+    assert exc.retryable and not exc.retry_same_target and CANARY not in exc.message
+
+
+@pytest.mark.parametrize(("status", "error", "expected"), [
+    (429, QUOTA, errors.QuotaExhausted),
+    (429, {"type": "requests", "code": "rate_limit_exceeded", "message": "slow"}, None),
+    (402, None, errors.QuotaExhausted),
+    (500, None, None),
+    (400, {"type": "invalid_request_error", "code": None, "message": "bad"}, None),
+], ids=["quota", "rate-limit", "402", "500", "400"])
+def test_status_hook_table(status: int, error: Any, expected: type[errors.LlmsrvError] | None) -> None:
+    assert CHAT.status_error(status, "", error) is expected
+    assert RESPONSES.status_error(status, "", error) is expected
+
+
+# ---- unicode split across HTTP chunks -----------------------------------------------------------
+
+@asynccontextmanager
+async def chunked_server(pieces: list[bytes]) -> AsyncIterator[str]:
+    """A loopback HTTP server that answers one event stream in ``pieces``, each its own HTTP chunk and its own
+    write (10 ms apart), so a piece may end inside a UTF-8 character."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        seen = b""
+        while b"\r\n\r\n" not in seen:
+            seen += await stream.receive_some(65536)
+        head, _, body = seen.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length")))
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await trio.sleep(0.01)
+        await stream.send_all(b"0\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_unicode_split_across_http_chunks() -> None:
+    text = "Grüße, 世界 👋🏽"
+    frames = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" if isinstance(e, dict) else b"data: [DONE]\n\n"
+                      for e in text_stream([text[:3], text[3:]]))
+    cut = [i for i in range(1, len(frames)) if frames[i] & 0xC0 == 0x80][::3]  # inside multi-byte characters
+    pieces = [frames[a:b] for a, b in zip([0, *cut], [*cut, len(frames)], strict=True)]
+    assert any(p and p[-1] >= 0x80 for p in pieces)
+    async with chunked_server(pieces) as url:
+        deltas: list[str] = []
+        completion = await codex(url).complete(call_of(), deltas.append)
+    assert completion.text == text == "".join(deltas) and deltas == [text[:3], text[3:]]
