@@ -6,39 +6,69 @@ Theory of operation
   ``system`` string (several joined by a blank line). User and assistant messages become
   ``messages`` turns; consecutive messages of one role are merged into one turn of several text
   blocks, because the API wants user and assistant turns to alternate.
-* **Tool results.** Our wire ``Message`` is only ``{role, content}``, so the ids that tie a
-  ``tool_result`` to its ``tool_use`` have to come from the content:
-
-  - an assistant message whose content is a JSON object with a ``tool_calls`` list (OpenAI's
-    assistant-message shape ``{"content", "tool_calls": [{"id", "function": {"name",
-    "arguments"}}]}`` or llmsrv's own reply ``{"text", "tool_calls": [{"id", "name",
-    "arguments"}]}``) becomes its text plus ``tool_use`` blocks; any other content is plain text;
-  - a ``tool`` message answers the first still-unanswered ``tool_use`` of the latest assistant
-    turn, or the one it names when its content is JSON ``{"tool_call_id": ..., "content": ...}``;
-  - when there is no such ``tool_use`` the API would reject a ``tool_result`` (HTTP 400), so the
-    result goes in as a user text block ``"Tool result:\\n..."`` instead.
-
-  ``tool_result`` blocks sit before any text in their user turn, as the API requires.
-* **Sampling.** ``model`` and ``max_tokens`` go as given (the router has resolved aliases);
+* **Tool round trips** (CONTRACT section 2), matched by id, never by position: an assistant
+  message with ``tool_calls`` becomes its text block (when it has non-blank text) and one
+  ``tool_use`` block per call (``id``, ``name``, ``input`` = the decoded ``arguments`` object); a
+  ``tool`` message becomes a ``tool_result`` block whose ``tool_use_id`` is its ``tool_call_id``.
+  Tool messages and user messages that follow an assistant turn share one user turn, the
+  ``tool_result`` blocks first (the API: "tool_result blocks must come FIRST in the content
+  array", docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use), so answers
+  in any order attach to the call they name. Whether every ``tool_use`` is answered in the very
+  next turn is the conversation's business: one that is not gets the API's own 400.
+* **Sampling.** ``model`` and ``max_tokens`` go as given (the router has resolved aliases).
   ``temperature`` is clamped to Anthropic's 0..1 (the contract allows up to 2, which the API
-  would refuse with a 400 that ends the request instead of falling back).
+  would refuse with a 400 that ends the request instead of falling back), and is *not sent* to the
+  models that removed the sampling parameters (``takes_temperature``): Claude Opus 4.7 and later
+  Opus models, and every model of the fifth generation and later (Sonnet 5, Opus 5, Fable 5,
+  Mythos 5, ...). They answer any non-default ``temperature`` with 400 "`temperature` is
+  deprecated for this model." (platform.claude.com/docs/en/about-claude/models/migration-guide,
+  sections "Migrating to Claude Opus 4.7" and "Migrating to Claude Sonnet 5"; the live 400 for
+  Opus 4.7/4.8, Sonnet 5 and Opus 5 is quoted in github.com/Comfy-Org/ComfyUI/issues/13923,
+  github.com/The-PR-Agent/pr-agent/issues/2456, github.com/simstudioai/sim/pull/5328 and
+  github.com/earendil-works/pi/pull/7961). Ids without a version (``claude-mythos-preview``) and
+  the old ``claude-3-*`` ids keep ``temperature``.
+* **The request surface, chosen deliberately** (platform.claude.com/docs/en/api/versioning,
+  docs.anthropic.com/en/api/overview): auth is the ``x-api-key`` header, the version header is
+  ``anthropic-version: 2023-06-01`` (both set by the claude row of ``registry.py`` from
+  ``API_VERSION``), ``content-type: application/json``. The body carries only ``model``,
+  ``max_tokens``, ``messages``, ``temperature`` (see above), ``system`` and ``tools`` when there
+  are any, and ``stream: true`` when streamed; no ``top_p``/``top_k``/``thinking``/``metadata``.
+  ``2023-06-01`` is kept on purpose although ``2026-10-21`` exists (the installed SDK 2.15 sends
+  it; the SDK repository's HEAD of Aug 2026, whose fixtures the tests replay, still sends
+  ``2023-06-01``): ``2026-10-21`` removes ``temperature``/``top_p``/``top_k`` for every model and
+  changes which blocks a turn may hold (platform.claude.com/docs/en/api/migration-2026-10-21),
+  so moving to it is its own change (drop ``temperature`` everywhere), not a side effect.
+* **Replies.** ``stop_reason`` maps by ``FINISH_REASONS``; ``refusal`` -> ``content_filter`` with
+  ``Completion.refusal`` = the reply's text, or, when the refused reply has no text (the SDK's
+  recorded ``refusal_response``), ``stop_details.explanation``; ``text`` stays what was said (and
+  streamed). ``usage`` counts cache reads and writes as prompt tokens.
 * **Streaming** when the caller passes ``on_delta``: ``StreamFold`` folds the SSE events
   (``message_start`` .. ``message_stop``) into the same ``Completion`` the plain call returns,
-  returns every ``text_delta`` and joins ``input_json_delta`` pieces into tool arguments. An
+  returns every ``text_delta`` and joins ``input_json_delta`` pieces of ``tool_use`` blocks into
+  tool arguments (those of server tools, ``server_tool_use``, are not ours and are skipped). The
+  arguments are read once the stream ended, when ``stop_reason`` is known: a reply cut by
+  ``max_tokens`` inside a tool call finishes ``length`` with the call kept and its arguments the
+  partial JSON text *as received*. (The SDK's accumulator, ``lib/streaming/_messages.py``, re-parses
+  the buffer with jiter's ``from_json(partial_mode=True)`` after every delta and so keeps an object
+  with the incomplete member dropped; llmsrv keeps the raw text instead, so a caller never mistakes
+  a cut input for a complete one: ``finish_reason`` says it was cut, and nothing is invented or
+  lost.) Arguments that are not JSON in a reply that was not cut are a ``ProviderError``. An
   ``error`` event raises the mapped error; a stream that ends before ``message_stop`` is a
-  ``ProviderError``. Unknown events and block types (thinking, citations) are ignored, as
-  Anthropic's versioning policy asks.
-* HTTP status errors (529 overloaded included) are mapped by the transport (``http.py``).
+  ``ProviderError``. Unknown events and block types (``thinking``, ``signature_delta``,
+  citations, ``ping``) are ignored, as Anthropic's versioning policy asks.
+* HTTP status errors (529 overloaded included, with its ``retry-after`` hint) are mapped by the
+  transport (``http.py``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
 from ... import errors
-from ...messages import Tool, ToolCall, Usage
+from ...messages import Message, Tool, ToolCall, Usage
 from ...redact import clip
 from .. import Call, Completion
 from . import BodyFold, Fold, HttpRequest, Origin, StatusDefault, error_class, inband_error, said, stream_cut
@@ -67,81 +97,52 @@ STREAM_ERRORS: dict[str, type[errors.LlmsrvError]] = {
     "not_found_error": errors.ProviderNotFound,
 }
 
+# claude-<family>-<major>[-<minor>][-<date>]: the minor is one or two digits, never a date's first ones
+_MODEL_VERSION = re.compile(r"claude-(?P<family>[a-z]+)-(?P<major>\d+)(?:-(?P<minor>\d{1,2})(?!\d))?(?!\d)")
+NO_SAMPLING_FROM = (5, 0)  # every model of this generation and later
+NO_SAMPLING_FROM_FAMILY = {"opus": (4, 7)}  # and these families from an earlier version
+
 Block = dict[str, Any]
 
 
 # ---- request translation (pure) -----------------------------------------------------------------
 
-class _Function(msgspec.Struct):
-    name: str
-    arguments: str | dict[str, Any] = "{}"
-
-
-class _ToolCallIn(msgspec.Struct):
-    id: str
-    name: str | None = None
-    arguments: str | dict[str, Any] = "{}"
-    function: _Function | None = None
-
-
-class _AssistantTurn(msgspec.Struct):
-    tool_calls: list[_ToolCallIn]
-    content: str | None = None
-    text: str | None = None
-
-
-class _ToolOutput(msgspec.Struct):
-    content: Any = ""
-    tool_call_id: str | None = None
-    tool_use_id: str | None = None
-
-
-_assistant_turn = msgspec.json.Decoder(_AssistantTurn)
-_tool_output = msgspec.json.Decoder(_ToolOutput)
+def takes_temperature(model: str) -> bool:
+    """Does ``model`` still accept ``temperature``? (Not the models that removed the sampling
+    parameters: Opus 4.7 and later, and every model from the fifth generation on.)"""
+    m = _MODEL_VERSION.match(model)
+    if m is None:
+        return True
+    version = (int(m["major"]), int(m["minor"] or 0))
+    return version < NO_SAMPLING_FROM and version < NO_SAMPLING_FROM_FAMILY.get(m["family"], NO_SAMPLING_FROM)
 
 
 def _text(text: str) -> Block:
     return {"type": "text", "text": text}
 
 
-def assistant_blocks(content: str) -> list[Block]:
-    """Plain text, or text + ``tool_use`` blocks for a JSON assistant turn carrying ``tool_calls``."""
-    if not content.startswith("{") or '"tool_calls"' not in content:
-        return [_text(content)]
-    try:
-        turn = _assistant_turn.decode(content)
-        uses: list[Block] = []
-        for tc in turn.tool_calls:
-            name, args = (tc.function.name, tc.function.arguments) if tc.function else (tc.name, tc.arguments)
-            tool_input = msgspec.json.decode(args) if isinstance(args, str) else args
-            if not name or not isinstance(tool_input, dict):
-                return [_text(content)]
-            uses.append({"type": "tool_use", "id": tc.id, "name": name, "input": tool_input})
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return [_text(content)]
-    if not uses:
-        return [_text(content)]
-    said = turn.content or turn.text
-    return ([_text(said)] if said and said.strip() else []) + uses
-
-
-def tool_block(content: str, open_ids: list[str]) -> Block:
-    """A ``tool_result`` for one of ``open_ids`` (consumed), else the result as user text."""
-    wanted: str | None = None
-    if content.startswith("{") and ('"tool_call_id"' in content or '"tool_use_id"' in content):
+def assistant_blocks(message: Message) -> list[Block]:
+    """Its text, then a ``tool_use`` block per tool call (a blank text beside calls is left out:
+    the API refuses whitespace-only text blocks)."""
+    if not message.tool_calls:
+        return [_text(message.content)]
+    blocks = [_text(message.content)] if message.content.strip() else []
+    for call in message.tool_calls:
         try:
-            out = _tool_output.decode(content)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            pass
-        else:
-            wanted = out.tool_call_id or out.tool_use_id
-            content = out.content if isinstance(out.content, str) else msgspec.json.encode(out.content).decode()
-    if wanted is None and open_ids:
-        wanted = open_ids[0]
-    if wanted is not None and wanted in open_ids:
-        open_ids.remove(wanted)
-        return {"type": "tool_result", "tool_use_id": wanted, "content": content}
-    return _text(f"Tool result ({wanted}):\n{content}" if wanted else f"Tool result:\n{content}")
+            tool_input = msgspec.json.decode(call.function.arguments)
+        except msgspec.DecodeError:
+            tool_input = None
+        if not isinstance(tool_input, dict):  # decode_request checks this; a Call built in code may not
+            raise errors.ValidationFailed(f"tool call {call.id[:64]!r}: arguments are not the JSON text of an object")
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": tool_input})
+    return blocks
+
+
+def tool_block(message: Message) -> Block:
+    """The ``tool_result`` answering the call ``message.tool_call_id`` names."""
+    if message.tool_call_id is None:  # decode_request checks this; a Call built in code may not
+        raise errors.ValidationFailed("a tool message needs the tool_call_id it answers")
+    return {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
 
 
 def _add(turns: list[Block], role: str, blocks: list[Block]) -> None:
@@ -168,18 +169,13 @@ def request_body(call: Call) -> dict[str, Any]:
     """The ``/v1/messages`` body for ``call`` (without ``stream``)."""
     system: list[str] = []
     turns: list[Block] = []
-    open_ids: list[str] = []  # tool_use ids of the latest assistant turn not answered yet
     for message in call.messages:
         if message.role == "system":
             system.append(message.content)
         elif message.role == "assistant":
-            if not turns or turns[-1]["role"] != "assistant":
-                open_ids = []
-            blocks = assistant_blocks(message.content)
-            open_ids += [b["id"] for b in blocks if b["type"] == "tool_use" and b["id"] not in open_ids]
-            _add(turns, "assistant", blocks)
+            _add(turns, "assistant", assistant_blocks(message))
         elif message.role == "tool":
-            _add(turns, "user", [tool_block(message.content, open_ids)])
+            _add(turns, "user", [tool_block(message)])
         else:
             _add(turns, "user", [_text(message.content)])
     if turns and turns[-1]["role"] == "assistant":
@@ -193,12 +189,10 @@ def request_body(call: Call) -> dict[str, Any]:
                     turns.pop()
     if not turns:
         raise errors.ValidationFailed("claude needs at least one user or assistant message besides system ones")
-    body: dict[str, Any] = {
-        "model": call.model,
-        "max_tokens": call.max_tokens,
-        "temperature": min(call.temperature, MAX_TEMPERATURE),
-        "messages": turns,
-    }
+    body: dict[str, Any] = {"model": call.model, "max_tokens": call.max_tokens}
+    if takes_temperature(call.model):
+        body["temperature"] = min(call.temperature, MAX_TEMPERATURE)
+    body["messages"] = turns
     if system:
         body["system"] = "\n\n".join(system)
     if call.tools:
@@ -210,6 +204,16 @@ def request_body(call: Call) -> dict[str, Any]:
 
 def finish_reason(stop_reason: str | None) -> str:
     return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def refusal_text(stop_reason: str | None, text: str, stop_details: Any) -> str | None:
+    """With a ``refusal`` stop: the reply's text, else the ``stop_details`` explanation, else None."""
+    if stop_reason != "refusal":
+        return None
+    if text:
+        return text
+    explanation = stop_details.get("explanation") if isinstance(stop_details, dict) else None
+    return explanation if isinstance(explanation, str) and explanation else None
 
 
 def prompt_tokens(usage: dict[str, Any]) -> int:
@@ -232,9 +236,11 @@ def parse_message(data: dict[str, Any]) -> Completion:
         elif block["type"] == "tool_use":
             calls.append(ToolCall(id=block["id"], name=block["name"], arguments=_arguments(block.get("input"))))
     usage = data.get("usage") or {}
-    return Completion(text="".join(text), finish_reason=finish_reason(data.get("stop_reason")),
+    said_text = "".join(text)
+    stop = data.get("stop_reason")
+    return Completion(text=said_text, finish_reason=finish_reason(stop),
                       usage=Usage(prompt_tokens(usage), int(usage.get("output_tokens") or 0)),
-                      tool_calls=tuple(calls))
+                      tool_calls=tuple(calls), refusal=refusal_text(stop, said_text, data.get("stop_details")))
 
 
 def stream_error(data: Any, origin: Origin = CLAUDE) -> errors.LlmsrvError:
@@ -261,8 +267,8 @@ class StreamFold:
         self.stopped = False
         self._text: list[str] = []
         self._tools: dict[int, tuple[str, str, list[str]]] = {}  # block index -> id, name, json pieces
-        self._calls: dict[int, ToolCall] = {}
         self._stop_reason: str | None = None
+        self._stop_details: Any = None
         self._input_tokens = 0
         self._output_tokens = 0
 
@@ -282,7 +288,7 @@ class StreamFold:
             delta = data["delta"]
             if delta["type"] == "text_delta":
                 return self._say(delta["text"])
-            if delta["type"] == "input_json_delta":
+            if delta["type"] == "input_json_delta" and data["index"] in self._tools:  # not a server tool's
                 self._tools[data["index"]][2].append(delta["partial_json"])
         elif kind == "content_block_start":
             block = data["content_block"]
@@ -291,14 +297,14 @@ class StreamFold:
                 self._tools[data["index"]] = (block["id"], block["name"], [_arguments(first)] if first else [])
             elif block["type"] == "text":
                 return self._say(block.get("text") or "")  # empty in practice; deltas carry the text
-        elif kind == "content_block_stop":
-            self._close_tool(data["index"])
         elif kind == "message_start":
             usage = data["message"].get("usage") or {}
             self._input_tokens = prompt_tokens(usage)
             self._output_tokens = int(usage.get("output_tokens") or 0)
         elif kind == "message_delta":
-            self._stop_reason = (data.get("delta") or {}).get("stop_reason") or self._stop_reason
+            delta = data.get("delta") or {}
+            self._stop_reason = delta.get("stop_reason") or self._stop_reason
+            self._stop_details = delta.get("stop_details") or self._stop_details
             usage = data.get("usage") or {}
             if usage.get("output_tokens") is not None:  # cumulative, not an increment
                 self._output_tokens = int(usage["output_tokens"])
@@ -308,32 +314,32 @@ class StreamFold:
             self.stopped = True
         elif kind == "error":
             raise stream_error(data, self.origin)
-        # ping and event types added later: nothing to do
+        # content_block_stop, ping and event types added later: nothing to do
         return ""
 
     def _say(self, piece: str) -> str:
         return said(self._text, piece)
 
-    def _close_tool(self, index: int) -> None:
-        tool = self._tools.pop(index, None)
-        if tool is None:
-            return
+    def _call(self, tool: tuple[str, str, list[str]], cut: bool) -> ToolCall:
         raw = "".join(tool[2]) or "{}"
         try:  # normalised, so streamed and plain calls give the same text
             arguments = _arguments(msgspec.json.decode(raw))
         except msgspec.DecodeError:
-            name = clip(tool[1], 100, self.origin.secrets)
-            raise errors.ProviderError(f"{self.origin.provider}: tool {name!r} input is not JSON") from None
-        self._calls[index] = ToolCall(id=tool[0], name=tool[1], arguments=arguments)
+            if not cut:
+                name = clip(tool[1], 100, self.origin.secrets)
+                raise errors.ProviderError(f"{self.origin.provider}: tool {name!r} input is not JSON") from None
+            arguments = raw  # cut by max_tokens: the partial input as received
+        return ToolCall(id=tool[0], name=tool[1], arguments=arguments)
 
     def result(self) -> Completion:
         if not self.stopped:
             raise stream_cut(self.origin, "message_stop")
-        for index in list(self._tools):
-            self._close_tool(index)
-        return Completion(text="".join(self._text), finish_reason=finish_reason(self._stop_reason),
+        finish = finish_reason(self._stop_reason)
+        text = "".join(self._text)
+        return Completion(text=text, finish_reason=finish,
                           usage=Usage(self._input_tokens, self._output_tokens),
-                          tool_calls=tuple(self._calls[i] for i in sorted(self._calls)))
+                          tool_calls=tuple(self._call(self._tools[i], finish == "length") for i in sorted(self._tools)),
+                          refusal=refusal_text(self._stop_reason, text, self._stop_details))
 
 
 # ---- the codec ----------------------------------------------------------------------------------
