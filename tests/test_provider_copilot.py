@@ -1,10 +1,12 @@
 """The Copilot provider against one real fake server that answers both the GitHub token exchange and
-the Copilot chat API: one exchange for many concurrent calls, refresh after expiry, a 401 drops the
-cached token, no token in any error; and end to end over real NATS."""
+the Copilot chat API (every chat request checked like the real chat completions API, ``validating``):
+one exchange for many concurrent calls, refresh after expiry, a 401 drops the cached token, no token in
+any error, a two-call tool round trip; and end to end over real NATS."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -19,7 +21,16 @@ from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import CANCEL_CLOSE_BOUND_S, FakeUpstream, Hang, Json, Request, Sse, cancel_when
-from .test_provider_openai import call_of, chat_reply, text_stream
+from .test_provider_openai import (
+    QUOTA,
+    answered_in_reverse,
+    call_of,
+    chat_reply,
+    round_trip_call,
+    round_trip_handler,
+    text_stream,
+)
+from .upstream_rules import Validating, validating
 
 GH_TOKEN = "gho_canaryGitHubToken42"
 
@@ -33,7 +44,9 @@ class FakeCopilot:
         self.tokens: list[str] = []
         self.refuse: set[str] = set()  # Copilot tokens the chat API answers 401 to
         self.hang_next_exchange = False
+        self.chat: Callable[[Request], Json | Sse] | None = None  # the chat API's answer, when not the default
         self.up: FakeUpstream | None = None
+        self.validator: Validating = validating("openai_chat", self.handler)
 
     def handler(self, request: Request) -> Json | Sse | Hang:
         assert self.up is not None
@@ -54,6 +67,8 @@ class FakeCopilot:
                         status=401)
         if request.path == "/models":
             return Json({"data": [{"id": "gpt-4o", "capabilities": {"type": "chat"}}], "object": "list"})
+        if self.chat is not None:
+            return self.chat(request)
         if request.json().get("stream"):
             return Sse(text_stream(["Co", "pi", "lot"], (6, 3)))
         return Json(chat_reply(f"answer #{len(self.chat_requests())}", usage=(5, 2)))
@@ -67,12 +82,13 @@ class FakeCopilot:
         return [r for r in self.up.requests if r.path == TOKEN_PATH]
 
     async def __aenter__(self) -> FakeCopilot:
-        self.up = await FakeUpstream(self.handler).__aenter__()
+        self.up = await FakeUpstream(self.validator).__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.up is not None
         await self.up.__aexit__(*exc)
+        assert self.validator.problems == []  # every chat request was one the real API accepts
 
     def provider(self, env: dict[str, str] | None = None) -> HttpApiProvider:
         assert self.up is not None
@@ -225,3 +241,29 @@ async def test_copilot_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.M
     assert streamed.text == "Copilot" == "".join(c.delta for c in chunks)
     assert (streamed.model, streamed.usage) == ("copilot:gpt-4o", Usage(6, 3))
     assert len(fake.exchanges()) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+async def test_two_call_round_trip_answered_in_reverse(stream: bool) -> None:
+    async with FakeCopilot() as fake:
+        fake.chat = round_trip_handler("openai_chat", stream)
+        provider = fake.provider()
+        call = round_trip_call("openai_chat", "gpt-4o")
+        on_delta = (lambda d: None) if stream else None
+        first = await provider.complete(call, on_delta)
+        second = await provider.complete(answered_in_reverse(call, first), on_delta)
+    assert first.finish_reason == "tool_calls" and len(first.tool_calls) == 2
+    assert second.finish_reason == "stop" and second.text
+    assert fake.validator.problems == [] and fake.validator.rejected == []
+    [a, b] = first.tool_calls
+    sent = fake.chat_requests()[1].json()["messages"]
+    assert sent[2]["tool_calls"][0]["id"] == a.id and sent[2]["content"] is None
+    assert [(m["role"], m["tool_call_id"]) for m in sent[3:]] == [("tool", b.id), ("tool", a.id)]
+
+
+async def test_copilot_quota_is_quota_exhausted() -> None:
+    async with FakeCopilot() as fake:
+        fake.chat = lambda request: Json({"error": QUOTA}, status=429)
+        with pytest.raises(errors.QuotaExhausted) as info:
+            await fake.provider().complete(call_of("gpt-4o"))
+    assert info.value.retry_after_ms is None and "quota" in info.value.message
