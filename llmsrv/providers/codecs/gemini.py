@@ -30,8 +30,10 @@ Current API surfaces, chosen deliberately
   ``partial_args``/``will_continue`` there), ``FunctionResponse.id`` is "populated by the client to match the
   corresponding function call id" (``types.FunctionResponse``), and Gemini 3 returns an ``id`` on every
   ``functionCall``. So both sides carry the call id: parallel calls of the same function are matched by id,
-  answers in any order. Older models send none; we then make one up (``call_<hex>``) and send it back on
-  both the call and its response, which the API takes as the client's own correlation.
+  answers in any order. Older models (2.5) send none; we then make one up (``call_<hex>``) and send it on
+  both the call and its response (the field is optional and client-populated on the response; that the
+  live API keeps accepting a made-up id on a ``functionCall`` is the SDK's behaviour, not a documented
+  promise).
 * Thought signatures: the contract's ``tool_calls`` have no place for Gemini's opaque ``thoughtSignature``,
   so a model turn rebuilt from ``tool_calls`` carries, on its first ``functionCall`` part, the value the
   thought-signatures guide gives for function calls that did not come from this model with their signature
