@@ -204,7 +204,7 @@ def test_usage_seen_from_the_real_cli_is_read() -> None:
     fold = StreamJsonFold(call(), Origin("cursor"), "cursor-agent")
     for line in fixture_lines("result_usage_seen.ndjson"):
         fold.feed(line)
-    assert fold.done and fold.usage == Usage(prompt_tokens=229382, completion_tokens=10147)
+    assert fold.done and fold.usage == Usage(prompt_tokens=229382 + 2158080, completion_tokens=10147)
     assert fold.result().text == ""
 
 

@@ -42,8 +42,9 @@ env ``CURSOR_API_KEY``                     P (``--api-key <key>``, or the variab
 ``result`` ``result``                      O "Terminal result" ("complete assistant response text")
 ``result`` ``usage.inputTokens``,          NOT documented in O. Seen in cursor-agent 2026.09.02 output quoted in
   ``usage.outputTokens``                   github.com/chenhg5/cc-connect issue #1810 and paperclipai/paperclip
-                                           issue #12908 (camelCase, with ``cacheReadTokens``/``cacheWriteTokens``,
-                                           which are not read); absent (O's own example has none): estimated
+                                           issue #12908 (camelCase; ``cacheReadTokens``/``cacheWriteTokens`` are
+                                           added to the prompt, inputTokens leaves cache reads out); absent (O's
+                                           own example has none): estimated
 failure: non-zero exit, error on stderr    O ("On failure, the process exits with a non-zero code ... error
                                            message is written to stderr"): ``process.py``
 =========================================  ======================================================================
@@ -105,7 +106,8 @@ def _usage(raw: Any) -> Usage | None:
         found = [int(raw[k]) for k in keys if isinstance(raw.get(k), int | float) and not isinstance(raw[k], bool)]
         return sum(found) if found else None
 
-    prompt = total("input_tokens", "inputTokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    prompt = total("input_tokens", "inputTokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                   "cacheReadTokens", "cacheWriteTokens")  # cursor-agent reports cache reads apart from inputTokens
     completion = total("output_tokens", "outputTokens")
     if prompt is None and completion is None:
         return None
