@@ -183,3 +183,24 @@ async def test_a_refusal_over_nats_is_content_filter_with_its_text(nats_url: str
     assert raw["finish_reason"] == "content_filter" and raw["refusal"] == "I can't help with that."
     assert raw["text"] == "" and len(up.requests) == 2
     assert plain.finish_reason == "content_filter"
+
+
+async def test_an_exhausted_quota_moves_on_at_once_and_is_not_retried(nats_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-quota")
+    quota = Json({"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                            "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}},
+                 status=429, headers={"retry-after": "20"})
+    matrix = {"general": {"simple": ["codex:gpt-4.1", "openai_compat:m"]}}
+    async with FakeUpstream(lambda request: quota) as billing, \
+            FakeUpstream(lambda request: _chat_reply({"content": "from the next one"}, "stop")) as other, \
+            running(nats_url, routing={"matrix": matrix, "retry": {"max_attempts": 3}},
+                    providers={"codex": {"base_url": billing.url}, "openai_compat": {"base_url": other.url}}) as h:
+        moved = await h.client.complete({"messages": user("hi"), "complexity": "simple"})
+        alone = await h.error_of(ENC({"messages": user("hi"), "model": "codex:gpt-4.1", "timeout_ms": 30000}))
+    assert moved.text == "from the next one" and moved.model == "openai_compat:m"
+    assert [(a.provider, a.outcome) for a in moved.attempts] == [("codex", "quota_exhausted"), ("openai_compat", "ok")]
+    # alone, it is answered after one attempt: no backoff, no second try, no wait for the Retry-After
+    assert alone["error_code"] == "PROVIDER_ERROR" and "quota" in alone["error"]
+    assert [a["outcome"] for a in alone["attempts"]] == ["quota_exhausted"] and "retry_after_ms" not in alone
+    assert len(billing.requests) == 2
