@@ -299,6 +299,8 @@ def test_anthropic_accepts(body: dict[str, Any]) -> None:
                  id="opus-4-7-refuses-temperature"),
     pytest.param(_with(CLAUDE_ONE, model="claude-opus-4-8-20260601", temperature=1), HEADERS,
                  "`temperature` is deprecated", id="opus-4-8-refuses-temperature"),
+    pytest.param(_with(CLAUDE_ONE, model="claude-sonnet-5", temperature=0.5), HEADERS,
+                 "`temperature` is deprecated", id="sonnet-5-refuses-temperature"),
 ])
 def test_anthropic_refuses(body: dict[str, Any], headers: dict[str, str], expected: str) -> None:
     problems = anthropic_problems(body, headers)
@@ -380,6 +382,8 @@ def _lights_parameters(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("body", "path"), [
     pytest.param(GEMINI_ONE, GEN, id="docs-one-call"),
     pytest.param(GEMINI_THREE_REVERSED, STREAM, id="docs-parallel-calls-with-ids-answered-in-reverse"),
+    pytest.param(GEMINI_THREE_REVERSED, "/v1beta/models/gemini-3-pro-preview:streamGenerateContent",
+                 id="gemini-3-first-call-carries-its-signature"),
     pytest.param(_declarations(JSON_SCHEMA_DECLARATION), GEN, id="parameters-json-schema-takes-raw-json-schema"),
     pytest.param(_with(GEMINI_ONE, tools=[{"function_declarations": [LIGHTS]}],
                        generation_config={"max_output_tokens": 10}), GEN, id="proto-field-names"),
@@ -444,6 +448,8 @@ def test_gemini_accepts(body: dict[str, Any], path: str) -> None:
     pytest.param(_lights_parameters(items={"type": "string", "$ref": "#/defs/x"}), GEN, 'Unknown name "$ref"',
                  id="schema-ref-nested-in-items"),
     pytest.param(_lights_parameters(type="dict"), GEN, "v1beta.Type), 'dict'", id="schema-unknown-type"),
+    pytest.param(GEMINI_ONE, "/v1beta/models/gemini-3-flash-preview:generateContent",
+                 "Function call is missing a thought_signature", id="gemini-3-call-without-signature"),
 ])
 def test_gemini_refuses(body: dict[str, Any], path: str, expected: str) -> None:
     problems = gemini_problems(body, path)

@@ -338,8 +338,10 @@ def openai_responses_problems(body: dict[str, Any]) -> list[str]:
 
 # Models that refuse ``temperature`` ("`temperature` is deprecated for this model.", 400 invalid_request_error).
 # From the issue text ("newer Claude models (Opus 4.7 and later) answer 400 to it"); the 4.8 row from the same
-# 400 quoted in github.com/The-PR-Agent/pr-agent/issues/2456.
-NO_TEMPERATURE_MODELS = ("claude-opus-4-7", "claude-opus-4-8")
+# 400 quoted in github.com/The-PR-Agent/pr-agent/issues/2456; the fifth generation from the live 400s quoted in
+# simstudioai/sim#5328, earendil-works/pi#7961 (Sonnet 5, Opus 5) and pr-agent#2456 (Fable 5). Written out here,
+# not taken from llmsrv's codec, so that the codec's own rule is checked against an independent list.
+NO_TEMPERATURE_MODELS = ("claude-opus-4-7", "claude-opus-4-8", "claude-sonnet-5", "claude-opus-5", "claude-fable-5")
 # The sampling fields of POST /v1/messages (docs.anthropic.com/en/api/messages). The installed SDK's
 # MessageCreateParams (anthropic 2.15) no longer declares them, so they are taken out before the SDK check and
 # checked here: a number each, temperature 0..1 and refused by NO_TEMPERATURE_MODELS.
@@ -520,7 +522,24 @@ def gemini_problems(body: dict[str, Any], path: str) -> list[str]:
     tools = _field(body, "tools")
     for i, tool in enumerate(tools if isinstance(tools, list) else []):
         problems += _gemini_tool(tool, i)
+    if "/models/gemini-3" in path:
+        problems += _gemini_signatures(contents)
     return problems + _gemini_call_rules(contents)
+
+
+def _gemini_signatures(contents: list[Any]) -> list[str]:
+    """Gemini 3: the first ``functionCall`` part of every model turn must carry its ``thoughtSignature``
+    (ai.google.dev/gemini-api/docs/thought-signatures: "When using Gemini 3 models, you must pass back thought
+    signatures during function calling, otherwise you will get a validation error"; the text as quoted in
+    block/goose#5792 and microsoft/semantic-kernel#13417)."""
+    problems = []
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or _field(content, "role") != "model":
+            continue
+        calls = [p for p in _field(content, "parts") or () if isinstance(p, dict) and _field(p, "functionCall")]
+        if calls and not _field(calls[0], "thoughtSignature"):
+            problems.append(f"Function call is missing a thought_signature in functionCall parts. (contents[{i}])")
+    return problems
 
 
 def _gemini_tool(tool: Any, i: int) -> list[str]:
