@@ -1,161 +1,434 @@
-"""Closed-loop NATS request load generator (plain asyncio + nats-py), one process of its own.
+"""The load generator: callback-driven NATS request/reply load, closed or open loop, in its own process.
 
-``concurrency`` workers share one NATS connection; each sends a request with ``nc.request``,
-waits for the reply, and sends the next at once (closed loop: the offered load adapts to the
-server, so throughput and latency are measured at saturation for that concurrency). The first
-``warmup`` seconds are not recorded. Then, for ``duration`` seconds, each successful reply that
-arrives adds its latency (microseconds) to an HDR histogram. Failures are counted by kind and
-never enter the histogram: ``error_reply`` (a reply carrying ``Nats-Service-Error-Code``),
-``timeout``, ``no_responders`` and ``other``.
+No task per request. One subscription on an inbox wildcard (``<inbox>.*``) takes every reply in a
+callback; each request is one ``nc.publish(subject, payload, reply=<inbox>.<token>)`` and its reply is
+matched to its timings by the token. Two modes:
 
-CLI (prints one JSON object on stdout)::
+* **closed loop** (``concurrency=N``): N requests outstanding; the reply callback sends the next at
+  once. The offered load adapts to the target, so its throughput is the target's maximum for N
+  outstanding (and its latency hides queueing: coordinated omission).
+* **open loop** (``rate=R``): request *i* is due at ``start + i / R`` whatever the replies do; a pacer
+  sends every request that is due, then sleeps until the next. Latency is measured from the
+  **intended** send time, as wrk2 does, so a stall in the target (or in the generator) counts for
+  every request that should have gone out during it.
 
-    python bench/loadgen.py --nats-url nats://127.0.0.1:4222 --concurrency 10 --duration 8
+The first ``warmup_s`` seconds are sent but not recorded. A request counts in the window if its
+intended send time is inside it; its latency goes to an HDR histogram (1 us .. 60 s, 3 digits);
+throughput is the successful replies *received* inside the window per second. Failures never enter
+the histogram: ``error_reply`` (``Nats-Service-Error-Code`` header), ``no_responders`` (a 503 status),
+``timeout`` (no reply within ``timeout_s`` of the intended time; a late reply is then ignored).
 
-From Python, ``measure(...)`` runs that CLI in a subprocess and returns a ``LoadResult``, so the
-load generator never shares an interpreter (or a GIL) with the code under test.
+The arithmetic (due counts, intended times, latencies, windows, percentiles, rates) is the pure
+``Recorder``/functions below, tested on synthetic timings. ``Generator`` is the asyncio shell.
+``LoadGen`` runs ``python -m bench.loadgen --serve`` as a child process and sends it one JSON
+command per run, so the generator never shares an interpreter (or a GIL) with what it measures:
+
+    python -m bench.loadgen --nats-url nats://127.0.0.1:4222 --concurrency 100 --duration 5
+    python -m bench.loadgen --nats-url nats://127.0.0.1:4222 --rate 2000 --duration 5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import base64
+import contextlib
 import json
+import math
+import os
+import selectors
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import msgspec
-import nats
-import nats.errors
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
+ROOT = Path(__file__).resolve().parent.parent
 ERROR_HEADER = "Nats-Service-Error-Code"
-ERROR_KINDS = ("error_reply", "timeout", "no_responders", "other")
+ERROR_KINDS = ("error_reply", "no_responders", "timeout")
 CONTENT = ("The quick brown fox jumps over the lazy dog while the benchmark measures latency. " * 13)[:1000]
 PAYLOAD = json.dumps({"messages": [{"role": "user", "content": CONTENT}], "model": "mock:echo"}).encode()
-ERROR_BACKOFF_S = 0.01  # after a failure, so an absent server is not hammered in a tight loop
-HIST_MAX_US = 60_000_000
+HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+SPECTRUM = (0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)  # for plots
+ERROR_BACKOFF_S = 0.01  # closed loop: after a failure, so an absent target is not hammered
+SWEEP_S = 0.05  # how often outstanding requests are checked for timeouts
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadResult:
-    concurrency: int
-    duration_s: float
-    ok: int
-    replies: int  # every request that came back or failed, warm-up included (for CPU per request)
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    p999_ms: float
-    max_ms: float
-    mean_ms: float
-    errors: dict[str, int]
-
-    @property
-    def error_total(self) -> int:
-        return sum(self.errors.values())
+# ---------------------------------------------------------------------------------------------- pure
 
 
-async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: float,
-                   timeout_s: float = 10.0, subject: str = "llm.request",
-                   payload: bytes = PAYLOAD) -> LoadResult:
-    """Drive the closed loop in this process (the CLI calls this; use ``measure`` from elsewhere)."""
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(HIST_MIN_US, HIST_MAX_US, HIST_DIGITS)
+
+
+def intended_time(start: float, rate: float, i: int) -> float:
+    """When request ``i`` (from 0) is due in an open loop at ``rate`` per second from ``start``."""
+    return start + i / rate
+
+
+def due_count(start: float, rate: float, now: float, total: int) -> int:
+    """How many requests (of ``total``) are due by ``now``: those with ``intended_time <= now``."""
+    if now < start:
+        return 0
+    return min(total, math.floor((now - start) * rate + 1e-9) + 1)
+
+
+def request_count(rate: float, seconds: float) -> int:
+    """Requests an open loop sends in ``seconds``: the ones due in ``[0, seconds)``."""
+    return max(0, math.ceil(rate * seconds - 1e-9))
+
+
+def latency_us(intended: float, received: float) -> int:
+    """Latency from the intended send time, in whole microseconds (at least 1: the histogram's floor)."""
+    return max(HIST_MIN_US, min(HIST_MAX_US, round((received - intended) * 1e6)))
+
+
+def percentiles_ms(hist: HdrHistogram) -> dict[str, float]:
+    """p50/p90/p99/p99.9, max and mean in milliseconds (zeros for an empty histogram)."""
+    out = {f"p{p:g}_ms": hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES}
+    out["max_ms"] = hist.get_max_value() / 1000.0 if hist.get_total_count() else 0.0
+    out["mean_ms"] = hist.get_mean_value() / 1000.0 if hist.get_total_count() else 0.0
+    return out
+
+
+def spectrum_ms(hist: HdrHistogram) -> list[tuple[float, float]]:
+    """(percentile, ms) points of the latency percentile spectrum, for a log-scale plot."""
+    if not hist.get_total_count():
+        return []
+    return [(p, hist.get_value_at_percentile(p) / 1000.0) for p in SPECTRUM]
+
+
+def encode_histogram(hist: HdrHistogram) -> str:
+    return base64.b64encode(hist.encode()).decode() if hist.get_total_count() else ""
+
+
+def decode_histogram(text: str) -> HdrHistogram:
+    return HdrHistogram.decode(base64.b64decode(text)) if text else new_histogram()
+
+
+def merge_histograms(texts: Iterable[str]) -> HdrHistogram:
+    merged = new_histogram()
+    for text in texts:
+        if text:
+            merged.add(decode_histogram(text))
+    return merged
+
+
+@dataclass
+class Recorder:
+    """Turns each request's (intended, sent, received) times into counts and histograms.
+
+    ``latency`` is measured from the intended send time, ``service`` from the actual send (they
+    differ only when the generator sends late). A request belongs to the window when its intended
+    time is in ``[t_measure, t_end)``; ``completed`` counts successes *received* in that interval.
+    """
+
+    t_measure: float
+    t_end: float
+    latency: HdrHistogram = field(default_factory=new_histogram)
+    service: HdrHistogram = field(default_factory=new_histogram)
+    ok: int = 0
+    completed: int = 0
+    errors: Counter[str] = field(default_factory=lambda: Counter({k: 0 for k in ERROR_KINDS}))
+    answered: int = 0  # every reply or failure, warm-up included (the CPU-per-request divisor)
+    per_second: Counter[int] = field(default_factory=Counter)  # whole seconds since t_measure -> successes
+
+    def in_window(self, t: float) -> bool:
+        return self.t_measure <= t < self.t_end
+
+    def success(self, intended: float, sent: float, received: float) -> None:
+        self.answered += 1
+        t_measure, t_end = self.t_measure, self.t_end
+        if t_measure <= received < t_end:
+            self.completed += 1
+            self.per_second[int(received - t_measure)] += 1
+        if t_measure <= intended < t_end:
+            self.ok += 1
+            self.latency.record_value(latency_us(intended, received))
+            if sent != intended:  # closed loop sends when it intends: service time is the latency
+                self.service.record_value(latency_us(sent, received))
+
+    def failure(self, kind: str, intended: float) -> None:
+        self.answered += 1
+        if self.in_window(intended):
+            self.errors[kind] += 1
+
+    def result(self, *, mode: str, concurrency: int, rate: float, sent: int, late_sends: int,
+               cpu_s: float, wall_s: float) -> dict[str, Any]:
+        duration = self.t_end - self.t_measure
+        span = max(0, math.ceil(duration - 1e-9))
+        return {
+            "mode": mode, "concurrency": concurrency, "rate": rate, "duration_s": duration,
+            "sent": sent, "ok": self.ok, "completed": self.completed, "answered": self.answered,
+            "rps": self.completed / duration if duration > 0 else 0.0,
+            "errors": dict(self.errors), "error_total": sum(self.errors.values()),
+            "late_sends": late_sends,  # open loop: sends more than 1 ms after their intended time
+            **percentiles_ms(self.latency),
+            "service": percentiles_ms(self.service if self.service.get_total_count() else self.latency),
+            "latency_hist": encode_histogram(self.latency),
+            "per_second": [self.per_second.get(s, 0) for s in range(span)],
+            "generator_cpu_s": cpu_s, "generator_wall_s": wall_s,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- asyncio shell
+
+
+class Generator:
+    """One nats-py connection, one reply subscription, many runs (one at a time)."""
+
+    def __init__(self, nc: Any, subject: str, payload: bytes, timeout_s: float) -> None:
+        self.nc, self.subject, self.payload, self.timeout_s = nc, subject, payload, timeout_s
+        self.inbox = nc.new_inbox()
+        self.prefix_len = len(self.inbox) + 1
+        self.pending: dict[int, tuple[float, float]] = {}  # token -> (intended, sent); oldest first
+        self.next_token = 0
+        self.rec = Recorder(0.0, 0.0)
+        self.closed_loop = False
+        self.sending = False
+        self.retries: set[asyncio.Task[None]] = set()
+        self.sub: Any = None
+        self.drained = asyncio.Event()
+
+    async def start(self) -> None:
+        self.sub = await self.nc.subscribe(self.inbox + ".*", cb=self._on_reply,
+                                           pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
+        await self.nc.flush()
+
+    async def _send(self, intended: float) -> None:  # intended 0.0: now (closed loop)
+        token = self.next_token
+        self.next_token += 1
+        sent = time.perf_counter()
+        self.pending[token] = (intended or sent, sent)
+        await self.nc.publish(self.subject, self.payload, reply=f"{self.inbox}.{token}")
+
+    async def _on_reply(self, msg: Any) -> None:
+        received = time.perf_counter()
+        entry = self.pending.pop(int(msg.subject[self.prefix_len:]), None)
+        if entry is None:
+            return  # already counted as a timeout
+        if not self.pending and not self.sending:
+            self.drained.set()
+        headers = msg.headers
+        if headers and ERROR_HEADER in headers:
+            self._failed("error_reply", entry[0])
+        elif headers and headers.get("Status") == "503":
+            self._failed("no_responders", entry[0])
+        else:
+            self.rec.success(entry[0], entry[1], received)
+            if self.closed_loop and self.sending:
+                await self._send(0.0)
+
+    def _failed(self, kind: str, intended: float) -> None:
+        self.rec.failure(kind, intended)
+        if self.closed_loop and self.sending:
+            task = asyncio.get_running_loop().create_task(self._send_later())
+            self.retries.add(task)
+            task.add_done_callback(self.retries.discard)
+
+    async def _send_later(self) -> None:
+        await asyncio.sleep(ERROR_BACKOFF_S)
+        if self.sending:
+            await self._send(0.0)
+
+    def _sweep(self, now: float) -> None:
+        limit = now - self.timeout_s
+        while self.pending:
+            token = next(iter(self.pending))
+            intended = self.pending[token][0]
+            if intended > limit:
+                break
+            del self.pending[token]
+            self._failed("timeout", intended)
+        if not self.pending and not self.sending:
+            self.drained.set()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self._sweep(time.perf_counter())
+
+    async def _pace(self, rate: float, start: float, total: int) -> int:
+        """Open loop: send each request when due; return how many went out more than 1 ms late."""
+        late = 0
+        i = 0
+        while i < total:
+            now = time.perf_counter()
+            due = due_count(start, rate, now, total)
+            while i < due:
+                intended = intended_time(start, rate, i)
+                if now - intended > 0.001:
+                    late += 1
+                await self._send(intended)
+                i += 1
+            if i < total:
+                await asyncio.sleep(max(0.0, intended_time(start, rate, i) - time.perf_counter()))
+        return late
+
+    async def run(self, *, concurrency: int = 0, rate: float = 0.0, duration_s: float,
+                  warmup_s: float) -> dict[str, Any]:
+        if (concurrency > 0) == (rate > 0):
+            raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        self.pending.clear()
+        start = time.perf_counter() + 0.01
+        self.rec = Recorder(start + warmup_s, start + warmup_s + duration_s)
+        self.closed_loop, self.sending = concurrency > 0, True
+        sweeper = asyncio.get_running_loop().create_task(self._sweeper())
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        late = 0
+        try:
+            if self.closed_loop:
+                await asyncio.sleep(max(0.0, start - time.perf_counter()))
+                for _ in range(concurrency):
+                    await self._send(0.0)
+                await asyncio.sleep(max(0.0, self.rec.t_end - time.perf_counter()))
+            else:
+                late = await self._pace(rate, start, request_count(rate, warmup_s + duration_s))
+            self.sending = False
+            self.drained = asyncio.Event()
+            if self.pending:  # the sweeper times out the rest, so this ends within timeout_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.drained.wait(), self.timeout_s + 2 * SWEEP_S)
+            self._sweep(math.inf)  # whatever is still out has timed out
+        finally:
+            self.sending = False
+            sweeper.cancel()
+            for task in list(self.retries):
+                task.cancel()
+        cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+        return self.rec.result(mode="closed" if self.closed_loop else "open", concurrency=concurrency,
+                               rate=rate, sent=self.next_token, late_sends=late, cpu_s=cpu_s, wall_s=wall_s)
+
+
+async def _serve_commands(url: str, subject: str, timeout_s: float) -> None:
+    """``--serve``: one JSON command per stdin line -> one JSON result per stdout line."""
+    import nats
+
     nc = await nats.connect(url, name="bench-loadgen", max_reconnect_attempts=0)
-    hist = HdrHistogram(1, HIST_MAX_US, 3)
-    errors: Counter[str] = Counter({kind: 0 for kind in ERROR_KINDS})
-    ok = replies = 0
-    t_measure = time.perf_counter() + warmup_s
-    t_end = t_measure + duration_s
-
-    async def worker() -> None:
-        nonlocal ok, replies
-        while (t0 := time.perf_counter()) < t_end:
-            kind = ""
-            try:
-                reply = await nc.request(subject, payload, timeout=timeout_s)
-                if reply.headers and ERROR_HEADER in reply.headers:
-                    kind = "error_reply"
-            except nats.errors.NoRespondersError:
-                kind = "no_responders"
-            except nats.errors.TimeoutError:
-                kind = "timeout"
-            except Exception:
-                kind = "other"
-            t1 = time.perf_counter()
-            replies += 1
-            if kind:
-                if t1 >= t_measure:  # failures count until the last request is back
-                    errors[kind] += 1
-                await asyncio.sleep(ERROR_BACKOFF_S)
-            elif t_measure <= t1 <= t_end:
-                ok += 1
-                hist.record_value(max(1, round((t1 - t0) * 1e6)))
-
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        gen = Generator(nc, subject, PAYLOAD, timeout_s)
+        await gen.start()
+        print(json.dumps({"ready": True}), flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            cmd = json.loads(line)
+            gen.subject = cmd.get("subject", gen.subject)
+            gen.timeout_s = cmd.get("timeout_s", gen.timeout_s)
+            gen.next_token = 0
+            result = await gen.run(concurrency=cmd.get("concurrency", 0), rate=cmd.get("rate", 0.0),
+                                   duration_s=cmd["duration_s"], warmup_s=cmd["warmup_s"])
+            print(json.dumps(result), flush=True)
     finally:
         await nc.close()
-    ms = 1000.0
-    return LoadResult(
-        concurrency=concurrency, duration_s=duration_s, ok=ok, replies=replies, rps=ok / duration_s,
-        p50_ms=hist.get_value_at_percentile(50) / ms, p99_ms=hist.get_value_at_percentile(99) / ms,
-        p999_ms=hist.get_value_at_percentile(99.9) / ms, max_ms=hist.get_max_value() / ms,
-        mean_ms=hist.get_mean_value() / ms, errors=dict(errors))
 
 
-async def probe(url: str, subject: str = "llm.request", within_s: float = 20.0) -> None:
-    """Return once a correct echo reply comes back; raise ``RuntimeError`` after ``within_s``."""
-    nc = await nats.connect(url, name="bench-probe")
-    last = "no attempt"
-    deadline = time.monotonic() + within_s
+async def _run_once(url: str, subject: str, timeout_s: float, **run: Any) -> dict[str, Any]:
+    import nats
+
+    nc = await nats.connect(url, name="bench-loadgen", max_reconnect_attempts=0)
     try:
-        while time.monotonic() < deadline:
-            try:
-                reply = await nc.request(subject, PAYLOAD, timeout=1.0)
-                if reply.headers and ERROR_HEADER in reply.headers:
-                    last = f"error reply {reply.headers}: {reply.data[:200]!r}"
-                elif msgspec.json.decode(reply.data).get("text") == CONTENT:
-                    return
-                else:
-                    last = f"unexpected reply {reply.data[:200]!r}"
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-                last = type(exc).__name__
-            await asyncio.sleep(0.1)
+        gen = Generator(nc, subject, PAYLOAD, timeout_s)
+        await gen.start()
+        return await gen.run(**run)
     finally:
         await nc.close()
-    raise RuntimeError(f"no correct reply on {subject} within {within_s}s (last: {last})")
 
 
-def measure(url: str, concurrency: int, duration_s: float, warmup_s: float,
-            timeout_s: float = 10.0, subject: str = "llm.request") -> LoadResult:
-    """Run the load generator in its own Python process and return its result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--nats-url", url,
-           "--concurrency", str(concurrency), "--duration", str(duration_s),
-           "--warmup", str(warmup_s), "--timeout", str(timeout_s), "--subject", subject]
-    limit = warmup_s + duration_s + timeout_s + 30  # bounded even if the target hangs
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"loadgen exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    return LoadResult(**data)
+# ---------------------------------------------------------------------------------------------- parent side
+
+
+class LoadGen:
+    """The generator as a child process (``--serve``); ``run(...)`` sends one command, returns its result."""
+
+    def __init__(self, url: str, subject: str, timeout_s: float = 10.0, log_path: Path | None = None) -> None:
+        self.timeout_s = timeout_s
+        self._log = log_path.open("ab") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", "--serve", "--nats-url", url, "--subject", subject,
+             "--timeout", str(timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self._read(30.0)
+
+    def _read(self, within_s: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(within_s):
+                raise RuntimeError(f"load generator: no answer within {within_s:.0f}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited with {self.proc.wait()}")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    def run(self, *, concurrency: int = 0, rate: float = 0.0, duration_s: float, warmup_s: float,
+            subject: str | None = None) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        cmd: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "duration_s": duration_s,
+                               "warmup_s": warmup_s}
+        if subject:
+            cmd["subject"] = subject
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._read(warmup_s + duration_s + self.timeout_s + 30.0)  # bounded even if the target hangs
+
+    def cpu_seconds(self) -> float | None:
+        from bench.processes import cpu_seconds
+
+        return cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()  # end of commands: it closes its connection and exits
+            self.proc.wait(5)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            if not isinstance(self._log, int):
+                self._log.close()
+
+    def __enter__(self) -> LoadGen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nats-url", required=True)
-    p.add_argument("--concurrency", type=int, default=10)
-    p.add_argument("--duration", type=float, default=8.0, help="measured seconds")
-    p.add_argument("--warmup", type=float, default=1.5, help="unrecorded seconds before measuring")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds")
     p.add_argument("--subject", default="llm.request")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds")
+    p.add_argument("--serve", action="store_true", help="read JSON commands on stdin (used by LoadGen)")
+    p.add_argument("--concurrency", type=int, default=0, help="closed loop with N outstanding")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop at R requests per second")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds before measuring")
     args = p.parse_args()
-    result = asyncio.run(run_load(args.nats_url, args.concurrency, args.duration, args.warmup,
-                                  args.timeout, args.subject))
-    print(json.dumps(dataclasses.asdict(result)))
+    try:
+        if args.serve:
+            asyncio.run(_serve_commands(args.nats_url, args.subject, args.timeout))
+            return
+        concurrency = args.concurrency if args.concurrency or args.rate else 10
+        result = asyncio.run(_run_once(args.nats_url, args.subject, args.timeout, concurrency=concurrency,
+                                       rate=args.rate, duration_s=args.duration, warmup_s=args.warmup))
+    except KeyboardInterrupt:
+        return
+    result.pop("latency_hist")
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The baseline: exactly the NATS work of a reply, and nothing else.
+
+One nats-py connection (plain asyncio), one subscription callback on ``<prefix>.request`` in queue
+group ``llmsrv`` that publishes a reply body computed once at start-up: llmsrv's ``mock:echo``
+success reply for the benchmark request (``bench.loadgen.PAYLOAD``), with the same fields and, with
+``--reply-bytes N``, padded with trailing JSON whitespace to exactly N bytes (the size llmsrv's own
+reply measured in the same run). No decode, no uuid, no clock, no string work per request: what is
+left is what any NATS responder in Python pays, the floor llmsrv's overhead is measured against.
+
+    python -m bench.responder --nats-url nats://127.0.0.1:4222 [--prefix llm] [--reply-bytes 1320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+import msgspec
+
+from bench.loadgen import CONTENT
+
+
+def reply_body(size: int | None = None) -> bytes:
+    """llmsrv's echo reply for the benchmark request (fixed id and time), optionally padded to ``size``."""
+    words = len(CONTENT.split())
+    body = msgspec.json.encode({
+        "text": CONTENT, "model": "mock:echo", "tokens_used": 2 * words, "cost_cents": 0.0,
+        "timestamp": "2026-01-01T00:00:00.000Z", "correlation_id": "0" * 32,
+        "usage": {"prompt_tokens": words, "completion_tokens": words}, "finish_reason": "stop",
+        "tool_calls": [], "attempts": [{"provider": "mock", "model": "echo", "outcome": "ok", "ms": 0}],
+    })
+    if size is not None:
+        if size < len(body):
+            raise ValueError(f"reply of {len(body)} bytes cannot be made {size} bytes")
+        body += b" " * (size - len(body))
+    return body
+
+
+async def serve(url: str, prefix: str, queue: str, body: bytes) -> None:
+    import nats
+
+    nc = await nats.connect(url, name="bench-responder")
+    publish = nc.publish
+
+    async def on_request(msg: Any) -> None:
+        await publish(msg.reply, body)
+
+    sub = await nc.subscribe(f"{prefix}.request", queue=queue, cb=on_request,
+                             pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30)
+    await nc.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"bench.responder: ready on {url} subject {prefix}.request queue {queue} reply {len(body)} bytes",
+          flush=True)
+    await stop.wait()
+    await sub.unsubscribe()
+    await nc.drain()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nats-url", required=True)
+    p.add_argument("--prefix", default="llm", help="subject prefix: listens on PREFIX.request")
+    p.add_argument("--queue", default="llmsrv")
+    p.add_argument("--reply-bytes", type=int, default=None, help="pad the reply to exactly this size")
+    args = p.parse_args()
+    asyncio.run(serve(args.nats_url, args.prefix, args.queue, reply_body(args.reply_bytes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""The scenarios ``python -m bench`` knows: name -> module (each with ``NAME``, ``SUMMARY``, ``run``)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from bench.scenarios import latency, overhead
+
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (overhead, latency)}
