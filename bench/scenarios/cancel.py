@@ -175,6 +175,8 @@ async def _measure(opts: Options) -> Result:
     ways = ("cancel", "deadline")
     samples: dict[str, list[list[float]]] = {w: [] for w in ways}
     problems: list[str] = []
+    if opts.nats_url:
+        problems.append("cancel: --nats-url ignored; the scenario needs its own llmsrv pointed at its fake upstream")
     bar = progress(opts, rounds * per_round * 2, "cancel")
     try:
         async with in_process(_hang) as h:

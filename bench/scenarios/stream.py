@@ -113,6 +113,8 @@ async def _measure(opts: Options) -> Result:
     raw: dict[tuple[str, int], list[tuple[list[float], float, float]]] = {(w, c): [] for w in ways
                                                                            for c in concurrencies}
     problems: list[str] = []
+    if opts.nats_url:
+        problems.append("stream: --nats-url ignored; the scenario needs its own llmsrv pointed at its fake upstream")
     bar = progress(opts, rounds * len(concurrencies) * 2, "stream")
     try:
         pool = max(concurrencies) + 8
