@@ -51,7 +51,7 @@ class Stack:
 def timing(opts: Options) -> tuple[float, float, float]:
     """(duration, warm-up, per-request timeout) in seconds; smoke runs are short."""
     if opts.smoke:
-        return 0.6, 0.2, 2.0
+        return 0.4, 0.15, 2.0
     return opts.duration_s, opts.warmup_s, 10.0
 
 
