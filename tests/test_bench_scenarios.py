@@ -119,6 +119,9 @@ def test_decode_smoke() -> None:
         assert point["turns"] >= 1
         for key in ("msgspec_us", "hand_us", "hand_over_msgspec", "check_depth_us"):
             check_spread(point[key])
+        # a difference of noisy timings: under load a round may even come out negative, or be left out
+        if point["hand_over_msgspec_without_depth"]["rounds"]:
+            check_spread(point["hand_over_msgspec_without_depth"], signed=True)
         assert point["msgspec_mb_per_s"] > 0
 
 
