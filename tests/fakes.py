@@ -79,7 +79,7 @@ Handler = Callable[[Request], Reply | Awaitable[Reply]]
 
 
 # A cancelled call must close its upstream connection at once: bench/README.md measures it (p99 about
-# 3 ms, bench/provider_latency.py). Tests only bound it loosely, from the cancel to the fake seeing the
+# 3 ms, `python -m bench cancel`). Tests only bound it loosely, from the cancel to the fake seeing the
 # close, so that a loaded 2-core CI machine passes; a connection left open fails their 5 s fail-safe.
 CANCEL_CLOSE_BOUND_S = 1.0
 

@@ -198,7 +198,7 @@ async def test_llm_cancel_stops_the_provider_call(nats_url: str) -> None:
     assert stats.cancelled == 1
     latency = stats.last_cancelled_at - sent_at
     print(f"cancel latency {latency * 1000:.2f} ms")
-    # typically ~1 ms (the real figure: bench/README.md, provider_latency.py); loose for a loaded CI machine
+    # typically ~1 ms (the real figure: bench/README.md, `python -m bench cancel`); loose for a loaded CI machine
     assert 0 <= latency < CANCEL_CLOSE_BOUND_S
 
 
