@@ -60,6 +60,16 @@ ERROR_BACKOFF_S = 0.01  # closed loop: after a failure, so an absent target is n
 SWEEP_S = 0.05  # how often outstanding requests are checked for timeouts
 
 
+async def _quiet(exc: Exception) -> None:
+    pass
+
+
+# fail fast: nats-py otherwise retries an unreachable server for minutes (max_reconnect_attempts=0
+# means "forever"), and a dropped connection must end the run, not be papered over
+CONNECT: dict[str, Any] = {"allow_reconnect": False, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.1,
+                           "connect_timeout": 5, "error_cb": _quiet}
+
+
 # ---------------------------------------------------------------------------------------------- pure
 
 
@@ -310,7 +320,7 @@ async def _serve_commands(url: str, subject: str, timeout_s: float) -> None:
     """``--serve``: one JSON command per stdin line -> one JSON result per stdout line."""
     import nats
 
-    nc = await nats.connect(url, name="bench-loadgen", max_reconnect_attempts=0)
+    nc = await nats.connect(url, name="bench-loadgen", **CONNECT)
     try:
         gen = Generator(nc, subject, PAYLOAD, timeout_s)
         await gen.start()
@@ -331,7 +341,7 @@ async def _serve_commands(url: str, subject: str, timeout_s: float) -> None:
 async def _run_once(url: str, subject: str, timeout_s: float, **run: Any) -> dict[str, Any]:
     import nats
 
-    nc = await nats.connect(url, name="bench-loadgen", max_reconnect_attempts=0)
+    nc = await nats.connect(url, name="bench-loadgen", **CONNECT)
     try:
         gen = Generator(nc, subject, PAYLOAD, timeout_s)
         await gen.start()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bench.loadgen import CONTENT, ERROR_HEADER, PAYLOAD
+from bench.loadgen import CONNECT, CONTENT, ERROR_HEADER, PAYLOAD
 from llmsrv.natsserver import NatsServer, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ async def _probe(url: str, subject: str, within_s: float) -> int:
     import nats
     import nats.errors
 
-    nc = await nats.connect(url, name="bench-probe", max_reconnect_attempts=0)
+    nc = await nats.connect(url, name="bench-probe", **CONNECT)
     last = "no attempt"
     deadline = time.monotonic() + within_s
     try:
