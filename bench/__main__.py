@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(smoke=args.smoke, rounds=args.rounds, duration_s=args.duration, warmup_s=args.warmup,
                    nats_url=args.nats_url, out_dir=args.out, progress=not args.no_progress)
     started = dt.datetime.now(dt.UTC)
+    # SIGTERM (and a SIGINT a parent shell set to "ignore") unwinds like Ctrl-C, so every child is stopped
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = mod.run(opts)
     except KeyboardInterrupt:

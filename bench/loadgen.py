@@ -398,9 +398,11 @@ class LoadGen:
         try:
             if self.proc.stdin:
                 self.proc.stdin.close()  # end of commands: it closes its connection and exits
-            self.proc.wait(5)
-        except (subprocess.TimeoutExpired, OSError):
-            pass
+            self.proc.wait(1)
+        except (subprocess.TimeoutExpired, OSError):  # interrupted mid-run: it is only a client
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
