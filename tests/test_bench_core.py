@@ -211,3 +211,16 @@ def test_latency_smoke(tmp_path: Path) -> None:
         assert all(sane(v) for v in values) and values == sorted(values), p
     assert result.series and all(len(v) == len(loadgen.SPECTRUM) for v in result.series.values())
     check_written(result, tmp_path)
+
+
+def test_overhead_against_a_running_deployment(tmp_path: Path) -> None:
+    from bench import processes
+
+    with processes.NatsServer() as nats, processes.llmsrv(nats.url, "llm", tmp_path / "deployment") as llm:
+        llm.wait_ready(nats.url, "llm.request")
+        result = overhead.run(Options(smoke=True, out_dir=tmp_path, progress=False, nats_url=nats.url))
+    json.dumps(result.figures)
+    assert set(result.figures["targets"]) == {"llmsrv"} and sane(result.figures["targets"]["llmsrv"]["rps"])
+    assert result.figures["targets"]["llmsrv"]["target_cpu_us_per_req"] is None  # not our process
+    assert any("--nats-url" in p and "only llmsrv" in p for p in result.problems)
+    assert is_markdown_table(result.summary_md)

@@ -59,6 +59,7 @@ def timing(opts: Options) -> tuple[float, float, float]:
 def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
     """Start (or, with ``--nats-url``, reach) everything a scenario loads; stop it all on the way out."""
     _, _, timeout_s = timing(opts)
+    log_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as es:
         if opts.nats_url:
             size = processes.probe(opts.nats_url, SUBJECTS[LLMSRV])
@@ -66,7 +67,6 @@ def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
             yield Stack(opts.nats_url, gen, {LLMSRV: SUBJECTS[LLMSRV]}, {LLMSRV: None}, None,
                         {LLMSRV: size}, remote=True)
             return
-        log_dir.mkdir(parents=True, exist_ok=True)
         nats = es.enter_context(processes.NatsServer())
         assert nats.proc is not None
         llm = es.enter_context(processes.llmsrv(nats.url, "llm", log_dir))
