@@ -36,6 +36,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import cpu_seconds  # noqa: E402
 from bench.scenario import Options, Result  # noqa: E402
 from bench.scenarios.cancel import fmt, main, pct, progress, spread  # noqa: E402
 from llmsrv.client import Client  # noqa: E402
@@ -54,15 +55,6 @@ COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "mo
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 10.0
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), or None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _answer(request: Request) -> Json:
