@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench.scenarios import cancel, decode, latency, overhead, provider, stream
+from bench.scenarios import cancel, decode, faults, latency, overhead, provider, stream
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (overhead, latency, cancel, stream, provider, decode)}
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (overhead, latency, cancel, stream, provider, decode, faults)}
