@@ -55,6 +55,7 @@ POLL_S = 0.05  # health / RSS sampling interval while loaded
 WARMUP = 20  # unmeasured requests before the idle RSS is read
 GRACE_S = 30.0  # the client's deadline beyond the provider latency
 READY_TIMEOUT_S = 30.0
+HEALTH_TIMEOUT_S = 10.0  # an llm.health slower than this counts as a failure (health_failures)
 MODELS = {"mock": "mock:echo", "upstream": "openai_compat:m"}
 CONTENT = "scale " * 40
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
@@ -89,10 +90,13 @@ class Phase:
     rss_seen: list[tuple[float, float]] = field(default_factory=list)  # (s since first send, MiB)
     all_admitted_s: float | None = None
     peak_inflight: int = 0
+    health_failures: int = 0
     idle_rss_kib: int | None = None
     peak_rss_kib: int | None = None
     hwm_kib: int | None = None
     wall_s: float = 0.0
+    llmsrv_cpu_s: float | None = None  # user+system CPU of the llmsrv child during the load
+    bench_cpu_s: float | None = None  # of this process (client + fake upstream) during the load
     problems: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
@@ -117,15 +121,17 @@ class Phase:
                                "max": r(max(self.health_idle_ms)) if self.health_idle_ms else None},
             "health_loaded_ms": {"p50": r(pct(self.health_loaded_ms, 0.5)),
                                  "max": r(max(self.health_loaded_ms)) if self.health_loaded_ms else None,
-                                 "n": len(self.health_loaded_ms)},
+                                 "n": len(self.health_loaded_ms), "failures": self.health_failures},
             "wall_s": round(self.wall_s, 2),
+            "llmsrv_cpu_s": r(self.llmsrv_cpu_s) if self.llmsrv_cpu_s is not None else None,
+            "bench_cpu_s": r(self.bench_cpu_s) if self.bench_cpu_s is not None else None,
         }
 
 
 async def _health(client: Client) -> tuple[float, int]:
     """(ms to answer, inflight) of one ``llm.health``."""
     t0 = trio.current_time()
-    doc = await client.request_json("health", timeout_s=10.0)
+    doc = await client.request_json("health", timeout_s=HEALTH_TIMEOUT_S)
     return (trio.current_time() - t0) * 1000, int(doc.get("inflight", 0))
 
 
@@ -178,6 +184,7 @@ async def _load(phase: Phase, client: Client, pid: int) -> None:
     phase.idle_rss_kib = rss_kib(pid)
 
     done = trio.Event()
+    cpu0, bench0 = processes.cpu_seconds(pid), time.process_time()
     start = trio.current_time()
 
     async def watch() -> None:
@@ -189,8 +196,11 @@ async def _load(phase: Phase, client: Client, pid: int) -> None:
                 phase.rss_seen.append((round(t, 3), round(rss / 1024, 2)))
             try:
                 ms, inflight = await _health(client)
-            except LlmsrvError as exc:
-                phase.problems.append(f"{phase.name}: llm.health failed while loaded: {exc}")
+            except (LlmsrvError, trio.TooSlowError) as exc:
+                phase.health_failures += 1
+                if phase.health_failures == 1:
+                    phase.problems.append(f"{phase.name}: llm.health unanswered within {HEALTH_TIMEOUT_S:g} s "
+                                          f"while loaded ({type(exc).__name__}) at {t:.1f} s")
             else:
                 phase.health_loaded_ms.append(ms)
                 phase.inflight_seen.append((round(trio.current_time() - start, 3), inflight))
@@ -206,6 +216,9 @@ async def _load(phase: Phase, client: Client, pid: int) -> None:
                 nursery.start_soon(one, i)
         done.set()
     phase.wall_s = trio.current_time() - start
+    cpu1 = processes.cpu_seconds(pid)
+    phase.llmsrv_cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    phase.bench_cpu_s = time.process_time() - bench0
     phase.hwm_kib = rss_kib(pid, "VmHWM")
     if phase.ok != phase.n:
         phase.problems.append(f"{phase.name}: {phase.ok} of {phase.n} answered ok; errors {dict(phase.errors)}, "
