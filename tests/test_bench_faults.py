@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from bench.scenario import Options
 from bench.scenarios import faults
 
+from .bench_checks import no_leftover_processes  # noqa: F401 (autouse fixture)
+
 SMOKE = Options(smoke=True, progress=False)
 SPREADS = ("success_rate", "success_rate_during_fault", "fallback_share_during_fault", "breaker_open_s",
            "dead_requests", "recover_s", "p50_ms_during_fault", "p99_ms_during_fault")
-
-
-def children() -> list[int]:
-    """Live (not zombie) child processes of this test process."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Any:
-    before = set(children())
-    yield
-    assert set(children()) <= before, "the scenario left a child process running"
 
 
 def check_spread(figure: dict[str, Any]) -> None:

@@ -11,32 +11,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from bench.scenario import Options
 from bench.scenarios import scale
 
-
-def children() -> list[int]:
-    """Live (not zombie) child processes of this test process."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Any:
-    before = set(children())
-    yield
-    assert set(children()) <= before, "the scenario left a child process running"
+from .bench_checks import no_leftover_processes  # noqa: F401 (autouse fixture)
 
 
 def test_rss_kib_reads_proc() -> None:

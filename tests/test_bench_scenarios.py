@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,20 +16,9 @@ import pytest
 from bench.scenario import Options, Result
 from bench.scenarios import cancel, decode, provider, stream
 
+from .bench_checks import no_leftover_processes  # noqa: F401 (autouse fixture)
+
 SMOKE = Options(smoke=True, progress=False)
-
-
-def children() -> list[int]:
-    """Live (not zombie) child processes of this test process."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def check_result(result: Result, name: str) -> None:
@@ -55,13 +42,6 @@ def check_spread(figure: dict[str, Any], low: float = 0.0, signed: bool = False)
     assert figure["min"] <= figure["median"] <= figure["max"]
     if not signed:
         assert figure["min"] > low, figure
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_processes() -> Any:
-    before = set(children())
-    yield
-    assert set(children()) <= before, "a scenario left a child process running"
 
 
 def test_cancel_smoke() -> None:
