@@ -103,21 +103,25 @@ class Harness:
     client: Client
     upstream: FakeUpstream
     cfg: Any
+    service: Service
 
 
 @asynccontextmanager
-async def in_process(handler: Handler, max_concurrency: int = 64) -> AsyncIterator[Harness]:
+async def in_process(handler: Handler, max_concurrency: int = 64, *, provider: dict[str, Any] | None = None,
+                     routing: dict[str, Any] | None = None, log_level: str = "warning") -> AsyncIterator[Harness]:
     """nats-server child + fake upstream + in-process llmsrv (``openai_compat`` -> the fake) + a client.
 
+    ``provider`` adds keys to ``[providers.openai_compat]``, ``routing`` is the ``[routing]`` section.
     Everything is stopped on the way out, also on cancellation or Ctrl-C (the nats-server in its
     ``with``, the service by ``shutdown()`` or the nursery's cancellation).
     """
     with NatsServer() as nats_server:
         async with FakeUpstream(handler) as up:
             cfg = build_config({"nats": {"url": nats_server.url, "subject_prefix": f"b{uuid.uuid4().hex[:6]}"},
-                                "server": {"http_port": 0, "log_level": "warning"},
-                                "providers": {"openai_compat": {"base_url": up.url,
-                                                                "max_concurrency": max_concurrency}}},
+                                "server": {"http_port": 0, "log_level": log_level},
+                                "providers": {"openai_compat": {"base_url": up.url, "max_concurrency": max_concurrency,
+                                                                **(provider or {})}},
+                                "routing": routing or {}},
                                env={})
             async with Bus.connect(cfg.nats, nats_server.url) as bus:
                 service = Service(cfg, bus)
@@ -125,7 +129,7 @@ async def in_process(handler: Handler, max_concurrency: int = 64) -> AsyncIterat
                     await nursery.start(service.run)
                     try:
                         async with Client.connect(nats_server.url, cfg.nats.subject_prefix) as client:
-                            yield Harness(client, up, cfg)
+                            yield Harness(client, up, cfg, service)
                     finally:
                         service.shutdown()
                         nursery.cancel_scope.deadline = trio.current_time() + 15  # a drain that hangs

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,14 +32,12 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # tests.fakes, run from anywhere
 
 from bench.scenario import Options, Result  # noqa: E402
+from bench.scenarios import cancel  # noqa: E402
 from bench.scenarios.cancel import fmt, main, pct, progress, spread  # noqa: E402
-from llmsrv.bus import Bus  # noqa: E402
 from llmsrv.client import Client  # noqa: E402
-from llmsrv.config import build_config  # noqa: E402
 from llmsrv.errors import ReplyError  # noqa: E402
-from llmsrv.natsserver import NatsServer  # noqa: E402
 from llmsrv.service import Service  # noqa: E402
-from tests.fakes import FakeUpstream, Json, Request  # noqa: E402
+from tests.fakes import Json, Request  # noqa: E402
 
 NAME = "faults"
 SUMMARY = "upstream 503s for 10 s under constant load, with fallback: success rate, breaker opening, recovery"
@@ -110,28 +107,15 @@ class Harness:
 
 @asynccontextmanager
 async def in_process(ttl_s: float) -> AsyncIterator[Harness]:
-    """nats-server child + fake upstream + in-process llmsrv with the fallback cell + a client; all stopped on exit."""
+    """``cancel.in_process`` with the fallback cell and a breaker that opens and recovers within the run."""
     handler = Upstream()
-    with NatsServer() as nats_server:
-        async with FakeUpstream(handler) as up:
-            cfg = build_config({
-                "nats": {"url": nats_server.url, "subject_prefix": f"b{uuid.uuid4().hex[:6]}"},
-                "server": {"http_port": 0, "log_level": "error"},
-                "providers": {"openai_compat": {"base_url": up.url, "max_concurrency": 256,
-                                                "breaker_threshold": THRESHOLD, "breaker_ttl_s": ttl_s,
-                                                "breaker_scope": "provider", "timeout_ms": 4000}},
-                "routing": {"matrix": {"general": {"simple": [PRIMARY, FALLBACK]}},
-                            "retry": {"max_attempts": 2, "backoff_base_ms": 0}}}, env={})
-            async with Bus.connect(cfg.nats, nats_server.url) as bus:
-                service = Service(cfg, bus)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(service.run)
-                    try:
-                        async with Client.connect(nats_server.url, cfg.nats.subject_prefix) as client:
-                            yield Harness(client, service, handler)
-                    finally:
-                        service.shutdown()
-                        nursery.cancel_scope.deadline = trio.current_time() + 15  # a drain that hangs
+    async with cancel.in_process(
+            handler, 256, log_level="error",
+            provider={"breaker_threshold": THRESHOLD, "breaker_ttl_s": ttl_s, "breaker_scope": "provider",
+                      "timeout_ms": 4000},
+            routing={"matrix": {"general": {"simple": [PRIMARY, FALLBACK]}},
+                     "retry": {"max_attempts": 2, "backoff_base_ms": 0}}) as h:
+        yield Harness(h.client, h.service, handler)
 
 
 async def _one(h: Harness, out: list[Sample]) -> None:
