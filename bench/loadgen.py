@@ -20,8 +20,13 @@ the histogram: ``error_reply`` (``Nats-Service-Error-Code`` header), ``no_respon
 
 The arithmetic (due counts, intended times, latencies, windows, percentiles, rates) is the pure
 ``Recorder``/functions below, tested on synthetic timings. ``Generator`` is the asyncio shell.
-``LoadGen`` runs ``python -m bench.loadgen --serve`` as a child process and sends it one JSON
-command per run, so the generator never shares an interpreter (or a GIL) with what it measures:
+``LoadGen`` runs ``python -m bench.loadgen --serve`` as ``GENERATORS`` child processes and sends each
+its share of every run as one JSON command, so the generator never shares an interpreter (or a GIL)
+with what it measures, and no generator process is busier than the target it loads: a Python
+nats-py client costs about as much per request as the bare responder, and a process saturates at
+one core, so one process would reach its limit before the responder does. The hot path only notes
+times; the histograms are filled after the run, outside the CPU the generator reports. On uvloop
+when installed.
 
     python -m bench.loadgen --nats-url nats://127.0.0.1:4222 --concurrency 100 --duration 5
     python -m bench.loadgen --nats-url nats://127.0.0.1:4222 --rate 2000 --duration 5
@@ -182,9 +187,51 @@ class Recorder:
             **percentiles_ms(self.latency),
             "service": percentiles_ms(self.service if self.service.get_total_count() else self.latency),
             "latency_hist": encode_histogram(self.latency),
+            "service_hist": encode_histogram(self.service if self.service.get_total_count() else self.latency),
             "per_second": [self.per_second.get(s, 0) for s in range(span)],
             "generator_cpu_s": cpu_s, "generator_wall_s": wall_s,
+            "generator_processes": 1, "generator_cpu_util_max": cpu_s / wall_s if wall_s > 0 else 0.0,
         }
+
+
+SUMMED = ("sent", "ok", "completed", "answered", "rps", "error_total", "late_sends", "generator_cpu_s")
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the results of generator processes that loaded the same target at the same time.
+
+    Counts and rates add up, histograms merge (so percentiles are those of every request), the
+    per-second series add up element by element; ``generator_cpu_util_max`` is the busiest process's
+    share of a core (a process saturates at one core: that is the figure to compare with a target's).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    out: dict[str, Any] = {k: first[k] for k in ("mode", "duration_s")}
+    out["concurrency"] = sum(p["concurrency"] for p in parts)
+    out["rate"] = sum(p["rate"] for p in parts)
+    for key in SUMMED:
+        out[key] = sum(p[key] for p in parts)
+    out["errors"] = {k: sum(p["errors"].get(k, 0) for p in parts) for k in ERROR_KINDS}
+    latency = merge_histograms(p["latency_hist"] for p in parts)
+    service = merge_histograms(p["service_hist"] for p in parts)
+    out.update(percentiles_ms(latency))
+    out["service"] = percentiles_ms(service)
+    out["latency_hist"], out["service_hist"] = encode_histogram(latency), encode_histogram(service)
+    span = max(len(p["per_second"]) for p in parts)
+    out["per_second"] = [sum(p["per_second"][i] for p in parts if i < len(p["per_second"])) for i in range(span)]
+    out["generator_wall_s"] = max(p["generator_wall_s"] for p in parts)
+    out["generator_processes"] = sum(p["generator_processes"] for p in parts)
+    out["generator_cpu_util_max"] = max(p["generator_cpu_util_max"] for p in parts)
+    return out
+
+
+def split(total: float, n: int) -> list[float]:
+    """``total`` (a concurrency or a rate) shared among ``n`` generators; integers stay integers."""
+    if isinstance(total, int):
+        q, r = divmod(total, n)
+        return [q + (i < r) for i in range(n)]
+    return [total / n] * n
 
 
 # ---------------------------------------------------------------------------------------------- asyncio shell
@@ -200,6 +247,7 @@ class Generator:
         self.pending: dict[int, tuple[float, float]] = {}  # token -> (intended, sent); oldest first
         self.next_token = 0
         self.rec = Recorder(0.0, 0.0)
+        self.done: list[tuple[float, float, float]] = []  # (intended, sent, received) of each success
         self.closed_loop = False
         self.sending = False
         self.retries: set[asyncio.Task[None]] = set()
@@ -219,6 +267,7 @@ class Generator:
         await self.nc.publish(self.subject, self.payload, reply=f"{self.inbox}.{token}")
 
     async def _on_reply(self, msg: Any) -> None:
+        # the hot path: match, note the time, send the next; the histograms are filled after the run
         received = time.perf_counter()
         entry = self.pending.pop(int(msg.subject[self.prefix_len:]), None)
         if entry is None:
@@ -226,14 +275,12 @@ class Generator:
         if not self.pending and not self.sending:
             self.drained.set()
         headers = msg.headers
-        if headers and ERROR_HEADER in headers:
-            self._failed("error_reply", entry[0])
-        elif headers and headers.get("Status") == "503":
-            self._failed("no_responders", entry[0])
-        else:
-            self.rec.success(entry[0], entry[1], received)
-            if self.closed_loop and self.sending:
-                await self._send(0.0)
+        if headers and (ERROR_HEADER in headers or headers.get("Status") == "503"):
+            self._failed("error_reply" if ERROR_HEADER in headers else "no_responders", entry[0])
+            return
+        self.done.append((entry[0], entry[1], received))
+        if self.closed_loop and self.sending:
+            await self._send(0.0)
 
     def _failed(self, kind: str, intended: float) -> None:
         self.rec.failure(kind, intended)
@@ -286,6 +333,7 @@ class Generator:
         if (concurrency > 0) == (rate > 0):
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
         self.pending.clear()
+        self.done = []
         start = time.perf_counter() + 0.01
         self.rec = Recorder(start + warmup_s, start + warmup_s + duration_s)
         self.closed_loop, self.sending = concurrency > 0, True
@@ -311,7 +359,9 @@ class Generator:
             sweeper.cancel()
             for task in list(self.retries):
                 task.cancel()
-        cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+        cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0  # the load, not the arithmetic
+        for intended, sent, received in self.done:
+            self.rec.success(intended, sent, received)
         return self.rec.result(mode="closed" if self.closed_loop else "open", concurrency=concurrency,
                                rate=rate, sent=self.next_token, late_sends=late, cpu_s=cpu_s, wall_s=wall_s)
 
@@ -350,67 +400,94 @@ async def _run_once(url: str, subject: str, timeout_s: float, **run: Any) -> dic
         await nc.close()
 
 
+def _run(main: Any) -> Any:
+    """Run the generator on uvloop when it is installed (the bench extra): the instrument must cost less per
+    request than the cheapest target it loads, and uvloop's event loop is the cheaper one."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 # ---------------------------------------------------------------------------------------------- parent side
 
 
-class LoadGen:
-    """The generator as a child process (``--serve``); ``run(...)`` sends one command, returns its result."""
+GENERATORS = 2  # processes: each is single-threaded, so split the load until each is less busy than a target
 
-    def __init__(self, url: str, subject: str, timeout_s: float = 10.0, log_path: Path | None = None) -> None:
+
+class LoadGen:
+    """The generator as ``processes`` child processes (``--serve``) loading together; ``run(...)`` splits the
+    concurrency or rate among them, sends each its command and returns their merged result."""
+
+    def __init__(self, url: str, subject: str, timeout_s: float = 10.0, log_path: Path | None = None,
+                 processes: int = GENERATORS) -> None:
         self.timeout_s = timeout_s
         self._log = log_path.open("ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", "--serve", "--nats-url", url, "--subject", subject,
-             "--timeout", str(timeout_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-        self._read(30.0)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(processes):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bench.loadgen", "--serve", "--nats-url", url, "--subject", subject,
+                     "--timeout", str(timeout_s)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True))
+            for proc in self.procs:
+                self._read(proc, 30.0)
+        except BaseException:
+            self.close()
+            raise
 
-    def _read(self, within_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[bytes], within_s: float) -> dict[str, Any]:
+        assert proc.stdout is not None
         with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            sel.register(proc.stdout, selectors.EVENT_READ)
             if not sel.select(within_s):
                 raise RuntimeError(f"load generator: no answer within {within_s:.0f}s")
-        line = self.proc.stdout.readline()
+        line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"load generator exited with {self.proc.wait()}")
+            raise RuntimeError(f"load generator exited with {proc.wait()}")
         data: dict[str, Any] = json.loads(line)
         return data
 
     def run(self, *, concurrency: int = 0, rate: float = 0.0, duration_s: float, warmup_s: float,
             subject: str | None = None) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        cmd: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "duration_s": duration_s,
-                               "warmup_s": warmup_s}
-        if subject:
-            cmd["subject"] = subject
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._read(warmup_s + duration_s + self.timeout_s + 30.0)  # bounded even if the target hangs
-
-    def cpu_seconds(self) -> float | None:
-        from bench.processes import cpu_seconds
-
-        return cpu_seconds(self.proc.pid)
+        n = max(1, min(len(self.procs), concurrency or len(self.procs)))  # never a generator with nothing to do
+        shares = zip(split(concurrency, n), split(float(rate), n), strict=True)
+        for proc, (c, r) in zip(self.procs, shares, strict=False):
+            assert proc.stdin is not None
+            cmd: dict[str, Any] = {"concurrency": c, "rate": r, "duration_s": duration_s, "warmup_s": warmup_s}
+            if subject:
+                cmd["subject"] = subject
+            proc.stdin.write((json.dumps(cmd) + "\n").encode())
+            proc.stdin.flush()
+        within = warmup_s + duration_s + self.timeout_s + 30.0  # bounded even if the target hangs
+        return merge_results([self._read(proc, within) for proc in self.procs[:n]])
 
     def close(self) -> None:
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()  # end of commands: it closes its connection and exits
-            self.proc.wait(1)
-        except (subprocess.TimeoutExpired, OSError):  # interrupted mid-run: it is only a client
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(2)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            if self.proc.stdout:
-                self.proc.stdout.close()
-            if not isinstance(self._log, int):
-                self._log.close()
+        for proc in self.procs:
+            try:
+                if proc.stdin:
+                    proc.stdin.close()  # end of commands: it closes its connection and exits
+                proc.wait(1)
+            except (subprocess.TimeoutExpired, OSError):  # interrupted mid-run: it is only a client
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(2)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
+        if not isinstance(self._log, int):
+            self._log.close()
 
     def __enter__(self) -> LoadGen:
         return self
@@ -432,14 +509,15 @@ def main() -> None:
     args = p.parse_args()
     try:
         if args.serve:
-            asyncio.run(_serve_commands(args.nats_url, args.subject, args.timeout))
+            _run(_serve_commands(args.nats_url, args.subject, args.timeout))
             return
         concurrency = args.concurrency if args.concurrency or args.rate else 10
-        result = asyncio.run(_run_once(args.nats_url, args.subject, args.timeout, concurrency=concurrency,
+        result = _run(_run_once(args.nats_url, args.subject, args.timeout, concurrency=concurrency,
                                        rate=args.rate, duration_s=args.duration, warmup_s=args.warmup))
     except KeyboardInterrupt:
         return
     result.pop("latency_hist")
+    result.pop("service_hist")
     print(json.dumps(result, indent=2))
 
 

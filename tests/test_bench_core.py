@@ -116,6 +116,59 @@ def test_percentiles_of_a_known_distribution_and_merged_histograms() -> None:
     assert all(a[1] <= b[1] for a, b in zip(spectrum, spectrum[1:], strict=False))
 
 
+def synthetic_part(latencies_ms: list[float], per_second: list[int], cpu_s: float) -> dict[str, Any]:
+    rec = Recorder(0.0, 10.0)
+    for i, ms in enumerate(latencies_ms):
+        rec.success(i * 0.01, i * 0.01, i * 0.01 + ms / 1000)
+    rec.failure("timeout", 1.0)
+    got = rec.result(mode="closed", concurrency=50, rate=0.0, sent=len(latencies_ms) + 1, late_sends=0,
+                     cpu_s=cpu_s, wall_s=2.0)
+    got["per_second"] = per_second
+    return got
+
+
+def test_results_of_generator_processes_merge_into_one() -> None:
+    a = synthetic_part([1.0] * 90, [30, 30, 30], cpu_s=0.5)
+    b = synthetic_part([100.0] * 10, [5, 5], cpu_s=1.0)
+    got = loadgen.merge_results([a, b])
+    assert got["concurrency"] == 100 and got["ok"] == 100 and got["sent"] == 102
+    assert got["errors"] == {"error_reply": 0, "no_responders": 0, "timeout": 2} and got["error_total"] == 2
+    assert got["per_second"] == [35, 35, 30]
+    assert got["p50_ms"] == pytest.approx(1.0, rel=0.01)  # percentiles of every request, not of the parts
+    assert got["p99_ms"] == pytest.approx(100.0, rel=0.01) and got["max_ms"] == pytest.approx(100.0, rel=0.01)
+    assert loadgen.decode_histogram(got["latency_hist"]).get_total_count() == 100
+    assert got["generator_processes"] == 2 and got["generator_cpu_s"] == 1.5
+    assert got["generator_cpu_util_max"] == 0.5  # the busiest process: 1.0 s of CPU in 2.0 s
+    assert loadgen.merge_results([a]) is a
+
+
+@pytest.mark.parametrize(("total", "n", "want"), [
+    (100, 2, [50, 50]), (101, 2, [51, 50]), (1, 1, [1]), (0, 2, [0, 0]), (2000.0, 2, [1000.0, 1000.0]),
+    (0.0, 3, [0.0, 0.0, 0.0]),
+], ids=["even", "odd", "one", "zero", "rate", "no-rate"])
+def test_load_is_split_among_generators(total: float, n: int, want: list[float]) -> None:
+    got = loadgen.split(total, n)
+    assert got == want and sum(got) == total and all(type(g) is type(total) for g in got)
+
+
+def test_the_generator_saturates_the_responder_before_itself(tmp_path: Path) -> None:
+    """Each process saturates at one core; a closed loop measures the responder only if no generator process
+    is busier than it. A ratio of CPU costs (not a speed), so it holds on a loaded machine too."""
+    from bench import processes
+
+    with processes.NatsServer() as nats, processes.responder(nats.url, "bench", tmp_path) as resp:
+        resp.wait_ready(nats.url, "bench.request")
+        with loadgen.LoadGen(nats.url, "bench.request", 5.0) as gen:
+            assert len(gen.pids) == loadgen.GENERATORS >= 2
+            before = resp.cpu_seconds()
+            got = gen.run(concurrency=100, duration_s=2.0, warmup_s=0.3)
+            after = resp.cpu_seconds()
+    assert before is not None and after is not None and got["error_total"] == 0 and got["ok"] > 1000
+    responder_util = (after - before) / got["generator_wall_s"]
+    assert got["generator_processes"] == loadgen.GENERATORS
+    assert got["generator_cpu_util_max"] < responder_util, (got["generator_cpu_util_max"], responder_util)
+
+
 # ---------------------------------------------------------------------------------------------- the baseline
 
 

@@ -2,20 +2,25 @@
 
 One nats-server; llmsrv on ``llm.request`` and the bare responder (``bench/responder.py``, its reply
 padded to the size of llmsrv's, measured first) on ``bench.request``, both up for the whole run;
-one load-generator process. Each round loads each target in closed loop with ``CONCURRENCY``
-outstanding requests (the order alternates between rounds), so slow drifts of the shared machine
-hit both. Per point: throughput, latency, and the user+system CPU seconds of the target, the
-generator and nats-server from ``/proc`` over the generator's run, divided by every reply of that
-run (warm-up included). Medians over rounds, with min and max.
+the load generator (``bench/loadgen.py``, ``GENERATORS`` processes sharing the load). Each round
+loads each target in closed loop with ``CONCURRENCY`` outstanding requests (the order alternates
+between rounds), so slow drifts of the shared machine hit both. Per point: throughput, latency,
+and the user+system CPU seconds of the target and nats-server from ``/proc`` over the generator's
+run, divided by every reply of that run (warm-up included), and the generator's own CPU for the load.
+Medians over rounds, with min and max.
 
 The generator check: a closed loop measures the target only if the target, not the generator,
-is the bottleneck. The figures say, per target, both processes' CPU utilisation and CPU per
-request; ``generator_bound`` is true when the generator was busier than the target.
+is the bottleneck. Every process here is single-threaded, so each saturates at one core: the
+figures say, per target, the target's CPU utilisation and the busiest generator process's, and
+CPU per request of both; ``generator_bound`` is true when a generator process was busier than the
+target. ``machine_cpu_util`` adds up target, generator and nats-server: near the machine's core
+count, the machine, not the target, set the maximum (said in ``problems``).
 With ``--nats-url`` only llmsrv at that URL is loaded (no responder, no CPU figures).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -91,20 +96,29 @@ def _util(before: float | None, after: float | None, wall_s: float) -> float | N
 
 
 def closed_point(st: Stack, target: str, opts: Options, concurrency: int = CONCURRENCY) -> dict[str, Any]:
-    """One closed-loop run against ``target`` with CPU from /proc; the histogram dropped."""
+    """One closed-loop run against ``target`` with CPU from /proc; the histograms dropped.
+
+    The generator's CPU is what its processes report for the load itself (not the arithmetic after it);
+    ``generator_cpu_util`` is its busiest process's share of a core.
+    """
     duration, warmup, _ = timing(opts)
     child = st.children[target]
-    pids = {"target": child.pid if child else None, "nats": st.nats_pid, "generator": st.gen.proc.pid}
+    pids = {"target": child.pid if child else None, "nats": st.nats_pid}
     before = {k: _cpu(p) for k, p in pids.items()}
     got = st.gen.run(concurrency=concurrency, duration_s=duration, warmup_s=warmup, subject=st.subjects[target])
     after = {k: _cpu(p) for k, p in pids.items()}
     if child:
         child.check_alive()
     got.pop("latency_hist", None)
+    got.pop("service_hist", None)
     wall = got["generator_wall_s"]
     for k in pids:
         got[f"{k}_cpu_us_per_req"] = _per_req(before[k], after[k], got["answered"])
         got[f"{k}_cpu_util"] = _util(before[k], after[k], wall)
+    got["generator_cpu_us_per_req"] = _per_req(0.0, got["generator_cpu_s"], got["answered"])
+    got["generator_cpu_util"] = got["generator_cpu_util_max"]
+    parts = [got["target_cpu_util"], got["nats_cpu_util"], got["generator_cpu_s"] / wall if wall > 0 else None]
+    got["machine_cpu_util"] = None if None in parts else sum(parts)
     return got
 
 
@@ -119,7 +133,7 @@ def summarise_closed(points: list[dict[str, Any]], reply_bytes: int | None) -> d
                            "rps": median(rps), "rps_min": min(rps), "rps_max": max(rps),
                            "errors": sum(p["error_total"] for p in points)}
     for key in ("p50_ms", "p99_ms", "p99.9_ms", "max_ms", "target_cpu_us_per_req", "target_cpu_util",
-                "generator_cpu_us_per_req", "generator_cpu_util", "nats_cpu_us_per_req"):
+                "generator_cpu_us_per_req", "generator_cpu_util", "nats_cpu_us_per_req", "machine_cpu_util"):
         out[key] = median([p[key] for p in points])
     cpus = [p["target_cpu_us_per_req"] for p in points if p["target_cpu_us_per_req"] is not None]
     out["target_cpu_us_per_req_min"] = min(cpus) if cpus else None
@@ -173,14 +187,20 @@ def run(opts: Options) -> Result:
         if t["errors"]:
             problems.append(f"{n}: {t['errors']} failed requests")
         if t["generator_bound"]:
-            problems.append(f"{n}: the generator was busier than the target ({fmt(t['generator_cpu_util'], '.0%')} "
-                            f"vs {fmt(t['target_cpu_util'], '.0%')} of a core): its req/s is a lower bound")
+            problems.append(f"{n}: a generator process was busier than the target "
+                            f"({fmt(t['generator_cpu_util'], '.0%')} vs {fmt(t['target_cpu_util'], '.0%')} "
+                            "of a core): its req/s is a lower bound")
+        cores = os.cpu_count() or 1
+        if t["machine_cpu_util"] is not None and t["machine_cpu_util"] > 0.85 * cores:
+            problems.append(f"{n}: target, generator and nats-server used {t['machine_cpu_util']:.2f} of {cores} "
+                            "cores: the machine, not the target, set this maximum (compare CPU per request)")
     rows = [[n, t["rps"], f"{t['rps_min']:,.0f}-{t['rps_max']:,.0f}", fmt(t["target_cpu_us_per_req"], ".1f"),
              fmt(t["target_cpu_util"], ".0%"), fmt(t["generator_cpu_us_per_req"], ".1f"),
-             fmt(t["generator_cpu_util"], ".0%"), t["p50_ms"], t["p99_ms"], t["errors"]]
+             fmt(t["generator_cpu_util"], ".0%"), fmt(t["machine_cpu_util"], ".2f"), t["p50_ms"], t["p99_ms"],
+             t["errors"]]
             for n, t in targets.items()]
     md = md_table(["target", "req/s (median)", "req/s min-max", "CPU us/req", "target CPU", "generator us/req",
-                   "generator CPU", "p50 ms", "p99 ms", "errors"], rows)
+                   "busiest generator CPU", "cores used", "p50 ms", "p99 ms", "errors"], rows)
     r = figures.get("ratios")
     if r:
         md += "\n" + md_table(["llmsrv / responder", "req/s", "p99", "CPU per request"],
