@@ -1,8 +1,8 @@
-"""``python -m bench``: run one scenario, write ``<out>/<scenario>.json`` and ``.md``, print the Markdown.
+"""``python -m bench``: run one scenario, write ``<out>/<scenario>.json``, ``.md`` and PNG plots, print the Markdown.
 
     python -m bench --list
     python -m bench SCENARIO [--smoke] [--rounds N] [--duration S] [--warmup S] [--nats-url URL]
-                             [--out DIR] [--no-progress]
+                             [--out DIR] [--no-progress] [--peers] [--no-plots]
 
 Exits 1 only if something failed to run (a process did not start, answer, survive or stop; the
 generator failed), never because of the numbers; problems the scenario measured are in its results.
@@ -35,6 +35,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nats-url", help="load a running deployment instead of starting our own")
     p.add_argument("--out", type=Path, default=d.out_dir, help=f"results directory (default {d.out_dir})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--peers", action="store_true",
+                   help="peers: install LiteLLM into bench/.peers-venv if it is not there (a download)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (they need the plot extra: matplotlib)")
     return p.parse_args(argv)
 
 
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenario {args.scenario!r}; --list shows them", file=sys.stderr)
         return 2
     opts = Options(smoke=args.smoke, rounds=args.rounds, duration_s=args.duration, warmup_s=args.warmup,
-                   nats_url=args.nats_url, out_dir=args.out, progress=not args.no_progress)
+                   nats_url=args.nats_url, out_dir=args.out, progress=not args.no_progress, peers=args.peers,
+                   plots=not args.no_plots)
     started = dt.datetime.now(dt.UTC)
     # SIGTERM (and a SIGINT a parent shell set to "ignore") unwinds like Ctrl-C, so every child is stopped
     signal.signal(signal.SIGTERM, signal.default_int_handler)

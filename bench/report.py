@@ -1,8 +1,9 @@
-"""What people see: progress bars while a scenario runs, then ``<out>/<scenario>.json`` and ``.md``.
+"""What people see: progress bars while a scenario runs, then ``<out>/<scenario>.json``, ``.md`` and PNGs.
 
 The JSON holds the run's context (date, command, git commit and uncommitted llmsrv files, machine,
 options) next to the scenario's ``figures``, ``series`` and ``problems``; the Markdown is the
-scenario's summary with the same context in one line, and is printed too.
+scenario's summary with the same context in one line, and is printed too. The PNGs (``bench/plots.py``)
+carry the commit and date under their titles; a plot that cannot be drawn never fails the run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import plots
 from bench.scenario import Options, Result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +93,8 @@ def to_markdown(result: Result, ctx: dict[str, Any]) -> str:
 
 
 def write(result: Result, opts: Options, started: dt.datetime) -> tuple[Path, Path]:
-    """Write ``<out>/<scenario>.json`` and ``.md``, print the Markdown; return both paths."""
+    """Write ``<out>/<scenario>.json``, ``.md`` and (unless ``--no-plots``) the PNGs, print the Markdown;
+    return the JSON and Markdown paths."""
     ctx = context(opts, started)
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,8 +103,23 @@ def write(result: Result, opts: Options, started: dt.datetime) -> tuple[Path, Pa
     md = to_markdown(result, ctx)
     md_path.write_text(md)
     print(md)
-    print(f"results: {json_path}, {md_path}")
+    pngs = write_plots(result, out, ctx) if opts.plots else []
+    print("results: " + ", ".join(map(str, [json_path, md_path, *pngs])))
     return json_path, md_path
+
+
+def write_plots(result: Result, out: Path, ctx: dict[str, Any]) -> list[Path]:
+    """The PNGs, or none and one line saying why: plotting never fails a run."""
+    git = ctx["git"]
+    note = (f"commit {git['commit'] or 'unknown'}{' + llmsrv/ changes' if git['dirty'] else ''}, {ctx['date']}"
+            f"{', smoke run' if ctx['options']['smoke'] else ''}")
+    try:
+        return plots.write(result, out, note)
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -e '.[plot]')")
+    except Exception as exc:  # a bad plot must not cost the run its results
+        print(f"no plots: {type(exc).__name__}: {exc}")
+    return []
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:

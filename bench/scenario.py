@@ -23,6 +23,8 @@ class Options:
     nats_url: str | None = None  # target a running deployment instead of starting our own
     out_dir: Path = Path("bench/results")
     progress: bool = True  # a progress bar on anything longer than a few seconds
+    peers: bool = False  # consent to install the peers scenario's LiteLLM into bench/.peers-venv
+    plots: bool = True  # PNGs next to the JSON (bench/plots.py), when matplotlib is installed
 
 
 @dataclass
