@@ -151,6 +151,7 @@ class Recorder:
     ok: int = 0
     completed: int = 0
     errors: Counter[str] = field(default_factory=lambda: Counter({k: 0 for k in ERROR_KINDS}))
+    error_codes: Counter[str] = field(default_factory=Counter)  # error replies by Nats-Service-Error-Code
     answered: int = 0  # every reply or failure, warm-up included (the CPU-per-request divisor)
     per_second: Counter[int] = field(default_factory=Counter)  # whole seconds since t_measure -> successes
 
@@ -169,10 +170,12 @@ class Recorder:
             if sent != intended:  # closed loop sends when it intends: service time is the latency
                 self.service.record_value(latency_us(sent, received))
 
-    def failure(self, kind: str, intended: float) -> None:
+    def failure(self, kind: str, intended: float, code: str | None = None) -> None:
         self.answered += 1
         if self.in_window(intended):
             self.errors[kind] += 1
+            if code is not None:
+                self.error_codes[code] += 1
 
     def result(self, *, mode: str, concurrency: int, rate: float, sent: int, late_sends: int,
                cpu_s: float, wall_s: float) -> dict[str, Any]:
@@ -183,6 +186,7 @@ class Recorder:
             "sent": sent, "ok": self.ok, "completed": self.completed, "answered": self.answered,
             "rps": self.completed / duration if duration > 0 else 0.0,
             "errors": dict(self.errors), "error_total": sum(self.errors.values()),
+            "error_codes": dict(self.error_codes),
             "late_sends": late_sends,  # open loop: sends more than 1 ms after their intended time
             **percentiles_ms(self.latency),
             "service": percentiles_ms(self.service if self.service.get_total_count() else self.latency),
@@ -213,6 +217,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for key in SUMMED:
         out[key] = sum(p[key] for p in parts)
     out["errors"] = {k: sum(p["errors"].get(k, 0) for p in parts) for k in ERROR_KINDS}
+    out["error_codes"] = dict(sum((Counter(p["error_codes"]) for p in parts), Counter()))
     latency = merge_histograms(p["latency_hist"] for p in parts)
     service = merge_histograms(p["service_hist"] for p in parts)
     out.update(percentiles_ms(latency))
@@ -276,14 +281,15 @@ class Generator:
             self.drained.set()
         headers = msg.headers
         if headers and (ERROR_HEADER in headers or headers.get("Status") == "503"):
-            self._failed("error_reply" if ERROR_HEADER in headers else "no_responders", entry[0])
+            code = headers.get(ERROR_HEADER)
+            self._failed("error_reply" if code else "no_responders", entry[0], code)
             return
         self.done.append((entry[0], entry[1], received))
         if self.closed_loop and self.sending:
             await self._send(0.0)
 
-    def _failed(self, kind: str, intended: float) -> None:
-        self.rec.failure(kind, intended)
+    def _failed(self, kind: str, intended: float, code: str | None = None) -> None:
+        self.rec.failure(kind, intended, code)
         if self.closed_loop and self.sending:
             task = asyncio.get_running_loop().create_task(self._send_later())
             self.retries.add(task)

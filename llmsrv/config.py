@@ -59,7 +59,9 @@ class ServerConfig(_Frozen, frozen=True):
     max_request_bytes: PositiveInt = 1048576
     max_json_depth: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 64  # deeper: VALIDATION_ERROR
     max_upstream_bytes: PositiveInt = 16777216  # a larger upstream body is cut off: PROVIDER_ERROR
-    max_queue_ms: PositiveInt = 1000  # admitted but not started within this: OVERLOADED
+    # admitted but not started within this, or arriving while requests wait this long in front of
+    # the instance (admission.py: a self-ping's round trip): OVERLOADED at once
+    max_queue_ms: PositiveInt = 1000
     drain_grace_s: NonNegFloat = 10.0
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
     http_host: str = "127.0.0.1"

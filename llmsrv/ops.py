@@ -39,6 +39,7 @@ class ServiceStats(msgspec.Struct, frozen=True):
     errors: int
     processing_ns: int
     last_error: str
+    queue_delay_ms: float = 0.0  # how long a request arriving now waits before admission (self-ping)
 
 
 class ProviderSnapshot(msgspec.Struct, frozen=True):
@@ -78,6 +79,7 @@ def health_document(snap: InstanceSnapshot) -> dict[str, Any]:
         "instance_id": snap.instance_id,
         "version": __version__,
         "inflight": snap.counters.inflight,
+        "queue_delay_ms": snap.counters.queue_delay_ms,
     }
 
 

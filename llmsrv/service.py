@@ -28,6 +28,7 @@ import msgspec
 import trio
 
 from . import errors, messages
+from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
 from .config import Config
 from .messages import LLMRequest, LLMResponse, encode
@@ -51,6 +52,8 @@ log = logging.getLogger("llmsrv.service")
 
 STREAM_CHUNK = {"Llm-Stream": "chunk"}
 STREAM_END = {"Llm-Stream": "end"}
+PING_INTERVAL_S = 0.05  # how often the queue in front of the instance is measured (admission.py)
+PING_RESEND_S = 2.0  # a ping not back by then may be lost (a reconnect): another goes out
 
 
 class _Live:
@@ -75,6 +78,29 @@ class _Live:
         return errors.Timeout(f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
 
 
+class _FrontQueue:
+    """The self-ping that measures how long requests wait in front of the instance (admission.py)."""
+
+    def __init__(self, bus: Bus, max_queue_s: float) -> None:
+        self.bus, self.subject = bus, bus.new_inbox()
+        self.delay = QueueDelay(max_queue_s)
+        self._back = trio.Event()
+
+    def on_ping(self, msg: Incoming) -> None:
+        self.delay.received(trio.current_time())
+        self._back.set()
+
+    async def run(self) -> None:
+        """One ping out at a time, every ``PING_INTERVAL_S`` once the last is back."""
+        while True:
+            self._back = trio.Event()
+            self.delay.sent(trio.current_time())
+            self.bus.publish_nowait(self.subject, b"")
+            with trio.move_on_after(PING_RESEND_S):
+                await self._back.wait()
+                await trio.sleep(PING_INTERVAL_S)
+
+
 class Service:
     def __init__(self, cfg: Config, bus: Bus, providers: Mapping[str, Provider] | None = None,
                  instance_id: str | None = None) -> None:
@@ -93,6 +119,7 @@ class Service:
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers)
         self._live: dict[str, list[_Live]] = {}
+        self._front = _FrontQueue(bus, server.max_queue_ms / 1000)
         self._inflight = self._requests = self._errors = self._processing_ns = 0
         self._last_error = ""
         self._draining = False
@@ -125,6 +152,7 @@ class Service:
             # admin commands reach every instance (no queue group); NATS permissions guard them
             (f"{p}.admin.status", self._answer_with(lambda: status_document(self.statistics())), ""),
             (f"{p}.admin.breaker.set", self._on_breaker_set, ""),
+            (self._front.subject, self._front.on_ping, ""),
             *((subject, handler, "") for subject, handler in micro_subscriptions(self.statistics, bus.publish_nowait)),
         ]
         other_subs = [await bus.subscribe(subject, self._guarded(handler), group) for subject, handler, group in others]
@@ -133,6 +161,7 @@ class Service:
             status = provider.status()
             log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
         nursery.start_soon(self.pipeline.share_breakers)
+        nursery.start_soon(self._front.run)
         server = self.cfg.server
         if server.http_port:
             answer = lambda path: http_answer(path, self.statistics, self.metrics)  # noqa: E731
@@ -171,7 +200,8 @@ class Service:
     def statistics(self) -> InstanceSnapshot:
         """This instance, its counters and its providers, frozen (no I/O)."""
         counters = ServiceStats(self._inflight, self._pool.workers, self._pool.idle, self._requests, self._errors,
-                                self._processing_ns, self._last_error)
+                                self._processing_ns, self._last_error,
+                                round(self._front.delay.delay(trio.current_time()) * 1000, 1))
         return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started,
                                 self._draining, self.bus.is_connected, self.subject_request, self.cfg.nats.queue,
                                 counters, self.pipeline.statistics())
@@ -197,6 +227,11 @@ class Service:
         elif self._inflight >= self.cfg.server.max_inflight:
             self._reject(msg, errors.Overloaded(
                 f"instance at max_inflight={self.cfg.server.max_inflight}; retry later",
+                retry_after_ms=self._overload_retry_ms()))
+        elif not self._front.delay.admits(now := trio.current_time()):
+            self._reject(msg, errors.Overloaded(
+                f"requests wait {round(self._front.delay.delay(now) * 1000)} ms in front of this instance "
+                f"(max_queue_ms={self.cfg.server.max_queue_ms}): shedding load; retry later",
                 retry_after_ms=self._overload_retry_ms()))
         else:
             self._inflight += 1

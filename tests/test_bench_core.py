@@ -94,10 +94,11 @@ def test_failures_are_counted_apart() -> None:
     rec = Recorder(1.0, 2.0)
     rec.failure("timeout", 0.5)  # warm-up: not counted
     rec.failure("timeout", 1.5)
-    rec.failure("error_reply", 1.6)
+    rec.failure("error_reply", 1.6, "503")
     rec.failure("no_responders", 2.5)  # after the window
     got = rec.result(mode="closed", concurrency=1, rate=0.0, sent=4, late_sends=0, cpu_s=0.0, wall_s=1.0)
     assert got["errors"] == {"error_reply": 1, "no_responders": 0, "timeout": 1}
+    assert got["error_codes"] == {"503": 1}
     assert got["answered"] == 4 and got["ok"] == 0 and got["latency_hist"] == ""
     assert got["p99_ms"] == 0.0 and got["max_ms"] == 0.0
 
@@ -121,7 +122,8 @@ def synthetic_part(latencies_ms: list[float], per_second: list[int], cpu_s: floa
     for i, ms in enumerate(latencies_ms):
         rec.success(i * 0.01, i * 0.01, i * 0.01 + ms / 1000)
     rec.failure("timeout", 1.0)
-    got = rec.result(mode="closed", concurrency=50, rate=0.0, sent=len(latencies_ms) + 1, late_sends=0,
+    rec.failure("error_reply", 2.0, "503")
+    got = rec.result(mode="closed", concurrency=50, rate=0.0, sent=len(latencies_ms) + 2, late_sends=0,
                      cpu_s=cpu_s, wall_s=2.0)
     got["per_second"] = per_second
     return got
@@ -131,8 +133,9 @@ def test_results_of_generator_processes_merge_into_one() -> None:
     a = synthetic_part([1.0] * 90, [30, 30, 30], cpu_s=0.5)
     b = synthetic_part([100.0] * 10, [5, 5], cpu_s=1.0)
     got = loadgen.merge_results([a, b])
-    assert got["concurrency"] == 100 and got["ok"] == 100 and got["sent"] == 102
-    assert got["errors"] == {"error_reply": 0, "no_responders": 0, "timeout": 2} and got["error_total"] == 2
+    assert got["concurrency"] == 100 and got["ok"] == 100 and got["sent"] == 104
+    assert got["errors"] == {"error_reply": 2, "no_responders": 0, "timeout": 2} and got["error_total"] == 4
+    assert got["error_codes"] == {"503": 2}
     assert got["per_second"] == [35, 35, 30]
     assert got["p50_ms"] == pytest.approx(1.0, rel=0.01)  # percentiles of every request, not of the parts
     assert got["p99_ms"] == pytest.approx(100.0, rel=0.01) and got["max_ms"] == pytest.approx(100.0, rel=0.01)
@@ -277,3 +280,21 @@ def test_overhead_against_a_running_deployment(tmp_path: Path) -> None:
     assert result.figures["targets"]["llmsrv"]["target_cpu_us_per_req"] is None  # not our process
     assert any("--nats-url" in p and "only llmsrv" in p for p in result.problems)
     assert is_markdown_table(result.summary_md)
+
+
+def test_overload_smoke(tmp_path: Path) -> None:
+    from bench.scenarios import overload
+
+    result = overload.run(Options(smoke=True, out_dir=tmp_path, progress=False))
+    assert result.scenario == "overload"
+    json.dumps(result.figures)
+    assert is_markdown_table(result.summary_md)
+    point = result.figures["point"]
+    assert sane(point["max_rps"]) and point["rate"] == pytest.approx(overload.FACTOR * point["max_rps"], rel=0.01)
+    shares = [point[k] for k in ("ok_share", "overloaded_share")]
+    assert all(0 <= s <= 1 for s in shares) and sum(shares) <= 1.0 + 1e-9
+    assert set(point["meets"]) == {"all_answered_within_10s", "ok_p99_within_2s", "excess_overloaded"}
+    # what was not met is said, not hidden (a smoke run is too short to assert the targets themselves)
+    assert {p for p in result.problems if p.startswith("target not met")} == {
+        f"target not met: {k.replace('_', ' ')}" for k, ok in point["meets"].items() if not ok}
+    check_written(result, tmp_path)
