@@ -292,6 +292,24 @@ async def test_overloaded_carries_retry_after(nats_url: str) -> None:
     assert err["error_code"] == "OVERLOADED" and 50 <= err["retry_after_ms"] <= 5000
 
 
+async def test_requests_are_shed_while_the_queue_in_front_is_over_max_queue_ms(nats_url: str) -> None:
+    async with running(nats_url, server={"max_queue_ms": 1000}) as h:
+        front = h.service._front
+        with trio.fail_after(10):  # the self-ping runs: a round trip was measured
+            while front.delay.pings < 2 or front.delay.sent_at is not None:
+                await trio.sleep(0.01)
+        assert front.delay.rtt_s < 1.0 and front.delay.admits(trio.current_time())
+        assert (await h.client.complete({"messages": user("first"), "model": "mock:echo"})).text == "first"
+        front.delay.rtt_s = 5.0  # as if the last ping had waited 5 s behind other requests
+        err = await h.error_of(body_with())
+        assert err["error_code"] == "OVERLOADED" and "max_queue_ms=1000" in err["error"] and err["retry_after_ms"]
+        assert (await h.client.request_json("health"))["queue_delay_ms"] >= 1000
+        with trio.fail_after(10):  # the next pings come back fast: requests are admitted again
+            while front.delay.rtt_s >= 1.0:
+                await trio.sleep(0.01)
+        assert (await h.client.complete({"messages": user("again"), "model": "mock:echo"})).text == "again"
+
+
 async def test_a_request_that_waited_past_max_queue_ms_is_overloaded(nats_url: str) -> None:
     async with running(nats_url, server={"max_queue_ms": 100}) as h:
         reply_to = h.client.bus.new_inbox()
