@@ -300,12 +300,13 @@ async def test_requests_are_shed_while_the_queue_in_front_is_over_max_queue_ms(n
                 await trio.sleep(0.01)
         assert front.delay.rtt_s < 1.0 and front.delay.admits(trio.current_time())
         assert (await h.client.complete({"messages": user("first"), "model": "mock:echo"})).text == "first"
-        front.delay.rtt_s = 5.0  # as if the last ping had waited 5 s behind other requests
+        # as if the ping out now had been waiting 5 s behind other requests (it keeps that time when back)
+        front.delay.sent_at = trio.current_time() - 5.0
         err = await h.error_of(body_with())
         assert err["error_code"] == "OVERLOADED" and "max_queue_ms=1000" in err["error"] and err["retry_after_ms"]
         assert (await h.client.request_json("health"))["queue_delay_ms"] >= 1000
         with trio.fail_after(10):  # the next pings come back fast: requests are admitted again
-            while front.delay.rtt_s >= 1.0:
+            while front.delay.delay(trio.current_time()) >= 0.25 or front.delay.share < 1.0:
                 await trio.sleep(0.01)
         assert (await h.client.complete({"messages": user("again"), "model": "mock:echo"})).text == "again"
 
