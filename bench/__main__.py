@@ -2,7 +2,7 @@
 
     python -m bench --list
     python -m bench SCENARIO [--smoke] [--rounds N] [--duration S] [--warmup S] [--nats-url URL]
-                             [--out DIR] [--no-progress] [--peers] [--no-plots]
+                             [--out DIR] [--no-progress] [--peers] [--no-plots] [--base-tree DIR]
 
 Exits 1 only if something failed to run (a process did not start, answer, survive or stop; the
 generator failed), never because of the numbers; problems the scenario measured are in its results.
@@ -38,6 +38,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", action="store_true",
                    help="peers: install LiteLLM into bench/.peers-venv if it is not there (a download)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (they need the plot extra: matplotlib)")
+    p.add_argument("--base-tree", type=Path, help="overhead, latency: also load llmsrv from this checkout "
+                   "(e.g. `git worktree add /tmp/base HEAD~3`), as target llmsrv@base in the same rounds")
     return p.parse_args(argv)
 
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = Options(smoke=args.smoke, rounds=args.rounds, duration_s=args.duration, warmup_s=args.warmup,
                    nats_url=args.nats_url, out_dir=args.out, progress=not args.no_progress, peers=args.peers,
-                   plots=not args.no_plots)
+                   plots=not args.no_plots, base_tree=args.base_tree)
     started = dt.datetime.now(dt.UTC)
     # SIGTERM (and a SIGINT a parent shell set to "ignore") unwinds like Ctrl-C, so every child is stopped
     signal.signal(signal.SIGTERM, signal.default_int_handler)

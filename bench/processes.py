@@ -53,12 +53,12 @@ class Child:
     """A server under test: started at once, ``wait_ready()``, ``stop()`` (idempotent)."""
 
     def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 ready: bytes = b": ready on") -> None:
+                 ready: bytes = b": ready on", cwd: Path | None = None) -> None:
         self.name, self.log_path, self.ready = name, log_path, ready
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env or clean_env(), cwd=ROOT, start_new_session=True)
+                                     env=env or clean_env(), cwd=cwd or ROOT, start_new_session=True)
         self.stopped = False
 
     @property
@@ -117,10 +117,12 @@ class Child:
 
 
 def llmsrv(url: str, prefix: str, log_dir: Path, env: dict[str, str] | None = None,
-           name: str = "llmsrv") -> Child:
-    """``python -m llmsrv serve`` on ``<prefix>.request`` (``mock:echo`` is built in)."""
-    return Child(name, [sys.executable, "-m", "llmsrv", "serve", "--nats-url", url],
-                 log_dir / f"{name}.log", clean_env({"LLMSRV__NATS__SUBJECT_PREFIX": prefix, **(env or {})}))
+           name: str = "llmsrv", tree: Path | None = None) -> Child:
+    """``python -m llmsrv serve`` on ``<prefix>.request`` (``mock:echo`` is built in); from another
+    checkout's ``llmsrv/`` when ``tree`` is given (a before/after comparison in the same run)."""
+    extra = {"PYTHONPATH": str(tree)} if tree else {}
+    return Child(name, [sys.executable, "-m", "llmsrv", "serve", "--nats-url", url], log_dir / f"{name}.log",
+                 clean_env({"LLMSRV__NATS__SUBJECT_PREFIX": prefix, **extra, **(env or {})}), cwd=tree)
 
 
 def responder(url: str, prefix: str, log_dir: Path, reply_bytes: int | None = None,

@@ -298,3 +298,13 @@ def test_overload_smoke(tmp_path: Path) -> None:
     assert {p for p in result.problems if p.startswith("target not met")} == {
         f"target not met: {k.replace('_', ' ')}" for k, ok in point["meets"].items() if not ok}
     check_written(result, tmp_path)
+
+
+def test_overhead_compares_with_a_base_tree(tmp_path: Path) -> None:
+    """``--base-tree``: llmsrv from another checkout (here this one) as a third target in the same rounds."""
+    root = Path(__file__).resolve().parent.parent
+    result = overhead.run(Options(smoke=True, out_dir=tmp_path, progress=False, base_tree=root))
+    targets = result.figures["targets"]
+    assert set(targets) == {"llmsrv", "responder", "llmsrv@base"} and targets["llmsrv@base"]["errors"] == 0
+    assert all(sane(result.figures["vs_base"][k]) for k in ("rps", "p99", "cpu_us_per_req"))
+    assert "llmsrv / llmsrv@base" in result.summary_md

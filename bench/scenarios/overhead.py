@@ -36,8 +36,8 @@ from bench.scenario import Options, Result
 NAME = "overhead"
 SUMMARY = "llmsrv + mock:echo vs the bare responder: max throughput, CPU per request, ratios (closed loop)"
 CONCURRENCY = 100
-LLMSRV, RESPONDER = "llmsrv", "responder"
-SUBJECTS = {LLMSRV: "llm.request", RESPONDER: "bench.request"}
+LLMSRV, RESPONDER, BASE = "llmsrv", "responder", "llmsrv@base"
+SUBJECTS = {LLMSRV: "llm.request", RESPONDER: "bench.request", BASE: "base.request"}
 
 
 @dataclass
@@ -78,9 +78,15 @@ def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
         size = llm.wait_ready(nats.url, SUBJECTS[LLMSRV])
         resp = es.enter_context(processes.responder(nats.url, "bench", log_dir, reply_bytes=size))
         resp_size = resp.wait_ready(nats.url, SUBJECTS[RESPONDER])
+        children: dict[str, processes.Child | None] = {LLMSRV: llm, RESPONDER: resp}
+        sizes = {LLMSRV: size, RESPONDER: resp_size}
+        if opts.base_tree:  # the same llmsrv code path from another checkout: a before/after in the same rounds
+            base = es.enter_context(processes.llmsrv(nats.url, "base", log_dir, name="llmsrv-base",
+                                                     tree=opts.base_tree.resolve()))
+            sizes[BASE] = base.wait_ready(nats.url, SUBJECTS[BASE])
+            children[BASE] = base
         gen = es.enter_context(LoadGen(nats.url, SUBJECTS[LLMSRV], timeout_s, log_dir / "loadgen.log"))
-        yield Stack(nats.url, gen, dict(SUBJECTS), {LLMSRV: llm, RESPONDER: resp}, nats.proc.pid,
-                    {LLMSRV: size, RESPONDER: resp_size})
+        yield Stack(nats.url, gen, {n: SUBJECTS[n] for n in children}, children, nats.proc.pid, sizes)
 
 
 def _cpu(pid: int | None) -> float | None:
@@ -183,6 +189,11 @@ def run(opts: Options) -> Result:
         a, b = targets[LLMSRV], targets[RESPONDER]
         figures["ratios"] = {"rps": ratio(a["rps"], b["rps"]), "p99": ratio(a["p99_ms"], b["p99_ms"]),
                              "cpu_us_per_req": ratio(a["target_cpu_us_per_req"], b["target_cpu_us_per_req"])}
+    if BASE in targets:
+        a, b = targets[LLMSRV], targets[BASE]
+        figures["vs_base"] = {"tree": str(opts.base_tree), "rps": ratio(a["rps"], b["rps"]),
+                              "p99": ratio(a["p99_ms"], b["p99_ms"]),
+                              "cpu_us_per_req": ratio(a["target_cpu_us_per_req"], b["target_cpu_us_per_req"])}
     for n, t in targets.items():
         if t["errors"]:
             problems.append(f"{n}: {t['errors']} failed requests")
@@ -201,11 +212,11 @@ def run(opts: Options) -> Result:
             for n, t in targets.items()]
     md = md_table(["target", "req/s (median)", "req/s min-max", "CPU us/req", "target CPU", "generator us/req",
                    "busiest generator CPU", "cores used", "p50 ms", "p99 ms", "errors"], rows)
-    r = figures.get("ratios")
-    if r:
-        md += "\n" + md_table(["llmsrv / responder", "req/s", "p99", "CPU per request"],
-                              [["ratio", fmt(r["rps"], ".2f", "x"), fmt(r["p99"], ".2f", "x"),
-                                fmt(r["cpu_us_per_req"], ".2f", "x")]])
+    ratio_rows = [[label, fmt(r["rps"], ".2f", "x"), fmt(r["p99"], ".2f", "x"), fmt(r["cpu_us_per_req"], ".2f", "x")]
+                  for label, r in (("llmsrv / responder", figures.get("ratios")),
+                                   (f"llmsrv / llmsrv@base ({opts.base_tree})", figures.get("vs_base"))) if r]
+    if ratio_rows:
+        md += "\n" + md_table(["ratio", "req/s", "p99", "CPU per request"], ratio_rows)
     md += (f"\nClosed loop, {CONCURRENCY} outstanding, {rounds} interleaved round(s), "
            f"{reply_bytes.get(LLMSRV)}-byte replies; CPU from /proc over each run / replies.\n")
     series = {f"{n} req/s, round {p['round']}": [(float(s), float(c)) for s, c in enumerate(p["per_second"])]
