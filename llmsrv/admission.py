@@ -19,7 +19,8 @@ before it could start"):
 * a request arriving while the delay is over ``max_queue_ms`` is refused with ``OVERLOADED``;
 * below it, a share of new requests is admitted (evenly spread: every 1/share-th), the rest
   refused. Each returning ping moves the share: a round trip over a quarter of ``max_queue_ms``
-  multiplies it by ``DECREASE`` (not below ``MIN_SHARE``), one under adds ``INCREASE`` (up to 1).
+  right after another one multiplies it by ``DECREASE`` (not below ``MIN_SHARE``: a burst that
+  clears within one slow round trip is not shed), one under adds ``INCREASE`` (up to 1).
 
 Refusing costs a fraction of serving, so the backlog drains and the successful replies wait
 about ``max_queue_ms`` / 4 plus their service time, while the instance stays busy serving (an
@@ -36,12 +37,13 @@ MIN_SHARE = 0.02
 
 
 class QueueDelay:
-    __slots__ = ("limit_s", "target_s", "rtt_s", "sent_at", "pings", "share", "_credit")
+    __slots__ = ("limit_s", "target_s", "rtt_s", "sent_at", "pings", "share", "_credit", "_slow")
 
     def __init__(self, max_queue_s: float) -> None:
         self.limit_s, self.target_s = max_queue_s, max_queue_s / 4
         self.share = 1.0  # of new requests admitted while the delay is under the limit
         self._credit = 0.0
+        self._slow = False  # the last round trip was over the target
         self.rtt_s = 0.0  # the last ping's round trip
         self.sent_at: float | None = None  # the ping out now, if one is
         self.pings = 0
@@ -56,10 +58,12 @@ class QueueDelay:
         if self.sent_at is not None:
             self.rtt_s = now - self.sent_at
             self.sent_at = None
-            if self.rtt_s > self.target_s:
+            slow = self.rtt_s > self.target_s
+            if slow and self._slow:
                 self.share = max(MIN_SHARE, self.share * DECREASE)
-            else:
+            elif not slow:
                 self.share = min(1.0, self.share + INCREASE)
+            self._slow = slow
 
     def delay(self, now: float) -> float:
         """What a request arriving now has waited: the last round trip, or the age of the ping out now."""

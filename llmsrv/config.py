@@ -180,7 +180,10 @@ class HedgeConfig(_Frozen, frozen=True):
 class RoutingConfig(_Frozen, frozen=True, kw_only=True):
     matrix: Matrix
     aliases: dict[str, str] = {}
-    prefixes: dict[str, str] = {}  # bare model name prefix -> provider; longest prefix wins
+    # bare model name prefix -> the providers serving that family, in order ("provider" or
+    # "provider:template" with {model}); longest prefix wins
+    prefixes: dict[str, str | list[str]] = {}
+    provider_aliases: dict[str, str] = {}  # provider hint -> provider key (the predecessor's names)
     capability_scores: dict[str, dict[CapabilityName, Score]] = {}  # "provider:model" or "provider"
     complexity: ComplexityConfig = ComplexityConfig()
     retry: RetryConfig = RetryConfig()
@@ -261,9 +264,22 @@ DEFAULTS: dict[str, Any] = {
         },
         # the current model of each Claude tier (Anthropic's models overview, 2026-12)
         "aliases": {"sonnet": "claude-sonnet-4-6", "opus": "claude-opus-4-7", "haiku": "claude-haiku-4-5"},
+        # bare model names: the providers of each family, first with credentials first (the
+        # predecessor sent bare gpt-* to Copilot); GitHub Models and OpenRouter name models publisher/model
         "prefixes": {
-            "claude-": "claude", "gemini-": "gemini", "gpt-": "codex", "o1": "codex", "o3": "codex",
-            "o4": "codex", "codex-": "codex", "grok-": "copilot", "echo": "mock", "lorem": "mock",
+            "claude-": ["claude", "openrouter:anthropic/{model}"],
+            "gemini-": ["gemini", "openrouter:google/{model}"],
+            "gpt-": ["copilot", "codex", "github:openai/{model}", "openrouter:openai/{model}"],
+            "o1": ["codex", "github:openai/{model}", "openrouter:openai/{model}"],
+            "o3": ["codex", "copilot", "github:openai/{model}", "openrouter:openai/{model}"],
+            "o4": ["codex", "github:openai/{model}", "openrouter:openai/{model}"],
+            "codex-": ["codex"], "grok-": ["copilot", "openrouter:x-ai/{model}"],
+            "echo": ["mock"], "lorem": ["mock"],
+        },
+        # provider hints as the predecessor (and its clients) wrote them
+        "provider_aliases": {
+            "claude-code": "claude", "anthropic": "claude", "github-copilot": "copilot", "grok": "copilot",
+            "google": "gemini", "gemini-cli": "gemini", "openai": "codex", "codex-cli": "codex",
         },
         # 1-10; a missing model or capability scores a neutral 5.
         "capability_scores": {

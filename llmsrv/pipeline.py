@@ -111,7 +111,7 @@ class Pipeline:
                     if blocked is not None:
                         states[target.spec] = msgspec.structs.replace(states[target.provider],
                                                                       circuit_retry_after_s=blocked)
-        return routing.filter_plan(found, states, request.provider)
+        return routing.filter_plan(found, states)
 
     def _route(self, request: LLMRequest) -> routing.Route:
         """``routing.route`` memoised on what it reads; an inferred complexity reads the text."""

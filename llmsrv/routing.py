@@ -2,9 +2,14 @@
 
 Pure (no I/O, no clock: callers pass the state). Rules, in order:
 
+0. A provider hint is first normalised through ``[routing] provider_aliases`` (the predecessor's
+   names: ``claude-code`` -> claude, ``github-copilot`` and ``grok`` -> copilot, ...).
 1. ``model = "provider:model"``: exactly that provider; the model part goes through the aliases.
-2. A bare model name: the provider hint if given, else the longest matching prefix rule
-   (``[routing.prefixes]``).
+2. A bare model name (through the aliases first: ``sonnet`` -> ``claude-sonnet-4-6``): the
+   provider hint if given, else the family of the longest matching prefix (``[routing.prefixes]``):
+   an ordered list of providers serving it (``gpt-`` -> copilot, codex, github, openrouter), each
+   ``provider`` or ``provider:template`` (``{model}`` replaced: ``openrouter:openai/{model}``).
+   The first with credentials is tried first, the others are fallbacks.
 3. ``model = "auto"``: the cell of the task_type x complexity matrix (task aliases folded;
    a missing complexity is inferred, see ``infer_complexity``), kept to the hinted provider if
    there is a hint, then re-ranked by the capability hints (stable: ties keep matrix order).
@@ -12,7 +17,8 @@ Pure (no I/O, no clock: callers pass the state). Rules, in order:
 Then each candidate is checked against its provider's state and skipped, with the reason
 recorded, when it has no credentials, its breaker is open or it has no rate-limit headroom.
 When ``auto`` finds no candidate with credentials at all, the mock provider answers (CONTRACT
-section 5). An explicit model without credentials is an error (``MISSING_CREDENTIALS``).
+section 5). An explicit model none of whose providers has credentials is an error
+(``MISSING_CREDENTIALS``).
 """
 
 from __future__ import annotations
@@ -98,35 +104,49 @@ def capability_score(target: Target, capabilities: Sequence[str], routing: Routi
     return sum(scores.get(c, NEUTRAL_SCORE) for c in capabilities)  # type: ignore[call-overload]
 
 
-def explicit_target(request: LLMRequest, routing: RoutingConfig) -> Target | None:
-    """The target a request names, or None for ``auto``."""
+def provider_hint(request: LLMRequest, routing: RoutingConfig) -> str | None:
+    """The request's provider hint, normalised (``claude-code`` -> ``claude``) and checked."""
+    if request.provider is None:
+        return None
+    hint = routing.provider_aliases.get(request.provider, request.provider)
+    _check_provider(hint)
+    return hint
+
+
+def family(model: str, routing: RoutingConfig) -> list[Target]:
+    """The providers serving a bare model name: its longest matching prefix's family, in order."""
+    rule = max((prefix for prefix in routing.prefixes if model.startswith(prefix)), key=len, default=None)
+    if rule is None:
+        raise errors.ProviderNotFound(f"cannot tell the provider of model {model!r}: write it as provider:model")
+    entries = routing.prefixes[rule]
+    targets = []
+    for entry in [entries] if isinstance(entries, str) else entries:
+        provider, _, template = entry.partition(":")
+        _check_provider(provider)
+        targets.append(Target(provider, template.replace("{model}", model) if template else model))
+    return targets
+
+
+def explicit_targets(request: LLMRequest, routing: RoutingConfig, hint: str | None) -> list[Target] | None:
+    """The targets a request names (one, or a model family's), or None for ``auto``."""
     if request.model == "auto":
         return None
-    hint = request.provider
     if ":" in request.model:
         provider, model = _split(request.model)
         _check_provider(provider)
-    elif hint is not None:
-        provider, model = hint, request.model
-    else:
-        prefixes = sorted(routing.prefixes.items(), key=lambda kv: -len(kv[0]))
-        provider = next((p for prefix, p in prefixes if request.model.startswith(prefix)), "")
-        model = request.model
-        if not provider:
-            raise errors.ProviderNotFound(
-                f"cannot tell the provider of model {request.model!r}: write it as provider:model")
-        _check_provider(provider)
-    if not model:
-        raise errors.ValidationFailed("model must be provider:model with a model part - at `$.model`")
-    return Target(provider, routing.aliases.get(model, model))
+        if not model:
+            raise errors.ValidationFailed("model must be provider:model with a model part - at `$.model`")
+        return [Target(provider, routing.aliases.get(model, model))]
+    model = routing.aliases.get(request.model, request.model)
+    return [Target(hint, model)] if hint is not None else family(model, routing)
 
 
-def candidates(request: LLMRequest, routing: RoutingConfig, complexity: str) -> list[Target]:
+def candidates(request: LLMRequest, routing: RoutingConfig, complexity: str, hint: str | None) -> list[Target]:
     """The ordered candidates of an ``auto`` request, before any provider state is looked at."""
     alias = routing.aliases.get
     task = TASK_ALIASES.get(request.task_type, request.task_type)
     cell: list[str] = getattr(getattr(routing.matrix, task), complexity)
-    found = [Target(p, alias(m, m)) for p, m in map(_split, cell) if request.provider in (None, p)]
+    found = [Target(p, alias(m, m)) for p, m in map(_split, cell) if hint in (None, p)]
     if request.capabilities:
         caps = request.capabilities
         found.sort(key=lambda t: -capability_score(t, caps, routing))
@@ -139,33 +159,34 @@ class Route(msgspec.Struct, frozen=True):
     targets: list[Target]
     complexity: str | None  # None: an explicit model; else the complexity of the auto route
     providers: tuple[str, ...] = ()  # whose state the plan reads (targets', and mock for auto)
+    hint: str | None = None  # the provider hint, normalised
 
 
-def _route(targets: list[Target], complexity: str | None) -> Route:
+def _route(targets: list[Target], complexity: str | None, hint: str | None) -> Route:
     names = [t.provider for t in targets] + ([FALLBACK[0]] if complexity is not None else [])
-    return Route(targets, complexity, tuple(dict.fromkeys(names)))
+    return Route(targets, complexity, tuple(dict.fromkeys(names)), hint)
 
 
 def route(request: LLMRequest, routing: RoutingConfig) -> Route:
-    if request.provider is not None:
-        _check_provider(request.provider)
-    target = explicit_target(request, routing)
-    if target is not None:
-        return _route([target], None)
+    hint = provider_hint(request, routing)
+    targets = explicit_targets(request, routing, hint)
+    if targets is not None:
+        return _route(targets, None, hint)
     complexity = request.complexity or infer_complexity(request.messages, routing.complexity)
-    return _route(candidates(request, routing, complexity), complexity)
+    return _route(candidates(request, routing, complexity, hint), complexity, hint)
 
 
 def plan(request: LLMRequest, routing: RoutingConfig, states: Mapping[str, ProviderState]) -> Plan:
     """Ordered candidates for ``request``; ``states`` maps provider key -> its state now."""
-    return filter_plan(route(request, routing), states, request.provider)
+    return filter_plan(route(request, routing), states)
 
 
-def filter_plan(found: Route, states: Mapping[str, ProviderState], hint: str | None) -> Plan:
+def filter_plan(found: Route, states: Mapping[str, ProviderState]) -> Plan:
     """Skip candidates that cannot be tried now, recording why. ``states`` is keyed by provider,
     and by ``provider:model`` where a model's state differs (its own breaker is open)."""
     missing = ProviderState(available=False)
-    if found.complexity is None and not states.get(found.targets[0].provider, missing).available:
+    hint = found.hint
+    if found.complexity is None and not any(states.get(t.provider, missing).available for t in found.targets):
         raise errors.MissingCredentials(f"provider {found.targets[0].provider!r} has no usable credentials")
     keep: list[Target] = []
     skipped: list[Skip] = []
@@ -182,7 +203,7 @@ def filter_plan(found: Route, states: Mapping[str, ProviderState], hint: str | N
     if found.complexity is not None and not keep and all(s.reason == "missing_credentials" for s in skipped):
         if hint not in (None, "mock"):
             raise errors.MissingCredentials(f"provider {hint!r} has no usable credentials")
-        return filter_plan(_route([Target(*FALLBACK)], found.complexity), states, hint)
+        return filter_plan(_route([Target(*FALLBACK)], found.complexity, hint), states)
     return Plan(keep, skipped, found.complexity)
 
 

@@ -48,7 +48,7 @@ def test_slow_round_trips_shrink_the_share_admitted_and_fast_ones_restore_it() -
         q.sent(t)
         t += 0.3
         q.received(t)
-    assert q.share == pytest.approx(admission.DECREASE ** 3)
+    assert q.share == pytest.approx(admission.DECREASE ** 2)  # the first slow one alone changes nothing
     assert admitted(q, 1000, t) == pytest.approx(1000 * q.share, abs=1)  # spread evenly, no randomness
     while q.share < 1.0:  # round trips back under a quarter: the share climbs back
         q.sent(t)
@@ -62,5 +62,14 @@ def test_the_share_never_reaches_zero() -> None:
     for i in range(100):
         q.sent(float(i))
         q.received(i + 0.9)
+        assert q.share > 0
     assert q.share == admission.MIN_SHARE
     assert admitted(q, 1000, 100.0) == pytest.approx(1000 * admission.MIN_SHARE, abs=1)
+
+
+def test_one_slow_round_trip_between_fast_ones_is_a_burst_not_overload() -> None:
+    q = QueueDelay(1.0)
+    for i, rtt in enumerate([0.01, 0.5, 0.01, 0.6, 0.02, 0.4]):
+        q.sent(float(i))
+        q.received(i + rtt)
+    assert q.share == 1.0

@@ -329,7 +329,8 @@ async def test_a_request_that_waited_past_max_queue_ms_is_overloaded(nats_url: s
 
 async def test_mock_is_not_capped_by_a_bulkhead_under_load(nats_url: str) -> None:
     n = 2000  # well over the 64 of a real provider's default max_concurrency
-    async with running(nats_url, providers={"mock": {"latency_ms": 1500}}) as h:
+    # load shedding off (max_queue_ms): this is about bulkheads, and a busy machine may shed the burst
+    async with running(nats_url, server={"max_queue_ms": 600000}, providers={"mock": {"latency_ms": 1500}}) as h:
         results: list[str] = []
 
         async def one(i: int) -> None:
@@ -418,7 +419,8 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
     n = 400
     prefix = f"p{uuid.uuid4().hex[:8]}"
     proc = _serve(nats_url, prefix, LLMSRV__PROVIDERS__MOCK__LATENCY_MS="2000",
-                  LLMSRV__SERVER__MAX_INFLIGHT="300", LLMSRV__SERVER__DRAIN_GRACE_S="30")
+                  LLMSRV__SERVER__MAX_INFLIGHT="300", LLMSRV__SERVER__DRAIN_GRACE_S="30",
+                  LLMSRV__SERVER__MAX_QUEUE_MS="600000")  # only max_inflight refuses here
     outcomes: list[str] = []
     try:
         async with Client.connect(nats_url, prefix) as client:
@@ -442,7 +444,7 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
 
 async def test_requests_the_nats_client_drops_are_answered_overloaded(nats_url: str) -> None:
     burst = 2000
-    async with running(nats_url, nats={"pending_msgs_limit": 5}) as h:
+    async with running(nats_url, server={"max_queue_ms": 600000}, nats={"pending_msgs_limit": 5}) as h:
         bus = h.client.bus
         replies: dict[str, list[Any]] = {}
         inbox = bus.new_inbox()
@@ -468,6 +470,6 @@ def test_a_model_whose_own_breaker_is_open_is_skipped_by_routing() -> None:
     cfg = build_config({"routing": {"matrix": {"general": {"simple": ["mock:fail", "mock:echo"]}}}}, env={})
     found = routing.route(messages.decode_request(ENC({"messages": user(), "complexity": "simple"})), cfg.routing)
     up = routing.ProviderState()
-    plan = routing.filter_plan(found, {"mock": up, "mock:fail": routing.ProviderState(True, 12.5)}, None)
+    plan = routing.filter_plan(found, {"mock": up, "mock:fail": routing.ProviderState(True, 12.5)})
     assert [t.spec for t in plan.candidates] == ["mock:echo"]
     assert [(s.target.spec, s.reason, s.retry_after_ms) for s in plan.skipped] == [("mock:fail", "circuit_open", 12500)]

@@ -31,7 +31,7 @@ def _plan(kw: dict[str, Any], states: dict[str, ProviderState]) -> routing.Plan:
     ({"model": "mock:echo"}, _states(), ["mock:echo"]),
     ({"model": "echo"}, _states(), ["mock:echo"]),
     ({"model": "claude-opus-4-1"}, _states("claude"), ["claude:claude-opus-4-1"]),
-    ({"model": "gpt-4o"}, _states("codex"), ["codex:gpt-4o"]),
+    ({"model": "gpt-4o"}, _states("codex"), ["codex:gpt-4o"]),  # copilot first, but without credentials
     ({"model": "grok-code-fast-1"}, _states("copilot"), ["copilot:grok-code-fast-1"]),
     ({"model": "lorem", "provider": "mock"}, _states(), ["mock:lorem"]),
     ({"model": "claude:sonnet"}, _states("claude"), ["claude:claude-sonnet-4-6"]),
@@ -55,6 +55,52 @@ def _plan(kw: dict[str, Any], states: dict[str, ProviderState]) -> routing.Plan:
         "architect-alias", "code-ranks", "reasoning-ranks", "unknown-model-neutral"])
 def test_plan_candidates(kw: dict[str, Any], states: dict[str, ProviderState], expected: list[str]) -> None:
     assert [t.spec for t in _plan(kw, states).candidates] == expected
+
+
+@pytest.mark.parametrize(("kw", "available", "expected"), [
+    # the predecessor's provider hints, normalised
+    ({"model": "sonnet", "provider": "claude-code"}, ("claude",), ["claude:claude-sonnet-4-6"]),
+    ({"model": "gpt-4o", "provider": "github-copilot"}, ("copilot",), ["copilot:gpt-4o"]),
+    ({"model": "grok-code-fast-1", "provider": "grok"}, ("copilot",), ["copilot:grok-code-fast-1"]),
+    ({"model": "gemini-2.5-pro", "provider": "gemini-cli"}, ("gemini",), ["gemini:gemini-2.5-pro"]),
+    ({"model": "gemini-2.5-pro", "provider": "google"}, ("gemini",), ["gemini:gemini-2.5-pro"]),
+    ({"model": "o3-mini", "provider": "openai"}, ("codex",), ["codex:o3-mini"]),
+    ({"model": "gpt-5-codex", "provider": "codex-cli"}, ("codex",), ["codex:gpt-5-codex"]),
+    ({"provider": "claude-code", "complexity": "complex"}, ("claude", "codex"),
+     ["claude:claude-sonnet-4-6", "claude:claude-opus-4-7"]),
+    # a bare model: its family's providers, the first with credentials first, the others fallbacks
+    ({"model": "gpt-4o"}, ("copilot", "codex", "github", "openrouter"),
+     ["copilot:gpt-4o", "codex:gpt-4o", "github:openai/gpt-4o", "openrouter:openai/gpt-4o"]),
+    ({"model": "gpt-4o"}, ("codex", "openrouter"), ["codex:gpt-4o", "openrouter:openai/gpt-4o"]),
+    ({"model": "gpt-4o"}, ("github",), ["github:openai/gpt-4o"]),
+    ({"model": "claude-opus-4-7"}, ("openrouter",), ["openrouter:anthropic/claude-opus-4-7"]),
+    ({"model": "sonnet"}, ("claude",), ["claude:claude-sonnet-4-6"]),  # a bare alias, then its family
+    ({"model": "opus"}, ("claude", "openrouter"), ["claude:claude-opus-4-7", "openrouter:anthropic/claude-opus-4-7"]),
+], ids=["claude-code", "github-copilot", "grok", "gemini-cli", "google", "openai", "codex-cli", "hint-auto",
+        "gpt-family", "gpt-no-copilot", "gpt-github-only", "claude-openrouter", "bare-alias", "bare-alias-family"])
+def test_predecessor_hints_and_model_families(kw: dict[str, Any], available: tuple[str, ...],
+                                             expected: list[str]) -> None:
+    plan = _plan(kw, _states(*available))
+    assert [t.spec for t in plan.candidates] == expected
+    assert all(s.reason == "missing_credentials" for s in plan.skipped)
+
+
+def test_a_family_none_of_whose_providers_has_credentials_is_missing_credentials() -> None:
+    with pytest.raises(errors.MissingCredentials):
+        _plan({"model": "gpt-4o"}, _states("claude"))
+    with pytest.raises(errors.ProviderNotFound):
+        _plan({"model": "x", "provider": "no-such-alias"}, _states())
+
+
+def test_families_and_hint_aliases_are_config() -> None:
+    cfg = build_config({"routing": {"prefixes": {"mistral-": ["openrouter:mistralai/{model}", "openai_compat"]},
+                                    "provider_aliases": {"my-vllm": "openai_compat"}}}, env={})
+    found = routing.plan(_req(model="mistral-large"), cfg.routing, _states("openrouter", "openai_compat"))
+    assert [t.spec for t in found.candidates] == ["openrouter:mistralai/mistral-large", "openai_compat:mistral-large"]
+    hinted = routing.plan(_req(model="m", provider="my-vllm"), cfg.routing, _states("openai_compat"))
+    assert [t.spec for t in hinted.candidates] == ["openai_compat:m"]
+    with pytest.raises(Exception, match="routing"):  # a family that is not a list of providers: a config error
+        build_config({"routing": {"prefixes": {"x-": 5}}}, env={})
 
 
 def test_unknown_model_scores_neutral_not_top() -> None:
