@@ -1,7 +1,9 @@
 """Configuration: frozen msgspec structs, loaded once from TOML + environment.
 
 Order of precedence (last wins): built-in defaults < TOML file (``--config`` / ``LLMSRV_CONFIG``)
-< ``LLMSRV__SECTION__KEY=value`` environment overrides < ``LLMSRV_NATS_URL`` < CLI flags.
+< ``NATS_URL`` (the predecessor's variable: nats.url only) < ``LLMSRV__SECTION__KEY=value``
+environment overrides < ``LLMSRV_NATS_URL`` < CLI flags. Only when no NATS URL comes from any of
+them does ``llmsrv serve`` embed a nats-server.
 Tables merge key by key, so ``[routing.matrix.general] simple = [...]`` replaces one cell of the
 default matrix, not the whole matrix. An invalid config raises ``ConfigError`` naming the key path.
 """
@@ -346,6 +348,8 @@ def build_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     """Validate ``data`` (as read from TOML) on top of the defaults and env overrides."""
     env = os.environ if env is None else env
     merged = _merge(copy.deepcopy(DEFAULTS), data)
+    if env.get("NATS_URL"):
+        merged = _merge(merged, {"nats": {"url": env["NATS_URL"]}})
     merged = _merge(merged, _env_overrides(env))
     if env.get("LLMSRV_NATS_URL"):
         merged = _merge(merged, {"nats": {"url": env["LLMSRV_NATS_URL"]}})

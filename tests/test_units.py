@@ -99,6 +99,20 @@ def test_config_errors_name_the_key(data: dict[str, Any], env: dict[str, str], f
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(("file_url", "env", "expected"), [
+    (None, {}, None),  # nothing anywhere: llmsrv serve embeds a nats-server
+    (None, {"NATS_URL": "nats://pred:4222"}, "nats://pred:4222"),  # the predecessor's variable
+    ("nats://file:4222", {"NATS_URL": "nats://pred:4222"}, "nats://pred:4222"),
+    ("nats://file:4222", {}, "nats://file:4222"),
+    (None, {"NATS_URL": "nats://pred:4222", "LLMSRV_NATS_URL": "nats://ours:4222"}, "nats://ours:4222"),
+    (None, {"NATS_URL": "nats://pred:4222", "LLMSRV__NATS__URL": "nats://key:4222"}, "nats://key:4222"),
+    (None, {"NATS_URL": ""}, None),
+], ids=["none", "nats-url", "nats-url-over-file", "file", "llmsrv-nats-url-wins", "key-override-wins", "empty"])
+def test_nats_url_precedence(file_url: str | None, env: dict[str, str], expected: str | None) -> None:
+    data = {"nats": {"url": file_url}} if file_url else {}
+    assert build_config(data, env=env).nats.url == expected
+
+
 def test_config_merges_cells_and_env() -> None:
     cfg = build_config({"routing": {"matrix": {"general": {"simple": ["mock:lorem"]}}}},
                        env={"LLMSRV__PROVIDERS__MOCK__LATENCY_MS": "25", "LLMSRV_NATS_URL": "nats://h:1"})
