@@ -218,7 +218,8 @@ def _render_path(stack: list[list[Any]]) -> str:
     return "$" + "".join(f"[{key}]" if kind == b"[" else f".{key}" for kind, key, _ in stack)
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+def decode_with(decoder: msgspec.json.Decoder[Any], data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Decode ``data`` with ``decoder`` under the depth limit; schema errors name the field (``RequestError``)."""
     check_depth(data, max_depth)
     try:
         return decoder.decode(data)
@@ -235,7 +236,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, max_depth: int = DE
 
 def decode_request(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> LLMRequest:
     """Decode and validate an ``llm.request`` body, or raise a ``RequestError``."""
-    request: LLMRequest = _decode(_request_decoder, data, max_depth)
+    request: LLMRequest = decode_with(_request_decoder, data, max_depth)
     check_turns(request.messages)
     for i, tool in enumerate(request.tools or ()):
         params = tool.function.parameters
@@ -280,12 +281,12 @@ def check_turns(messages: list[Message]) -> None:
 
 
 def decode_cancel(data: bytes) -> CancelRequest:
-    result: CancelRequest = _decode(_cancel_decoder, data)
+    result: CancelRequest = decode_with(_cancel_decoder, data)
     return result
 
 
 def decode_breaker_set(data: bytes) -> BreakerSet:
-    result: BreakerSet = _decode(_breaker_set_decoder, data)
+    result: BreakerSet = decode_with(_breaker_set_decoder, data)
     return result
 
 
