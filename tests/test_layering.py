@@ -12,8 +12,8 @@ PKG = pathlib.Path(__file__).parent.parent / "llmsrv"
 IO_LIBRARIES = {"trio", "trio_asyncio", "asyncio", "anyio", "outcome", "httpx", "httpx_sse", "httpcore", "h11",
                 "nats", "redis", "socket", "subprocess"}
 # decisions and wire shapes only: a request description in, events folded out; no I/O, no clock
-PURE = ["errors", "messages", "config", "routing", "redact", "admission", "worker_wire", "providers", "providers.codecs",
-        "providers.codecs.anthropic", "providers.codecs.gemini", "providers.codecs.openai_chat",
+PURE = ["errors", "messages", "config", "routing", "redact", "admission", "worker_wire", "providers",
+        "providers.codecs", "providers.codecs.anthropic", "providers.codecs.gemini", "providers.codecs.openai_chat",
         "providers.codecs.openai_responses", "providers.codecs.stream_json"]
 # each foreign library and the one module allowed to import it
 EDGES = {"httpx": {"providers.http"}, "httpx_sse": {"providers.http"}, "nats": {"bus"}, "trio_asyncio": {"bus"},
