@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = mod.run(opts)
+        try:
+            result = mod.run(opts)
+        except BaseExceptionGroup as group:  # trio nurseries wrap a Ctrl-C too
+            interrupt, _ = group.split(KeyboardInterrupt)
+            if interrupt is None:
+                raise
+            raise KeyboardInterrupt from group
     except KeyboardInterrupt:
         print("interrupted: every process this run started has been stopped", file=sys.stderr)
         return 130

@@ -33,7 +33,7 @@ Kind = Literal["spectrum", "rate", "time", "param"]
 MAX_X = 1e5  # where the max (100th percentile) sits on the 1/(1-p) axis
 SPECTRUM_TICKS = {1.0: "min", 2.0: "50%", 10.0: "90%", 1e2: "99%", 1e3: "99.9%", 1e4: "99.99%", MAX_X: "max"}
 PARAM_X = {"decode": "request size (bytes)", "provider": "concurrent requests", "stream": "concurrent streams",
-           "scaleout": "llmsrv processes"}
+           "scaleout": "llmsrv processes", "peers": "concurrent requests"}
 PARAM_UNITS = (("_us_per_req", "cpu", "CPU per request", "CPU µs per request"),  # name suffix -> panel
                ("_per_s", "rate", "throughput", "per second"),
                ("_ms", "ms", "latency", "ms"),

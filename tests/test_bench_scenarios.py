@@ -7,14 +7,16 @@ table, no problems, no process left behind), never the performance numbers thems
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.scenario import Options, Result
-from bench.scenarios import cancel, decode, provider, stream
+from bench.scenarios import cancel, decode, peers, provider, stream
 
 from .bench_checks import no_leftover_processes  # noqa: F401 (autouse fixture)
 
@@ -133,3 +135,24 @@ def test_hand_decode_rejects_what_decode_request_rejects(body: dict[str, Any]) -
         decode.decode_request(data)
     with pytest.raises(decode.Invalid):
         decode.hand_decode(data)
+
+
+def test_peers_smoke_without_litellm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(peers, "VENV", tmp_path / "peers-venv")  # whatever bench/.peers-venv holds
+    result = peers.run(dataclasses.replace(SMOKE, out_dir=tmp_path))
+    assert result.problems == [peers.NOT_INSTALLED]
+    assert not (tmp_path / "peers-venv").exists()  # nothing is installed without --peers
+    check_result(dataclasses.replace(result, problems=[]), "peers")
+    assert result.figures["settings"]["concurrency"] == [10]
+    assert result.figures["settings"]["litellm"] is None
+    point = result.figures["c10"]
+    assert set(point) == {"direct", "llmsrv"}
+    for way in ("direct", "llmsrv"):
+        figure = point[way]
+        assert figure["ok"] > 0 and figure["errors"] == 0
+        for key in ("rps", "p50_ms", "p99_ms", "client_cpu_us_per_req"):
+            check_spread(figure[key])
+    check_spread(point["llmsrv"]["cpu_us_per_req"])
+    for key in ("added_p50_ms", "added_p99_ms"):
+        check_spread(point["llmsrv"][key], signed=True)
+    assert point["direct"]["cpu_us_per_req"]["median"] is None  # no peer process on the direct way

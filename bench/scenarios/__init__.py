@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench.scenarios import cancel, decode, faults, latency, overhead, overload, peers, provider, scale, stream
+from bench.scenarios import (
+    cancel,
+    decode,
+    faults,
+    latency,
+    overhead,
+    overload,
+    peers,
+    provider,
+    scale,
+    scaleout,
+    stream,
+)
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (overhead, latency, overload, cancel, stream, provider, peers, decode, scale, faults)}
+    m.NAME: m for m in (overhead, latency, overload, cancel, stream, provider, peers, decode, scale, faults, scaleout)}

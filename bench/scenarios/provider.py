@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -136,9 +138,31 @@ class _Forget(list[Request]):
         pass
 
 
-async def _load(call: Any, concurrency: int, warmup_s: float, duration_s: float,
-                pids: dict[str, int | None]) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` workers calling ``call()``; what finished inside the window counts."""
+def http_client(base_url: str, pool: int, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """The direct way's client: one ``httpx.AsyncClient`` with ``pool`` connections."""
+    return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, headers=headers,
+                             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+
+
+async def post_chat(http: httpx.AsyncClient) -> None:
+    """One chat completion over HTTP (model ``m``), the body read and decoded."""
+    response = await http.post("/chat/completions", json={"model": "m", "messages": MESSAGES})
+    response.raise_for_status()
+    response.json()
+
+
+async def complete_via(client: Client) -> None:
+    """The same chat completion through llmsrv's NATS request path."""
+    await client.complete({"messages": MESSAGES, "model": "openai_compat:m"})
+
+
+async def load(call: Callable[[], Awaitable[None]], concurrency: int, warmup_s: float, duration_s: float,
+               pids: dict[str, int | None],
+               cpu_of: Callable[[int], float | None] = cpu_seconds) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` workers calling ``call()``; what finished inside the window counts.
+
+    CPU per request: ``cpu_of(pid)`` of each of ``pids`` (and this process's) at the window's edges.
+    """
     now = trio.current_time()
     t_measure, t_end = now + warmup_s, now + warmup_s + duration_s
     latencies: list[float] = []
@@ -163,7 +187,7 @@ async def _load(call: Any, concurrency: int, warmup_s: float, duration_s: float,
 
     async def sample(at: float, name: str) -> None:
         await trio.sleep_until(at)
-        marks[name] = {"bench": time.process_time(), **{k: cpu_seconds(p) if p else None for k, p in pids.items()}}
+        marks[name] = {"bench": time.process_time(), **{k: cpu_of(p) if p else None for k, p in pids.items()}}
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample, t_measure, "start")
@@ -200,28 +224,16 @@ async def _measure(opts: Options) -> Result:
             llmsrv = llmsrv_child(nats_server.url, upstream_url, pool)
             children.append(llmsrv)
             await llmsrv.wait_ready()
-            async with Client.connect(nats_server.url) as client, \
-                    httpx.AsyncClient(base_url=upstream_url, timeout=REQUEST_TIMEOUT_S,
-                                      limits=httpx.Limits(max_connections=pool,
-                                                          max_keepalive_connections=pool)) as http:
-
-                async def via() -> None:
-                    await client.complete({"messages": MESSAGES, "model": "openai_compat:m"})
-
-                async def direct() -> None:
-                    response = await http.post("/chat/completions", json={"model": "m", "messages": MESSAGES})
-                    response.raise_for_status()
-                    response.json()
-
+            async with Client.connect(nats_server.url) as client, http_client(upstream_url, pool) as http:
+                calls = {"llmsrv": partial(complete_via, client), "direct": partial(post_chat, http)}
                 with trio.fail_after(READY_TIMEOUT_S):
-                    await via()  # the whole path answers before anything is timed
-                calls = {"llmsrv": via, "direct": direct}
+                    await calls["llmsrv"]()  # the whole path answers before anything is timed
                 for r in range(rounds):
                     for c in concurrencies:
                         for way in ways if r % 2 == 0 else ways[::-1]:
-                            got = await _load(calls[way], c, warmup_s, duration_s,
-                                              {"llmsrv": llmsrv.proc.pid if way == "llmsrv" else None,
-                                               "fake": fake.proc.pid})
+                            got = await load(calls[way], c, warmup_s, duration_s,
+                                             {"llmsrv": llmsrv.proc.pid if way == "llmsrv" else None,
+                                              "fake": fake.proc.pid})
                             if got["errors"]:
                                 problems.append(f"{way} c={c} round {r + 1}: {got['errors']} failed requests")
                             raw[(way, c)].append(got)
