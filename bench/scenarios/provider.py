@@ -118,14 +118,16 @@ def llmsrv_child(nats_url: str, upstream_url: str, max_concurrency: int) -> Chil
     return Child("llmsrv", [sys.executable, "-m", "llmsrv", "serve", "--nats-url", nats_url], env, ": ready on")
 
 
-def fake_child() -> Child:
-    return Child("fake upstream", [sys.executable, str(Path(__file__).resolve()), "--fake"], clean_env(),
-                 "fake upstream on ")
+def fake_child(handler: str = "") -> Child:
+    """The fake upstream in its own process: ``handler`` ``""`` answers one JSON completion, ``"stream:N"``
+    streams ``N`` chunks (``stream.py``'s handler)."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--fake", *([handler] if handler else [])]
+    return Child("fake upstream", argv, clean_env(), "fake upstream on ")
 
 
-async def serve_fake() -> None:
-    """``provider.py --fake``: the fake upstream alone, in its own process, until SIGTERM."""
-    async with FakeUpstream(_answer) as up:
+async def serve_fake(handler: Callable[[Request], Any] = _answer) -> None:
+    """``provider.py --fake [stream:N]``: the fake upstream alone, in its own process, until SIGTERM."""
+    async with FakeUpstream(handler) as up:
         up.requests = _Forget()  # type: ignore[assignment]  # keep no log: a long run would grow it without bound
         print(f"fake upstream on {up.url}", flush=True)
         await trio.sleep_forever()
@@ -297,7 +299,12 @@ def run(opts: Options) -> Result:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--fake"]:
-        trio.run(serve_fake)
+    if sys.argv[1:2] == ["--fake"]:
+        if sys.argv[2:3] and sys.argv[2].startswith("stream:"):
+            from bench.scenarios.stream import streaming_handler
+
+            trio.run(serve_fake, streaming_handler(int(sys.argv[2].split(":", 1)[1])))
+        else:
+            trio.run(serve_fake)
     else:
         main(run)

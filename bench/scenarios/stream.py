@@ -1,10 +1,11 @@
 """``stream``: streamed completions through llmsrv vs a direct httpx client to the same fake upstream.
 
-One trio process (``cancel.in_process``): a nats-server child, an in-process llmsrv with the
-``openai_compat`` provider, and a fake OpenAI-compatible upstream that streams ``CHUNKS`` SSE
-chunks (``"tok "`` each) as fast as it can. For 1, 10 and 50 concurrent streams (smoke: 1 and 5),
-each round runs waves of that many streams through llmsrv (``Client.stream``) and, interleaved,
-directly (``httpx`` + ``httpx-sse``, the same request). Per point:
+Processes (as in ``provider``): a nats-server child, llmsrv as a child process with the
+``openai_compat`` provider, and a fake OpenAI-compatible upstream child that streams ``CHUNKS`` SSE
+chunks (``"tok "`` each) as fast as it can; this process only runs the two clients, so llmsrv and
+the fake do not share its thread. For 1, 10 and 50 concurrent streams (smoke: 1 and 5), each round
+runs waves of that many streams through llmsrv (``Client.stream``) and, interleaved, directly
+(``httpx`` + ``httpx-sse``, the same request). Per point:
 
 * time to first chunk (TTFC): from starting a stream to its first text; the overhead is llmsrv's
   TTFC minus the direct one (NATS both ways, validation, routing, the guard, SSE parsing, the
@@ -28,8 +29,11 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from bench.scenario import Options, Result  # noqa: E402
-from bench.scenarios.cancel import Harness, fmt, in_process, main, pct, progress, spread  # noqa: E402
+from bench.scenarios.cancel import fmt, main, pct, progress, spread  # noqa: E402
+from bench.scenarios.provider import fake_child, llmsrv_child  # noqa: E402
+from llmsrv.client import Client  # noqa: E402
 from llmsrv.messages import StreamChunk  # noqa: E402
+from llmsrv.natsserver import NatsServer  # noqa: E402
 from tests.fakes import Request, Sse  # noqa: E402
 
 NAME = "stream"
@@ -50,7 +54,7 @@ LAST = {"id": "c1", "object": "chat.completion.chunk", "model": "m",
         "usage": {"prompt_tokens": 3, "completion_tokens": CHUNKS}}
 
 
-def _handler(chunks: int) -> Any:
+def streaming_handler(chunks: int) -> Any:
     events = [_chunk(DELTA)] * chunks + [LAST, "[DONE]"]
 
     def handler(request: Request) -> Sse:
@@ -58,7 +62,7 @@ def _handler(chunks: int) -> Any:
     return handler
 
 
-async def _via(h: Harness, chunks: int) -> tuple[float, int, int]:
+async def _via(client: Client, chunks: int) -> tuple[float, int, int]:
     """One stream through llmsrv: (TTFC s, upstream chunks received, NATS chunk messages)."""
     first: list[float] = []
     text: list[str] = []
@@ -69,7 +73,7 @@ async def _via(h: Harness, chunks: int) -> tuple[float, int, int]:
         text.append(chunk.delta)
 
     start = trio.current_time()
-    await h.client.stream({"messages": [{"role": "user", "content": "hi"}], "model": "openai_compat:m"}, on_chunk)
+    await client.stream({"messages": [{"role": "user", "content": "hi"}], "model": "openai_compat:m"}, on_chunk)
     return first[0] - start, len("".join(text)) // len(DELTA), len(text)
 
 
@@ -116,12 +120,20 @@ async def _measure(opts: Options) -> Result:
     if opts.nats_url:
         problems.append("stream: --nats-url ignored; the scenario needs its own llmsrv pointed at its fake upstream")
     bar = progress(opts, rounds * len(concurrencies) * 2, "stream")
+    children = []
     try:
         pool = max(concurrencies) + 8
-        async with in_process(_handler(chunks), max_concurrency=pool) as h:
+        with NatsServer() as nats_server:
+            fake = fake_child(f"stream:{chunks}")
+            children.append(fake)
+            upstream_url = (await fake.wait_ready()).split("fake upstream on ", 1)[1].split()[0]
+            llmsrv = llmsrv_child(nats_server.url, upstream_url, pool)
+            children.append(llmsrv)
+            await llmsrv.wait_ready()
             limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-            async with httpx.AsyncClient(base_url=h.upstream.url, limits=limits, timeout=FAILSAFE_S) as http:
-                calls = {"llmsrv": lambda: _via(h, chunks), "direct": lambda: _direct(http)}
+            async with Client.connect(nats_server.url) as client, \
+                    httpx.AsyncClient(base_url=upstream_url, limits=limits, timeout=FAILSAFE_S) as http:
+                calls = {"llmsrv": lambda: _via(client, chunks), "direct": lambda: _direct(http)}
                 for way in ways:  # warm-up, not recorded: connections, imports, caches
                     await _wave(max(concurrencies), calls[way])
                 for r in range(rounds):
@@ -142,6 +154,10 @@ async def _measure(opts: Options) -> Result:
                             bar.update()
     finally:
         bar.close()
+        for each in reversed(children):
+            stopped = each.stop()
+            if stopped:
+                problems.append(stopped)
 
     figures: dict[str, Any] = {"settings": {"rounds": rounds, "concurrency": list(concurrencies),
                                             "chunks_per_stream": chunks, "delta": DELTA,
