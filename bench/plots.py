@@ -60,7 +60,7 @@ def panel(scenario: str, name: str) -> Panel | None:
     """The panel series ``name`` of ``scenario`` is drawn on, or None if it is not plotted."""
     if name.endswith("_ms_by_quantile"):
         return dataclasses.replace(SPECTRUM, x_per_percent=0.01)  # cancel, scale: (quantile, ms)
-    if scenario == "latency":
+    if scenario == "latency" or name.endswith("_spectrum"):
         return SPECTRUM  # loadgen.spectrum_ms: (percentile, ms)
     if " req/s, round " in name:
         return Panel("throughput", "rate", "throughput per second (closed loop)",

@@ -33,6 +33,10 @@ PANELS = [  # (scenario, series name) -> (PNG suffix, kind); None: not plotted
     ("stream", "direct_chunks_per_s", "rate", "param"),
     ("stream", "ttfc_overhead_p50_ms", "ms", "param"),
     ("decode", "hand_us", "us", "param"),
+    ("overload", "ok_latency_at_2x_max_spectrum", "spectrum", "spectrum"),
+    ("overload", "llmsrv req/s, round 1", "throughput", "rate"),
+    ("scaleout", "c100_req_per_s", "rate", "param"),
+    ("peers", "litellm_cpu_us_per_req", "cpu", "param"),
     ("overhead", "something new", None, None),
     ("cancel", "cancel_count", None, None),
 ]

@@ -77,7 +77,7 @@ def run(opts: Options) -> Result:
                     fmt(point["ok_p99_ms"], ".1f"), fmt(point["ok_max_ms"], ".1f"), point["error_codes"] or "-"]])
     md += (f"\nOpen loop at {FACTOR:g}x the closed-loop maximum (c=100), {rounds} round(s) of {duration:g} s "
            f"after {warmup:g} s warm-up; medians; a request unanswered after {TIMEOUT_S:g} s is a timeout.\n")
-    series = {"ok latency at 2x max": spectrum_ms(merged),
-              **{f"ok req/s, round {i + 1}": [(float(s), float(c)) for s, c in enumerate(r["per_second"])]
+    series = {"ok_latency_at_2x_max_spectrum": spectrum_ms(merged),
+              **{f"llmsrv req/s, round {i + 1}": [(float(s), float(c)) for s, c in enumerate(r["per_second"])]
                  for i, r in enumerate(runs)}}
     return Result(NAME, figures, md, series, problems)
