@@ -1,31 +1,31 @@
-"""Command line: argument parsing and start-up only (CONTRACT section 7)."""
+"""Command line: argument parsing and start-up only (CONTRACT section 7).
+
+Start-up is what a person waits for on every call, so this module imports argparse and a little
+of the standard library at the top: each command imports what it needs when it runs (``--version``
+and ``--help`` nothing more; ``ask``, ``status`` and ``breaker`` the client and the bus, never
+providers, metrics or resilience). tests/test_startup.py keeps it so.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import trio
+from . import __version__
 
-from . import __version__, redact
-from .bus import Bus, BusError, bus_error_in, redact_url
-from .client import Client
-from .config import Config, ConfigError, load_config, with_overrides
-from .errors import LlmsrvError, ReplyError
-from .messages import StreamChunk
-from .natsserver import NatsServer, free_port
-from .providers import ProviderStatus
-from .providers.registry import build_providers
-from .routing import PROVIDER_KEYS
-from .service import Service
+if TYPE_CHECKING:
+    import trio
 
-log = logging.getLogger("llmsrv")
+    from .config import Config
+    from .messages import StreamChunk
+    from .service import Service
+
 DEFAULT_CLIENT_URL = "nats://127.0.0.1:4222"
 
 
@@ -67,13 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Libraries that log the wire (httpcore: every response's headers at debug; httpx: each request at info).
-WIRE_LOGGERS = ("httpx", "httpcore", "h11", "h2", "hpack")
+# Libraries that log the wire (httpcore: every response's headers at debug; httpx: each request at info;
+# httpx2 and httpcore2, their successors, the same).
+WIRE_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "h11", "h2", "hpack")
 
 
 def _setup_logging(cfg: Config, level: str) -> None:
     """stderr logging at ``level``; every record redacted; the wire loggers at warning unless
     ``[server] wire_debug`` (then at ``level``, still redacted)."""
+    import logging
+
+    from . import redact
+
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -94,7 +99,9 @@ def _setup_logging(cfg: Config, level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # --version and --help exit here, having imported nothing more
+    from .config import ConfigError, load_config, with_overrides
+
     try:
         cfg = load_config(args.config)
         if getattr(args, "nats_url", None):
@@ -103,11 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmsrv: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg, cfg.server.log_level if args.command == "serve" else "warning")
+    import trio
+
+    if args.command == "check":  # no NATS: the providers only
+        return trio.run(_check, cfg, args.probe)
+    from .bus import BusError, bus_error_in
+
     try:
         if args.command == "serve":
             return _serve(cfg)
-        if args.command == "check":
-            return trio.run(_check, cfg, args.probe)
         url = cfg.nats.url or DEFAULT_CLIENT_URL
         if args.command == "ask":
             return trio.run(_ask, cfg, url, args)
@@ -126,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- serve ---------------------------------------------------------------------------------
 
 def _serve(cfg: Config) -> int:
+    import trio
+
+    from .natsserver import NatsServer, free_port
+
     embedded = None
     url = cfg.nats.url
     if url is None:
@@ -141,6 +156,11 @@ def _serve(cfg: Config) -> int:
 
 
 async def _serve_async(cfg: Config, url: str) -> None:
+    import trio
+
+    from .bus import Bus, redact_url
+    from .service import Service
+
     async with Bus.connect(cfg.nats, url) as bus:
         service = Service(cfg, bus)
         async with trio.open_nursery() as nursery:
@@ -155,6 +175,11 @@ async def _serve_async(cfg: Config, url: str) -> None:
 
 
 async def _watch_signals(service: Service, scope: trio.CancelScope) -> None:
+    import logging
+
+    import trio
+
+    log = logging.getLogger("llmsrv")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if not service.draining:
@@ -168,6 +193,11 @@ async def _watch_signals(service: Service, scope: trio.CancelScope) -> None:
 # ---- clients -------------------------------------------------------------------------------
 
 async def _ask(cfg: Config, url: str, args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import Client
+    from .errors import LlmsrvError, ReplyError
+
     request = {"messages": [{"role": "user", "content": args.prompt}], "model": args.model}
 
     def on_chunk(chunk: StreamChunk) -> None:
@@ -199,6 +229,8 @@ async def _ask(cfg: Config, url: str, args: argparse.Namespace) -> int:
 
 
 async def _cancel_on_sigint(scope: trio.CancelScope) -> None:
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         async for _ in signals:
             scope.cancel()
@@ -207,6 +239,8 @@ async def _cancel_on_sigint(scope: trio.CancelScope) -> None:
 
 async def _admin(cfg: Config, url: str, subject: str, body: dict[str, object]) -> int:
     """Send an admin command to every instance and print each one's answer."""
+    from .client import Client
+
     async with Client.connect(url, cfg.nats.subject_prefix, cfg.nats) as client:
         replies = await client.gather(subject, body)
     print(json.dumps(replies, indent=2))
@@ -219,6 +253,13 @@ async def _admin(cfg: Config, url: str, subject: str, body: dict[str, object]) -
 # ---- check ---------------------------------------------------------------------------------
 
 async def _check(cfg: Config, probe: bool) -> int:
+    import trio
+
+    from .errors import LlmsrvError
+    from .providers import ProviderStatus
+    from .providers.registry import build_providers
+    from .routing import PROVIDER_KEYS
+
     providers = build_providers(cfg)
     print("config: ok")
     for key in PROVIDER_KEYS:
