@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--config", help="TOML config file (default: $LLMSRV_CONFIG)")
-    serve.add_argument("--nats-url", help="NATS URL (default: config, $LLMSRV_NATS_URL, else embedded)")
+    serve.add_argument("--nats-url", help="NATS URL (default: $LLMSRV_NATS_URL, $NATS_URL, config, else embedded)")
 
     ask = sub.add_parser("ask", help="send one request and print the reply")
     ask.add_argument("prompt")
