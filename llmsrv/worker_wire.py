@@ -8,7 +8,9 @@ scheduler, replied on the reply subject or else ``llm.resp.<run_id>.<node_id>``,
   {temperature?, max_tokens?, stream?}, span_ctx?}``; ``model_id`` overrides the subject's model token;
 * reply: ``{corr_id, output, usage: {prompt_tokens, completion_tokens, total_tokens}, finish_reason,
   error?}``; llmsrv adds ``error_code`` beside ``error`` (a string: the message);
-* token: ``{corr_id, chunk, seq, done}``, ``seq`` from 0 without gaps, the last one ``done: true``.
+* token: ``{corr_id, chunk, seq, done}``, ``seq`` from 0 without gaps, the last one ``done: true``;
+* heartbeat (every 30 s on ``llm.health``, no reply subject): ``{worker_id, timestamp, status,
+  models}``; llmsrv adds ``instance_id``, ``version`` and ``inflight`` (CONTRACT section 6).
 
 The request becomes an ``LLMRequest`` validated by the same rules as ``llm.request`` (errors name the
 field in the worker's own shape, e.g. ``$.input.messages[0].role``); ``corr_id`` is its correlation id,
@@ -62,6 +64,16 @@ class WorkerReply(msgspec.Struct, omit_defaults=True):
     finish_reason: str
     error: str | None = None
     error_code: str | None = None
+
+
+class Heartbeat(msgspec.Struct):
+    worker_id: str
+    timestamp: str
+    status: str  # "healthy", "degraded" (not ready: no NATS or no provider), "draining"
+    models: list[str]
+    instance_id: str
+    version: str
+    inflight: int
 
 
 class Token(msgspec.Struct):
@@ -134,3 +146,7 @@ def encode_error(corr_id: str, exc: errors.LlmsrvError) -> bytes:
 
 def encode_token(corr_id: str, chunk: str, seq: int, done: bool = False) -> bytes:
     return _encode(Token(corr_id, chunk, seq, done))
+
+
+def encode_heartbeat(beat: Heartbeat) -> bytes:
+    return _encode(beat)

@@ -88,3 +88,11 @@ def test_replies_and_tokens_in_the_predecessors_shapes() -> None:
         "corr_id": "c-42", "chunk": "he", "seq": 0, "done": False}
     assert worker_wire.reply_subject("llm", "r", "n") == "llm.resp.r.n"
     assert worker_wire.tokens_subject("llm", "r", "n") == "llm.tokens.r.n"
+
+
+def test_the_heartbeat_has_the_predecessors_fields_and_ours() -> None:
+    beat = worker_wire.Heartbeat("llmsrv-abc", "2026-12-03T15:00:00.000Z", "healthy", ["sonnet", "auto"], "abc",
+                                 "0.1.0", 3)
+    assert msgspec.json.decode(worker_wire.encode_heartbeat(beat)) == {
+        "worker_id": "llmsrv-abc", "timestamp": "2026-12-03T15:00:00.000Z", "status": "healthy",
+        "models": ["sonnet", "auto"], "instance_id": "abc", "version": "0.1.0", "inflight": 3}
