@@ -81,8 +81,8 @@ class _Live:
 class _FrontQueue:
     """The self-ping that measures how long requests wait in front of the instance (admission.py)."""
 
-    def __init__(self, bus: Bus, max_queue_s: float) -> None:
-        self.bus, self.subject = bus, bus.new_inbox()
+    def __init__(self, bus: Bus, subject: str, max_queue_s: float) -> None:
+        self.bus, self.subject = bus, subject
         self.delay = QueueDelay(max_queue_s)
         self._back = trio.Event()
 
@@ -119,7 +119,8 @@ class Service:
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers)
         self._live: dict[str, list[_Live]] = {}
-        self._front = _FrontQueue(bus, server.max_queue_ms / 1000)
+        # a subject of its own under the prefix (NATS permissions: docs/nats-permissions.conf)
+        self._front = _FrontQueue(bus, f"{p}.ping.{self.instance_id}", server.max_queue_ms / 1000)
         self._inflight = self._requests = self._errors = self._processing_ns = 0
         self._last_error = ""
         self._draining = False
