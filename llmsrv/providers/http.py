@@ -1,4 +1,4 @@
-"""The one HTTP transport: httpx, status mapping, SSE, body caps, and foreign exceptions mapped once.
+"""The one HTTP transport: httpx2/httpcore2, status mapping, SSE, body caps, foreign exceptions mapped once.
 
 Theory of operation
 -------------------
@@ -11,7 +11,7 @@ Theory of operation
   decoding of every event): HTTP status -> our error classes (400/413/422 caller error, 401/403
   credentials, 404 model, 408/504 timeout, 429 with ``Retry-After``, 5xx upstream; a codec's
   ``status_error`` hook may decide otherwise from the status and the body's message, once), and
-  httpx transport errors, malformed bodies (a fold raising ``KeyError``/``TypeError``/a decode
+  httpx2/httpcore2 transport errors, malformed bodies (a fold raising ``KeyError``/``TypeError``/a decode
   error) and cut streams -> ``ProviderError``. ``on_delta`` runs outside the mapping: a bug in
   the caller is not an upstream's malformed response.
 * **Bodies are capped**: every upstream body (errors, JSON replies, the whole of an event stream)
@@ -20,11 +20,19 @@ Theory of operation
   so no more than about the cap is ever held. ``Accept-Encoding: identity`` is asked for, so the
   bytes counted are the bytes decoded (a plain body read through ``read_body`` is counted after
   decoding as well).
-* **One ``httpx.AsyncClient`` per transport** (per provider), created lazily inside trio, HTTP/1.1
-  keep-alive, ``max_connections = max_concurrency``. httpcore 1.0.9 leaks pool entries when
-  requests are cancelled while the pool is contended (its issue #1093; afterwards every request
-  fails with ``PoolTimeout``): a ``trio.CapacityLimiter`` of the same size sits in front of the
-  client so no request ever waits inside the pool.
+* **Connections** (``pool.py``): per transport (per provider), made lazily inside trio, HTTP/1.1
+  keep-alive. A ``trio.CapacityLimiter`` of ``max_concurrency`` bounds the requests in flight (so
+  the connections in use), and only it ever makes a request wait; idle connections wait on a stack
+  (up to ``max_idle``, by default as many), O(1) per request. httpx2's client is not used: this
+  module builds the httpcore2 request and reads the reply through httpx2's ``Response`` (decoding)
+  and ``EventSource`` (SSE); the client's layers cost more per request than the exchange itself.
+  httpcore (1.0.9) was left for its pool: quadratic per request in the connections, and it leaked
+  entries when requests were cancelled while it was contended (its issue #1093: afterwards every
+  request failed with ``PoolTimeout``). A proxy named by the environment (``HTTPS_PROXY``...) for
+  the base URL is honoured through httpcore2's proxy pool.
+* **Quiet wire loggers**: ``httpx2`` (a line per request at info, logged here since the client is
+  not used) and ``httpcore2`` (each step, headers included, at debug) stay at warning unless the
+  application set them (``[server] wire_debug``).
 * **No timeouts here** beyond connect: the caller owns the deadline with cancel scopes, and
   cancelling a request closes its connection (the upstream sees the disconnect).
 * **Secrets** never reach an error text: every message built from an upstream body or error is
@@ -34,14 +42,16 @@ Theory of operation
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+import urllib.request
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
-import httpx
-import httpx_sse
+import httpcore2
+import httpx2
 import msgspec
 import trio
 
@@ -50,16 +60,34 @@ from ..config import ProviderConfig, ServerConfig
 from ..redact import SCAN_CHARS, clip
 from . import OnDelta
 from .codecs import DETAIL_CHARS, BodyFold, Fold, HttpRequest, StatusHook, error_object, retry_info_ms, too_large
+from .pool import KEEPALIVE_EXPIRY_S, ConnectionStack, PoolSnapshot
 
 CONNECT_TIMEOUT_S = 10.0
+# what httpx2's client sends by default, but Accept-Encoding: the bytes counted are the bytes decoded
+DEFAULT_HEADERS = {"accept": "*/*", "accept-encoding": "identity", "connection": "keep-alive",
+                   "user-agent": f"python-httpx2/{httpx2.__version__}"}
+_EXTENSIONS = {"timeout": {"connect": CONNECT_TIMEOUT_S, "read": None, "write": None, "pool": None}}
+MAX_TARGETS = 256  # parsed URLs kept per transport
+
+
+def _quiet_by_default(*names: str) -> None:
+    """Loggers at warning unless the application set their level (``[server] wire_debug``): httpx2
+    logs a line per request at info, httpcore2 every step, headers included, at debug."""
+    for name in names:
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_quiet_by_default("httpx2", "httpcore2")
+_WIRE_LOG = logging.getLogger("httpx2")
 
 T = TypeVar("T")
 
 
-class CappedStream(httpx.AsyncByteStream):
+class CappedStream(httpx2.AsyncByteStream):
     """A response body that raises ``UpstreamTooLarge`` once more than ``limit`` bytes came."""
 
-    def __init__(self, inner: httpx.AsyncByteStream, limit: int, provider: str) -> None:
+    def __init__(self, inner: AsyncIterable[bytes], limit: int, provider: str) -> None:
         self._inner = inner
         self._limit = limit
         self._provider = provider
@@ -73,7 +101,7 @@ class CappedStream(httpx.AsyncByteStream):
             yield chunk
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        await self._inner.aclose()  # type: ignore[attr-defined]  # httpcore2's streams have it
 
 
 # ---- status mapping ------------------------------------------------------------------------------
@@ -144,25 +172,45 @@ def error_for_status(provider: str, status: int, body: bytes, headers: Mapping[s
     return cls(_PREFIXES.get(cls, "") + where)
 
 
+# The two layers' failures (httpcore2 raises its own while sending and reading; httpx2 its own while
+# decoding and parsing events), by what they mean for the call.
+_TIMEOUTS = (httpx2.TimeoutException, httpcore2.TimeoutException)
+_UNREACHABLE = (httpx2.ConnectError, httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpcore2.ConnectError,
+                httpcore2.UnsupportedProtocol)
+_BROKEN = (httpx2.RequestError, httpx2.StreamError, httpcore2.NetworkError, httpcore2.ProtocolError,
+           httpcore2.ProxyError)
+
+
 @contextmanager
 def _mapped(provider: str, secrets: Sequence[str | None]) -> Iterator[None]:
-    """httpx / SSE / JSON failures of an exchange -> ``ProviderError`` (no secret in the text)."""
+    """httpx2 / httpcore2 / SSE / JSON failures of an exchange -> ``ProviderError`` (no secret in the text)."""
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except _TIMEOUTS as exc:
         raise errors.ProviderTimeout(f"{provider}: {type(exc).__name__}") from None
-    except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:  # never reached the upstream at all
-        text = clip(str(exc), DETAIL_CHARS, secrets)
+    except _UNREACHABLE as exc:  # never reached the upstream at all
+        text = clip(_reason(exc), DETAIL_CHARS, secrets)
         raise errors.ProviderUnreachable(f"{provider}: cannot connect ({type(exc).__name__}: {text})") from None
-    except (httpx.TransportError, httpx.StreamError) as exc:
-        text = clip(str(exc), DETAIL_CHARS, secrets)
-        raise errors.ProviderError(f"{provider}: connection failed ({type(exc).__name__}: {text})") from None
-    except httpx_sse.SSEError as exc:
+    except httpx2.SSEError as exc:  # a TransportError in httpx2: caught first
         text = clip(str(exc), DETAIL_CHARS, secrets)
         raise errors.ProviderError(f"{provider}: malformed event stream ({text})") from None
+    except _BROKEN as exc:
+        text = clip(_reason(exc), DETAIL_CHARS, secrets)
+        raise errors.ProviderError(f"{provider}: connection failed ({type(exc).__name__}: {text})") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError,
             AttributeError) as exc:
         raise errors.ProviderError(f"{provider}: malformed response ({type(exc).__name__})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty text down the chain of causes (trio's broken-stream errors have none; the
+    ``ssl.SSLError`` under them says which certificate check failed)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or str(seen):
+            break
+        seen = seen.__cause__ or seen.__context__
+    return str(seen) if seen is not None else ""
 
 
 # ---- the fold of a status-only check ----------------------------------------------------------------
@@ -179,6 +227,12 @@ class StatusOnly:
         return None
 
 
+class _Target(NamedTuple):
+    url: httpcore2.URL
+    host: bytes  # the Host header
+    text: str  # for the wire log and SSE errors
+
+
 class _Result(Generic[T]):
     __slots__ = ("value",)
 
@@ -189,17 +243,19 @@ class _Result(Generic[T]):
 # ---- the transport --------------------------------------------------------------------------------
 
 class HttpTransport:
-    """One provider's HTTP client, gate and limits; every exchange of that provider goes through it."""
+    """One provider's HTTP connections, gate and limits; every exchange of that provider goes through it."""
 
     def __init__(self, name: str, base_url: str, *, max_concurrency: int, max_body: int,
-                 secrets: Callable[[], Sequence[str | None]] = tuple) -> None:
+                 secrets: Callable[[], Sequence[str | None]] = tuple, max_idle: int | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.max_body = max_body
         self._secrets = secrets
         self._max_connections = max_concurrency
+        self._max_idle = max_concurrency if max_idle is None else max_idle
         self._gate = trio.CapacityLimiter(max_concurrency)
-        self._client: httpx.AsyncClient | None = None
+        self._pool: ConnectionStack | httpcore2.AsyncHTTPProxy | None = None
+        self._targets: dict[tuple[str, tuple[tuple[str, str], ...] | None], _Target] = {}
 
     @classmethod
     def configured(cls, name: str, base_url: str, cfg: ProviderConfig, server: ServerConfig | None,
@@ -208,18 +264,29 @@ class HttpTransport:
         return cls(name, base_url, max_concurrency=cfg.max_concurrency,
                    max_body=(server or ServerConfig()).max_upstream_bytes, secrets=secrets)
 
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            n = self._max_connections
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
-                headers={"accept-encoding": "identity"})
-        return self._client
+    def pool(self) -> ConnectionStack | httpcore2.AsyncHTTPProxy:
+        """The connections (made at the first exchange, inside trio): a ``ConnectionStack``, or httpcore2's
+        proxy pool when the environment names a proxy for the base URL (``HTTPS_PROXY``, ``NO_PROXY``...)."""
+        if self._pool is None:
+            proxy = _env_proxy(self.base_url)
+            if proxy is None:
+                self._pool = ConnectionStack(max_idle=self._max_idle, ssl_context=httpx2.create_ssl_context)
+            else:
+                url = httpx2.URL(proxy)
+                self._pool = httpcore2.AsyncHTTPProxy(
+                    proxy_url=httpcore2.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                                            target=url.raw_path),
+                    ssl_context=httpx2.create_ssl_context(), max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_idle, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        return self._pool
+
+    def statistics(self) -> PoolSnapshot | None:
+        """The connections in use, idle and opened so far (None before the first exchange, or proxied)."""
+        return self._pool.statistics() if isinstance(self._pool, ConnectionStack) else None
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
     # ---- exchanges -----------------------------------------------------------------------------
 
@@ -250,27 +317,23 @@ class HttpTransport:
                      status_error: StatusHook | None) -> AsyncGenerator[str | _Result[T], None]:
         """The exchange itself: text pieces, then the result. The only place foreign errors are mapped."""
         secrets = self._secrets()
-        async with self._gate:
+        try:
+            self._gate.acquire_nowait()  # a free slot costs no trip through the scheduler
+        except trio.WouldBlock:
+            await self._gate.acquire()
+        try:
             with _mapped(self.name, secrets):
-                url = request.path if request.path.startswith("http") else base.rstrip("/") + request.path
-                sent = self.client().build_request(
-                    request.method, url, headers=headers, params=request.params,
-                    content=msgspec.json.encode(request.body) if request.body is not None else None)
-                if request.body is not None:
-                    sent.headers["content-type"] = "application/json"
-                response = await self.client().send(sent, stream=True)
+                response = await self._send(request, headers, base)
                 try:
                     length = response.headers.get("content-length", "")
                     if length.isascii() and length.isdigit() and int(length) > self.max_body:
                         raise too_large(self.name, self.max_body)
-                    assert isinstance(response.stream, httpx.AsyncByteStream)
-                    response.stream = CappedStream(response.stream, self.max_body, self.name)
                     if response.status_code >= 400:
                         body = await self._read_body(response)
                         raise error_for_status(self.name, response.status_code, body, response.headers,
                                                secrets, status_error)
                     if request.stream:
-                        async for event in httpx_sse.EventSource(response).aiter_sse():
+                        async for event in httpx2.EventSource(response, max_event_size=None):  # capped as a whole
                             if piece := fold.feed(event.data, event.event):
                                 yield piece
                             if fold.done:
@@ -280,12 +343,68 @@ class HttpTransport:
                     yield _Result(fold.result())
                 finally:
                     await response.aclose()
+        finally:
+            self._gate.release()
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
+    async def _send(self, request: HttpRequest, headers: Mapping[str, str], base: str) -> httpx2.Response:
+        """``request`` sent through the pool: an httpcore2 request built here, an httpx2 response (its
+        decoding and event parsing). httpx2's client is not used: its layers (a ``Request`` model,
+        redirects, cookies, auth, hooks) cost more than the exchange itself."""
+        url = request.path if request.path.startswith("http") else base.rstrip("/") + request.path
+        target = self._target(url, request.params)
+        merged = dict(DEFAULT_HEADERS)
+        for key, value in headers.items():
+            merged[key.lower()] = value
+        head = [(b"host", target.host), *[(key.encode(), value.encode()) for key, value in merged.items()]]
+        content = b""
+        if request.body is not None:
+            content = msgspec.json.encode(request.body)
+            head += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+        method = request.method.encode()
+        got = await self.pool().handle_async_request(
+            httpcore2.Request(method, target.url, headers=head, content=content, extensions=_EXTENSIONS))
+        sent = httpx2.Request(request.method, target.text) if request.stream else None  # for the SSE errors
+        response = httpx2.Response(got.status, headers=got.headers, request=sent, extensions=got.extensions,
+                                   stream=CappedStream(got.stream, self.max_body, self.name))  # type: ignore[arg-type]
+        if _WIRE_LOG.isEnabledFor(logging.INFO):  # the line httpx2's client logs (that client is not used)
+            _WIRE_LOG.info('HTTP Request: %s %s "%s %d %s"', request.method, target.text, response.http_version,
+                           response.status_code, response.reason_phrase)
+        return response
+
+    def _target(self, url: str, params: Mapping[str, str] | None) -> _Target:
+        """``url`` with ``params`` merged in, parsed (httpx2's URL rules) once per distinct URL."""
+        key = (url, tuple(params.items()) if params else None)
+        found = self._targets.get(key)
+        if found is None:
+            parsed = httpx2.URL(url)
+            if params:
+                parsed = parsed.copy_merge_params(params)
+            found = _Target(httpcore2.URL(scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port,
+                                          target=parsed.raw_path), parsed.netloc, str(parsed))
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()  # URLs carry model names, which come from requests: keep a bounded few
+            self._targets[key] = found
+        return found
+
+    async def _read_body(self, response: httpx2.Response) -> bytes:
         """The whole (decoded) body of ``response``, at most ``max_body`` bytes (else ``UpstreamTooLarge``)."""
         body = bytearray()
-        async for chunk in response.aiter_bytes():
+        # a body sent as asked (identity) is read as it came, without httpx2's decoding layers
+        plain = response.headers.get("content-encoding", "identity").lower() == "identity"
+        chunks = response.stream if plain else response.aiter_bytes()
+        async for chunk in chunks:  # type: ignore[union-attr]
             body += chunk
             if len(body) > self.max_body:
                 raise too_large(self.name, self.max_body)
         return bytes(body)
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTP(S)_PROXY``/``ALL_PROXY`` unless ``NO_PROXY``)."""
+    proxies = urllib.request.getproxies()
+    if not proxies:
+        return None
+    parsed = httpx2.URL(url)
+    if urllib.request.proxy_bypass(parsed.host):
+        return None
+    return proxies.get(parsed.scheme) or proxies.get("all")
