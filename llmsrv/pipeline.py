@@ -160,6 +160,8 @@ class Pipeline:
                 self.metrics.provider_call(target.provider, trio.current_time() - started)
 
     def _cost_cents(self, target: routing.Target, completion: Completion) -> float:
+        if completion.subscription:  # through the user's subscription (a vendor CLI): the prices do not apply
+            return 0.0
         price: Price | None = getattr(self.cfg.providers, target.provider).prices.get(target.model)
         if price is None:
             return 0.0

@@ -22,6 +22,7 @@ from llmsrv.messages import FunctionCall, Message, MessageToolCall, Usage, check
 from llmsrv.providers import Call
 from llmsrv.providers.cli import CliProvider
 from llmsrv.providers.codecs import Origin, conversation_text
+from llmsrv.providers.codecs.cli_dialects import AGENTS
 from llmsrv.providers.codecs.stream_json import StreamJsonFold, build_prompt, substitute
 from llmsrv.providers.process import AFTER_RESULT_S
 from llmsrv.providers.registry import build_provider
@@ -81,13 +82,16 @@ async def wait_stopped(pid: int, within_s: float = 5.0) -> None:
 # ---- pure parts -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("messages", "prompt"), [
-    ([Message("user", "hi")], "hi"),
+    ([Message("user", "hi there")], "hi there"),
     ([Message("system", "be brief"), Message("user", "hi")], "be brief\n\nhi"),
     ([Message("system", "be brief"), Message("user", "a"), Message("assistant", "b"), Message("user", "c")],
      "be brief\n\nUser: a\n\nAssistant: b\n\nUser: c"),
     ([Message("user", "a"), Message("tool", "42")], "User: a\n\nTool: 42"),
     ([Message("user", "-h --force")], " -h --force"),
-], ids=["one-user", "system-first", "labelled-conversation", "tool", "no-leading-dash"])
+    ([Message("user", "update")], "update\n"),
+    ([Message("user", "-h")], " -h"),
+], ids=["one-user", "system-first", "labelled-conversation", "tool", "no-leading-dash", "one-word-no-subcommand",
+        "one-dashed-word"])
 def test_build_prompt(messages: list[Message], prompt: str) -> None:
     assert build_prompt(messages) == prompt
 
@@ -176,7 +180,7 @@ def test_substitute_is_literal_and_single_pass() -> None:
 ], ids=["cursor-claude", "string-content-and-after-result", "error-result", "codex", "codex-failed"])
 def test_event_decoder(lines: list[bytes], deltas: list[str], text: str | None, usage: Usage | None,
                        error: str | None) -> None:
-    decoder = StreamJsonFold(call(), Origin("cursor"), "cursor-agent")
+    decoder = StreamJsonFold(call(), Origin("cursor"), "cursor-agent", AGENTS)  # the cursor row's dialect
     got = [d for line in lines if (d := decoder.feed(line))]
     assert (got, decoder.text, decoder.usage, decoder.error) == (deltas, text, usage, error)
     assert decoder.done
@@ -276,7 +280,8 @@ async def test_missing_or_failed_result_is_a_provider_error(tmp_path: Path, mode
     assert deltas == ([] if mode == "error_result" else ["Hello", " from", " the", " fake", " cursor-agent"])
 
 
-async def test_missing_executable(tmp_path: Path) -> None:
+async def test_missing_executable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CliProvider, "LOOK_EVERY_S", 0.0)  # status() looks at PATH every time
     empty = tmp_path / "empty"
     empty.mkdir()
     provider = make(tmp_path, path=f"{empty}{os.pathsep}{Path(sys.executable).parent}")  # python3, no cursor-agent

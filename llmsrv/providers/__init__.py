@@ -5,11 +5,11 @@ timeout policy of its own: the caller owns the deadline through trio cancel scop
 provider call must stop (connection closed, subprocess gone) as soon as it is cancelled.
 
 Read in this order: ``codecs/`` (pure: one codec per wire format, the request it sends and the
-fold of what comes back), then the transports (``http.py``: httpx, status mapping, SSE, body caps;
-``process.py``: one CLI process and its process group), then the drivers that put a codec, a
-transport and an auth strategy (``auth.py``) together (``api.py`` for the HTTP APIs, ``cli.py`` for
-command-line agents, ``jules.py`` for the Jules task API, ``mock.py``), and ``registry.py``: the
-static table of rows (one per provider key).
+fold of what comes back), then the transports (``http.py``: httpx2, status mapping, SSE, body caps,
+its keep-alive connections in ``pool.py``; ``process.py``: one CLI process and its process group),
+then the drivers that put a codec, a transport and an auth strategy (``auth.py``) together
+(``api.py`` for the HTTP APIs, ``cli.py`` for command-line agents, ``jules.py`` for the Jules task
+API, ``mock.py``), and ``registry.py``: the static table of rows (one per provider key).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
     tool_calls: Sequence[ToolCall] = ()
     refusal: str | None = None  # with content_filter: the provider's refusal text, when it gave one
+    subscription: bool = False  # served on the user's own login (a vendor CLI): no per-token price applies
 
 
 class ProviderStatus(msgspec.Struct, frozen=True):

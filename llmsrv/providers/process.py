@@ -9,11 +9,12 @@ Theory of operation
 * **Reading.** Each stdout line is one event for the fold (``codecs/stream_json.py``), its text
   pieces go to ``on_delta``; more than ``[server] max_upstream_bytes`` of stdout is
   ``UpstreamTooLarge``. stderr is drained concurrently, keeping its tail for error messages.
-* **Ending.** The CLI exiting 0 after a result is success. A non-zero exit is ``ProviderError``
-  with the exit code and the last stderr line (the key redacted, then cut); otherwise the fold's
-  ``result()`` decides (no result, an error result). ``cursor-agent -p`` sometimes never exits
-  after its result (cursor/cursor#3588): once the fold is ``done``, the CLI has ``AFTER_RESULT_S``
-  to exit before it is stopped, and the answer stands.
+* **Ending.** The CLI exiting 0 after a result is success. A non-zero exit raises the failure the
+  CLI reported on stdout, if it did (Gemini CLI exits non-zero after its error ``result``); else
+  ``ProviderError`` with the exit code and the last stderr line (the key redacted, then cut).
+  After exit 0 the fold's ``result()`` decides (no result, an error result).
+  ``cursor-agent -p`` sometimes never exits after its result (cursor/cursor#3588): once the fold
+  is ``done``, the CLI has ``AFTER_RESULT_S`` to exit before it is stopped, and the answer stands.
 * **Stopping, always** (success, error or cancellation), shielded and bounded: if the CLI is
   still running, ``SIGTERM`` to its process group, up to ``kill_grace_s`` for it to exit, then
   ``SIGKILL`` to the group (whatever is left: a CLI ignoring SIGTERM, its children), then reap.
@@ -34,6 +35,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import trio
 
@@ -49,6 +51,12 @@ DRAIN_S = 0.5  # reading what is left in the pipes once the process group is dea
 PROBE_TIMEOUT_S = 5.0
 MAX_LINE_BYTES = 16 * 2**20
 STDERR_TAIL_BYTES = 8192
+
+
+class CliFold(Fold[Completion], Protocol):
+    """A fold of a CLI's stdout that can tell what failure the CLI reported (``codecs/stream_json.py``)."""
+
+    def failure(self) -> errors.LlmsrvError | None: ...
 
 
 class _Tail:
@@ -194,7 +202,7 @@ class ProcessTransport:
         await child.stop(self.kill_grace_s)
         nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
 
-    async def exchange(self, argv: Sequence[str], env: Mapping[str, str], fold: Fold[Completion],
+    async def exchange(self, argv: Sequence[str], env: Mapping[str, str], fold: CliFold,
                        on_delta: OnDelta | None = None) -> Completion:
         """Run ``argv``, feed each stdout line to ``fold``; the exit status, then the fold, decide."""
         answered = trio.Event()  # the terminal event came, stdout ended, or the leader exited
@@ -237,6 +245,8 @@ class ProcessTransport:
         code = child.proc.returncode
         assert code is not None
         if not child.signalled and code != 0:
+            if (reported := fold.failure()) is not None:
+                raise reported
             how = f"exit code {code}" if code > 0 else f"signal {-code}"
             detail = stderr.last_line(self._secrets())
             binary = os.path.basename(argv[0])

@@ -1,7 +1,8 @@
 """The static table of providers: one row per provider key, and ``build_providers`` over it.
 
 An HTTP API is an ``HttpRow`` (``api.py``), a command-line agent a ``CliRow`` (``cli.py``);
-``jules`` (a task API) and ``mock`` are drivers of their own.
+claude, codex and gemini have both (the API, or the vendor's CLI on the user's login: ``[providers.X]
+transport``, ``ApiOrCliProvider``); ``jules`` (a task API) and ``mock`` are drivers of their own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from ..config import Config, ProviderConfig, ServerConfig
 from . import Provider
 from .api import HttpApiProvider, HttpRow
 from .auth import ApiKeyHeader, Auth, CopilotExchange, Key
-from .cli import CliProvider, CliRow
-from .codecs import anthropic, gemini, openai_chat, openai_responses
+from .cli import ApiOrCliProvider, CliProvider, CliRow
+from .codecs import anthropic, cli_dialects, gemini, openai_chat, openai_responses
 from .jules import JulesProvider
 from .mock import MockProvider
 
@@ -75,10 +76,23 @@ CLI_ROWS: dict[str, CliRow] = {row.name: row for row in (
            command=("cursor-agent", "--print", "--output-format", "stream-json", "--model", "{model}", "{prompt}")),
 )}
 
+# The vendors' own CLIs, the second transport of the HTTP rows of the same name, on the user's login
+# (commands, dialects and login places traced in codecs/cli_dialects.py).
+LOGIN_ROWS: dict[str, CliRow] = {row.name: row for row in (
+    CliRow(name="claude", command=cli_dialects.CLAUDE_COMMAND, dialect=cli_dialects.CLAUDE,
+           login=cli_dialects.CLAUDE_LOGIN, subscription=True),
+    CliRow(name="codex", command=cli_dialects.CODEX_COMMAND, dialect=cli_dialects.CODEX,
+           login=cli_dialects.CODEX_LOGIN, subscription=True),
+    CliRow(name="gemini", command=cli_dialects.GEMINI_COMMAND, dialect=cli_dialects.GEMINI,
+           login=cli_dialects.GEMINI_LOGIN, subscription=True),
+)}
+
 
 def build_provider(key: str, cfg: ProviderConfig, env: Mapping[str, str] | None = None, *,
                    server: ServerConfig | None = None) -> Any:
     """The provider for ``key`` (its concrete class: tests read ``key``, ``auth``...)."""
+    if key in LOGIN_ROWS:
+        return ApiOrCliProvider(HTTP_ROWS[key], LOGIN_ROWS[key], cfg, env, server=server)
     if key in HTTP_ROWS:
         return HttpApiProvider(HTTP_ROWS[key], cfg, env, server=server)
     if key in CLI_ROWS:
