@@ -64,9 +64,17 @@ class ServerConfig(_Frozen, frozen=True):
     # admitted but not started within this, or arriving while requests wait this long in front of
     # the instance (admission.py: a self-ping's round trip): OVERLOADED at once
     max_queue_ms: PositiveInt = 1000
+    heartbeat_s: NonNegFloat = 30.0  # the predecessor's heartbeat on <prefix>.health; 0 disables
+    # the predecessor's worker model tokens (llm.req.<model>, CONTRACT section 10): named in the
+    # heartbeat and in $SRV.INFO; any other token on llm.req.> is served too, routed like a model name
+    worker_models: tuple[str, ...] = ("sonnet", "opus", "gemini-2.5-pro", "gemini-2.5-flash", "gpt-4o",
+                                      "gpt-5-codex", "o3-mini-codex", "auto")
     drain_grace_s: NonNegFloat = 10.0
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
     http_host: str = "127.0.0.1"
+    # the variable holding the comma-separated keys of the OpenAI-compatible API (/v1/*); without
+    # keys /v1/* is served only on a loopback http_host (httpapi.http_api_keys)
+    http_api_keys_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "LLMSRV_HTTP_API_KEYS"
     stream_flush_ms: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 25
     worker_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # then an idle worker task retires...
     min_idle_workers: Annotated[int, msgspec.Meta(ge=1)] = 8  # ...unless only this many are idle
@@ -99,6 +107,9 @@ class ProviderConfig(_Frozen, frozen=True):
     # replaced per call. Empty: the provider's default command.
     command: tuple[str, ...] = ()
     kill_grace_s: NonNegFloat = 2.0  # after SIGTERM to the process group, SIGKILL
+    # claude, codex, gemini: "api" (the HTTP API, a key), "cli" (the vendor's CLI on its own login),
+    # "auto" (the API when a key is set, else the CLI when installed and logged in); others ignore it
+    transport: Literal["auto", "api", "cli"] = "auto"
     # "model": one breaker per provider:model (failures of the whole provider count for all of
     # its models); "provider": one breaker for the provider
     breaker_scope: Literal["model", "provider"] = "model"
@@ -265,7 +276,9 @@ DEFAULTS: dict[str, Any] = {
             },
         },
         # the current model of each Claude tier (Anthropic's models overview, 2026-12)
-        "aliases": {"sonnet": "claude-sonnet-4-6", "opus": "claude-opus-4-7", "haiku": "claude-haiku-4-5"},
+        "aliases": {"sonnet": "claude-sonnet-4-6", "opus": "claude-opus-4-7", "haiku": "claude-haiku-4-5",
+                    # the predecessor's worker model tokens
+                    "o3-mini-codex": "o3-mini", "claude-sonnet-4.5": "claude-sonnet-4-5"},
         # bare model names: the providers of each family, first with credentials first (the
         # predecessor sent bare gpt-* to Copilot); GitHub Models and OpenRouter name models publisher/model
         "prefixes": {
@@ -275,7 +288,8 @@ DEFAULTS: dict[str, Any] = {
             "o1": ["codex", "github:openai/{model}", "openrouter:openai/{model}"],
             "o3": ["codex", "copilot", "github:openai/{model}", "openrouter:openai/{model}"],
             "o4": ["codex", "github:openai/{model}", "openrouter:openai/{model}"],
-            "codex-": ["codex"], "grok-": ["copilot", "openrouter:x-ai/{model}"],
+            "codex-": ["codex"], "gpt-5-codex": ["codex", "openrouter:openai/{model}"],
+            "grok-": ["copilot", "openrouter:x-ai/{model}"],
             "echo": ["mock"], "lorem": ["mock"],
         },
         # provider hints as the predecessor (and its clients) wrote them

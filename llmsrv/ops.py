@@ -8,11 +8,9 @@ endpoint one request at a time (LIBRARY-NOTES), so it is not used.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import h11
 import msgspec
 import prometheus_client
 import trio
@@ -230,6 +228,10 @@ class Metrics:
     def render(self) -> bytes:
         return bytes(prometheus_client.generate_latest(self.registry))
 
+    def asgi_app(self) -> Any:
+        """``GET /metrics`` as prometheus_client's own ASGI app (content negotiation, gzip)."""
+        return prometheus_client.make_asgi_app(self.registry)
+
 
 # ---- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------------
 
@@ -253,32 +255,9 @@ Answer = Callable[[str], tuple[int, str, bytes]]
 
 async def serve_http(answer: Answer, host: str, port: int,
                      *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A small HTTP/1.1 responder (h11 on trio sockets) for the three operations endpoints."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(functools.partial(_http_connection, answer), listeners)
+    """The three operations endpoints alone, on ``httpapi.serve`` (hypercorn).
 
+    For callers without a ``Backend`` for ``/v1/*``; the service builds its own ``httpapi.App``."""
+    from .httpapi import App, serve  # here: importing ops must not load the HTTP server
 
-async def _http_connection(answer: Answer, stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER)
-    try:
-        with trio.move_on_after(10):  # one request per connection, read within 10 s
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(bytes(await stream.receive_some(16384)))
-                    continue
-                if not isinstance(event, h11.Request):
-                    return
-                method, target = event.method.decode(), event.target.decode().partition("?")[0]
-                status, ctype, body = (answer(target) if method in ("GET", "HEAD")
-                                       else (405, "text/plain", b"only GET\n"))
-                headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
-                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-                await stream.send_all(conn.send(h11.Data(data=body if method == "GET" else b"")))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-        return
-    finally:
-        await stream.aclose()
+    await serve(App(None, documents=answer), host, port, task_status=task_status)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
-import msgspec
 import trio
 
-from . import errors, messages
+from . import __version__, errors, httpapi, messages, openai_wire, worker_wire
 from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
-from .config import Config
+from .config import Config, ServerConfig
+from .edges import Decoded, Edge, RequestEdge, WorkerEdge
 from .messages import LLMRequest, LLMResponse, encode
 from .ops import (
     InstanceSnapshot,
@@ -39,19 +39,19 @@ from .ops import (
     health_document,
     http_answer,
     micro_subscriptions,
-    serve_http,
+    ready,
     status_document,
 )
 from .pipeline import Pipeline
-from .providers import Provider
+from .providers import OnDelta, Provider
 from .providers.registry import build_providers
 from .streaming import Streamer
 from .workers import WorkerPool
 
+__all__ = ["Service"]
+
 log = logging.getLogger("llmsrv.service")
 
-STREAM_CHUNK = {"Llm-Stream": "chunk"}
-STREAM_END = {"Llm-Stream": "end"}
 PING_INTERVAL_S = 0.05  # how often the queue in front of the instance is measured (admission.py)
 PING_RESEND_S = 2.0  # a ping not back by then may be lost (a reconnect): another goes out
 
@@ -101,6 +101,27 @@ class _FrontQueue:
                 await trio.sleep(PING_INTERVAL_S)
 
 
+def answer_with(bus: Bus, document: Callable[[], object]) -> Handler:
+    """A handler answering requests (those with a reply subject) with ``document()``; others are ignored."""
+    def handler(msg: Incoming) -> None:
+        if msg.reply:
+            bus.publish_nowait(msg.reply, encode(document()))
+
+    return handler
+
+
+async def heartbeat(bus: Bus, subject: str, server: ServerConfig, snapshot: Callable[[], InstanceSnapshot]) -> None:
+    """The predecessor's heartbeat every ``heartbeat_s`` on ``<prefix>.health`` (no reply subject: instances
+    ignore it, monitoring listens)."""
+    while True:
+        snap = snapshot()
+        status = "draining" if snap.draining else "healthy" if ready(snap) else "degraded"
+        beat = worker_wire.Heartbeat(f"llmsrv-{snap.instance_id}", messages.timestamp(), status,
+                                     list(server.worker_models), snap.instance_id, __version__, snap.counters.inflight)
+        bus.publish_nowait(subject, worker_wire.encode_heartbeat(beat))
+        await trio.sleep(server.heartbeat_s)
+
+
 class Service:
     def __init__(self, cfg: Config, bus: Bus, providers: Mapping[str, Provider] | None = None,
                  instance_id: str | None = None) -> None:
@@ -115,7 +136,8 @@ class Service:
         self.pipeline = Pipeline(cfg, providers or build_providers(cfg), self.metrics)
         self.providers = self.pipeline.providers
         server = cfg.server
-        self._pool: WorkerPool[tuple[Incoming, float]] = WorkerPool(
+        self._request_edge, self._worker_edge = RequestEdge(bus, cfg), WorkerEdge(bus, cfg)
+        self._pool: WorkerPool[tuple[Incoming, float, Edge]] = WorkerPool(
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers)
         self._live: dict[str, list[_Live]] = {}
@@ -145,13 +167,15 @@ class Service:
     async def _serve_until_stopped(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Service]) -> None:
         bus, queue, p = self.bus, self.cfg.nats.queue, self.cfg.nats.subject_prefix
         await nursery.start(self._pool.run)
-        request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_request), queue,
-                                          on_drop=self._on_dropped)
+        request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_message(self._request_edge)),
+                                          queue, on_drop=self._on_dropped)
+        worker_sub = await bus.subscribe(f"{p}.req.>", self._guarded(self._on_message(self._worker_edge),
+                                                                     self._worker_edge), queue)
         others: list[tuple[str, Handler, str]] = [
             (self.subject_cancel, self._on_cancel, ""),
-            (f"{p}.health", self._answer_with(lambda: health_document(self.statistics())), queue),
+            (f"{p}.health", answer_with(bus, lambda: health_document(self.statistics())), queue),
             # admin commands reach every instance (no queue group); NATS permissions guard them
-            (f"{p}.admin.status", self._answer_with(lambda: status_document(self.statistics())), ""),
+            (f"{p}.admin.status", answer_with(bus, lambda: status_document(self.statistics())), ""),
             (f"{p}.admin.breaker.set", self._on_breaker_set, ""),
             (self._front.subject, self._front.on_ping, ""),
             *((subject, handler, "") for subject, handler in micro_subscriptions(self.statistics, bus.publish_nowait)),
@@ -164,10 +188,15 @@ class Service:
         nursery.start_soon(self.pipeline.share_breakers)
         nursery.start_soon(self._front.run)
         server = self.cfg.server
+        if server.heartbeat_s:
+            nursery.start_soon(heartbeat, bus, f"{p}.health", server, self.statistics)
         if server.http_port:
-            answer = lambda path: http_answer(path, self.statistics, self.metrics)  # noqa: E731
-            self.http_port = await nursery.start(serve_http, answer, server.http_host, server.http_port)
-            log.info("metrics and health on http://%s:%d/metrics", server.http_host, self.http_port)
+            app = httpapi.App(self, documents=lambda path: http_answer(path, self.statistics, self.metrics),
+                              metrics=self.metrics.asgi_app(), server=server, api_keys=httpapi.http_api_keys(server),
+                              rejected=lambda outcome: self.metrics.request("", "", outcome, None))
+            self.http_port = await nursery.start(httpapi.serve, app, server.http_host, server.http_port)
+            log.info("OpenAI-compatible API, metrics and health on http://%s:%d (/v1, /metrics, /healthz)",
+                     server.http_host, self.http_port)
         log.info("serving %s (queue %s), instance %s", self.subject_request, queue, self.instance_id)
         task_status.started(self)
         await self._stop.wait()
@@ -175,6 +204,7 @@ class Service:
         log.info("draining: %d in flight, grace %.1fs", self._inflight, server.drain_grace_s)
         self._draining = True
         await bus.unsubscribe(request_sub)
+        await bus.unsubscribe(worker_sub)
         if self._inflight == 0:
             self._drained.set()
         with trio.move_on_after(server.drain_grace_s):
@@ -209,47 +239,52 @@ class Service:
 
     # ---- admission (runs in the nats-py callback: synchronous, never blocks) ---------------
 
-    def _guarded(self, handler: Handler) -> Handler:
+    def _guarded(self, handler: Handler, edge: Edge | None = None) -> Handler:
         """The boundary of a subscription: a handler's failure is logged and answered, never raised."""
         def guarded(msg: Incoming) -> None:
             try:
                 handler(msg)
             except Exception:
                 log.exception("internal error handling a message on %s", str(msg.subject)[:200])
-                if msg.reply:
-                    self._reply_error(msg.reply, errors.InternalError("internal error; see server log"),
-                                      self._peek(msg), stream=False)
+                if msg.reply or edge is not None:
+                    self._fail(edge or self._request_edge, msg, None, errors.InternalError(
+                        "internal error; see server log"), None)
 
         return guarded
 
-    def _on_request(self, msg: Incoming) -> None:
+    def _refusal(self) -> errors.LlmsrvError | None:
+        """Why a request arriving now is not admitted (CONTRACT section 3), or None."""
+        server = self.cfg.server
         if self._draining:
-            self._reject(msg, errors.ShuttingDown("instance is draining; retry on another instance"))
-        elif self._inflight >= self.cfg.server.max_inflight:
-            self._reject(msg, errors.Overloaded(
-                f"instance at max_inflight={self.cfg.server.max_inflight}; retry later",
-                retry_after_ms=self._overload_retry_ms()))
-        elif not self._front.delay.admits(now := trio.current_time()):
-            self._reject(msg, errors.Overloaded(
+            return errors.ShuttingDown("instance is draining; retry on another instance")
+        if self._inflight >= server.max_inflight:
+            return errors.Overloaded(f"instance at max_inflight={server.max_inflight}; retry later",
+                                     retry_after_ms=self._overload_retry_ms())
+        if not self._front.delay.admits(now := trio.current_time()):
+            return errors.Overloaded(
                 f"requests wait {round(self._front.delay.delay(now) * 1000)} ms in front of this instance "
-                f"(max_queue_ms={self.cfg.server.max_queue_ms}): shedding load; retry later",
-                retry_after_ms=self._overload_retry_ms()))
-        else:
-            self._inflight += 1
-            self._pool.submit((msg, trio.current_time()))
+                f"(max_queue_ms={server.max_queue_ms}): shedding load; retry later",
+                retry_after_ms=self._overload_retry_ms())
+        return None
 
-    def _reject(self, msg: Incoming, exc: errors.LlmsrvError) -> None:
-        self._requests += 1
-        self.metrics.request("", "", exc.error_code.lower(), None)
-        self._reply_error(msg.reply, exc, self._peek(msg), stream=False)
+    def _on_message(self, edge: Edge) -> Handler:
+        def admit(msg: Incoming) -> None:
+            refusal = self._refusal()
+            if refusal is not None:
+                self._requests += 1
+                self._fail(edge, msg, None, refusal, None)
+            else:
+                self._inflight += 1
+                self._pool.submit((msg, trio.current_time(), edge))
+
+        return admit
 
     def _on_dropped(self, reply: str) -> None:
         """nats-py dropped a request (its pending limit): the body is gone, the reply subject is not."""
         self._requests += 1
-        self.metrics.request("", "", "overloaded", None)
-        self._reply_error(reply, errors.Overloaded(
+        self._fail(self._request_edge, _Reply(reply), None, errors.Overloaded(
             "dropped by the NATS client: more requests waiting than nats.pending_msgs_limit/pending_bytes_limit",
-            retry_after_ms=self._overload_retry_ms()), "", stream=False)
+            retry_after_ms=self._overload_retry_ms()), None)
 
     def _overload_retry_ms(self) -> int:
         """What an ``OVERLOADED`` caller is told to wait: about one mean request time (50 ms..5 s)."""
@@ -264,13 +299,6 @@ class Service:
             return
         for live in self._live.get(cid, ()):
             live.cancel("client")
-
-    def _answer_with(self, document: Callable[[], object]) -> Handler:
-        def handler(msg: Incoming) -> None:
-            if msg.reply:
-                self.bus.publish_nowait(msg.reply, encode(document()))
-
-        return handler
 
     def _on_breaker_set(self, msg: Incoming) -> None:
         try:
@@ -287,7 +315,7 @@ class Service:
 
     # ---- one request -----------------------------------------------------------------------
 
-    async def _work(self, item: tuple[Incoming, float]) -> None:
+    async def _work(self, item: tuple[Incoming, float, Edge]) -> None:
         started = time.perf_counter_ns()
         try:
             await self._serve(*item)
@@ -295,101 +323,108 @@ class Service:
             log.exception("could not answer a request")
         finally:
             self._processing_ns += time.perf_counter_ns() - started
-            self._inflight -= 1
-            if self._draining and self._inflight == 0:
-                self._drained.set()
+            self._done()
 
-    async def _serve(self, msg: Incoming, admitted: float) -> None:
+    def _done(self) -> None:
+        self._inflight -= 1
+        if self._draining and self._inflight == 0:
+            self._drained.set()
+
+    async def _serve(self, msg: Incoming, admitted: float, edge: Edge) -> None:
         """Serve one request to its one reply: the per-request boundary (nothing escapes it)."""
         received = trio.current_time()
         self._requests += 1
-        server = self.cfg.server
-        cid, stream = "", False
+        decoded: Decoded | None = None
+        streamer: Streamer | None = None
         try:
-            if received - admitted > server.max_queue_ms / 1000:
+            if received - admitted > self.cfg.server.max_queue_ms / 1000:
                 raise errors.Overloaded(
                     f"waited {round((received - admitted) * 1000)} ms to start, over max_queue_ms="
-                    f"{server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
-            if len(msg.data) > server.max_request_bytes:
-                raise errors.PayloadTooLarge(
-                    f"body is {len(msg.data)} bytes; the limit is {server.max_request_bytes}")
-            request = messages.decode_request(msg.data, server.max_json_depth)
-            headers = msg.headers or {}
-            timeout_ms = min(request.timeout_ms or messages.header_int(headers, "Llm-Timeout-Ms", 1, 600000)
-                             or server.default_timeout_ms, server.max_timeout_ms)
-            cid = request.correlation_id or messages.header_correlation_id(headers) or messages.new_correlation_id()
-            stream = request.stream and bool(msg.reply)
-            live = _Live(received + timeout_ms / 1000)  # llm.cancel, shutdown and the deadline reach it
-            lives = self._live.setdefault(cid, [])
-            lives.append(live)
-            try:
-                with live.scope:
-                    response = await self._answer(request, cid, msg.reply if stream else None)
-                if live.scope.cancelled_caught:
-                    self.metrics.cancelled(live.reason or "deadline")
-                    raise live.error(timeout_ms)
-            finally:
-                lives.remove(live)
-                if not lives:
-                    del self._live[cid]
-            end = STREAM_END if stream else None
-            self._reply(msg.reply, self.subject_response, self._fit(response, end), end)
+                    f"{self.cfg.server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
+            decoded = edge.decode(msg)
+            request, cid = decoded.request, decoded.correlation_id
+            if decoded.stream:
+                streamer = edge.streamer(msg, decoded)
+                sink = streamer
+                response = await self._run(cid, decoded.timeout_ms, received, lambda: sink.around(
+                    lambda: self.pipeline.answer(request, cid, sink.on_delta)))
+            else:
+                response = await self._run(cid, decoded.timeout_ms, received,
+                                           lambda: self.pipeline.answer(request, cid))
+            edge.reply(msg, decoded, response, streamer)
             provider, _, model = response.model.partition(":")
             self.metrics.request(provider, model, "ok", trio.current_time() - received)
         except errors.LlmsrvError as exc:
-            last = exc.attempts[-1] if exc.attempts else None
-            self._fail(msg, exc, cid, stream, received, last.provider if last else "", last.model if last else "")
+            self._fail(edge, msg, decoded, exc, streamer, received)
         except Exception:
-            log.exception("internal error serving request %s", cid or "(not decoded)")
-            self._fail(msg, errors.InternalError("internal error; see server log"), cid, stream, received)
+            log.exception("internal error serving request %s", decoded.correlation_id if decoded else "(not decoded)")
+            self._fail(edge, msg, decoded, errors.InternalError("internal error; see server log"), streamer, received)
 
-    async def _answer(self, request: LLMRequest, cid: str, stream_to: str | None) -> LLMResponse:
-        if stream_to is None:
-            return await self.pipeline.answer(request, cid)
+    async def _run(self, cid: str, timeout_ms: int, received: float,
+                   answer: Callable[[], Awaitable[LLMResponse]]) -> LLMResponse:
+        """``answer()`` in the request's cancel scope: its deadline, ``llm.cancel`` and shutdown reach it."""
+        live = _Live(received + timeout_ms / 1000)
+        lives = self._live.setdefault(cid, [])
+        lives.append(live)
+        try:
+            with live.scope:
+                response = await answer()
+            if live.scope.cancelled_caught:
+                self.metrics.cancelled(live.reason or "deadline")
+                raise live.error(timeout_ms)
+            return response
+        finally:
+            lives.remove(live)
+            if not lives:
+                del self._live[cid]
 
-        def publish(chunk: bytes) -> None:
-            self.bus.publish_nowait(stream_to, chunk, STREAM_CHUNK)
-
-        streamer = Streamer(publish, cid, self.cfg.server.stream_flush_ms / 1000,
-                            # a chunk's fields take < 200 bytes; a character at most 6 (\u00XX)
-                            max_chunk_chars=max(1, (self._max_reply_bytes(STREAM_CHUNK) - 200) // 6))
-        return await streamer.around(lambda: self.pipeline.answer(request, cid, streamer.on_delta))
-
-    def _fail(self, msg: Incoming, exc: errors.LlmsrvError, cid: str, stream: bool, received: float,
-              provider: str = "", model: str = "") -> None:
-        self._reply_error(msg.reply, exc, cid or self._peek(msg), stream)
-        self.metrics.request(provider, model, exc.error_code.lower(), trio.current_time() - received)
-
-    # ---- replies ---------------------------------------------------------------------------
-
-    def _max_reply_bytes(self, headers: Mapping[str, str] | None) -> int:
-        """What a body may take of the server's max_payload beside these headers (NATS/1.0 block)."""
-        return self.bus.max_payload - (12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) if headers else 0)
-
-    def _fit(self, response: LLMResponse, stream_end: dict[str, str] | None) -> bytes:
-        """The reply's body. Over the server's max_payload, a stream's final leaves out the text its
-        chunks carried; anything else is ``RESPONSE_TOO_LARGE``."""
-        body = encode(response)
-        if len(body) <= self._max_reply_bytes(stream_end):
-            return body
-        if stream_end is not None:
-            body = encode(msgspec.structs.replace(response, text=""))
-            if len(body) <= self._max_reply_bytes(stream_end):
-                return body
-        raise errors.ResponseTooLarge(
-            f"the reply would be over the NATS server's max_payload ({self.bus.max_payload} bytes)"
-            + ("" if stream_end else "; ask with \"stream\": true to receive the text in chunks"))
-
-    def _peek(self, msg: Incoming) -> str:
-        return messages.peek_correlation_id(msg.data, msg.headers, self.cfg.server.max_json_depth)
-
-    def _reply(self, reply: str, fallback: str, body: bytes, headers: dict[str, str] | None) -> None:
-        self.bus.publish_nowait(reply or fallback, body, headers)
-
-    def _reply_error(self, reply: str, exc: errors.LlmsrvError, cid: str, stream: bool) -> None:
+    def _fail(self, edge: Edge, msg: Incoming, decoded: Decoded | None, exc: errors.LlmsrvError,
+              streamer: Streamer | None, received: float | None = None) -> None:
         self._errors += 1
         self._last_error = exc.error_code
-        headers = messages.error_headers(exc)
-        if stream:
-            headers.update(STREAM_END)
-        self._reply(reply, self.subject_error, messages.error_body(exc, cid), headers)
+        cid = decoded.correlation_id if decoded is not None else edge.peek(msg)
+        edge.error(msg, decoded, exc, cid, streamer)
+        last = exc.attempts[-1] if exc.attempts else None
+        self.metrics.request(last.provider if last else "", last.model if last else "", exc.error_code.lower(),
+                             None if received is None else trio.current_time() - received)
+
+    # ---- the OpenAI-compatible HTTP API (httpapi.Backend) ----------------------------------
+
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None) -> LLMResponse:
+        """One HTTP request, admitted, counted and cancellable like a NATS one (its errors raised)."""
+        refusal = self._refusal()
+        self._requests += 1
+        received = trio.current_time()
+        try:
+            if refusal is not None:
+                raise refusal
+            self._inflight += 1
+            try:
+                server = self.cfg.server
+                timeout_ms = min(request.timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
+                response = await self._run(correlation_id, timeout_ms, received,
+                                           lambda: self.pipeline.answer(request, correlation_id, on_delta))
+            finally:
+                self._done()
+        except errors.LlmsrvError as exc:
+            self._errors += 1
+            self._last_error = exc.error_code
+            self.metrics.request("", "", exc.error_code.lower(), trio.current_time() - received)
+            raise
+        except trio.Cancelled:
+            self.metrics.cancelled("client")  # the HTTP client went away
+            raise
+        provider, _, model = response.model.partition(":")
+        self.metrics.request(provider, model, "ok", trio.current_time() - received)
+        return response
+
+    def models(self) -> list[tuple[str, str]]:
+        return openai_wire.configured_models(self.cfg)
+
+
+class _Reply:
+    """A message of which only the reply subject is left (nats-py dropped the rest)."""
+
+    def __init__(self, reply: str) -> None:
+        self.subject, self.reply, self.data = "", reply, b""
+        self.headers: dict[str, str] | None = None

@@ -1,4 +1,5 @@
-"""Streamed replies: text deltas coalesced into ``StreamChunk`` messages, each small enough for NATS."""
+"""Streamed replies: text deltas coalesced into chunk messages (``StreamChunk`` unless the edge encodes its
+own), each small enough for NATS."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ class Streamer:
     """Coalesces deltas into chunks: the first at once, then at most one per ``interval``."""
 
     def __init__(self, publish: Callable[[bytes], None], correlation_id: str, interval: float,
-                 max_chunk_chars: int = 1 << 30) -> None:
+                 max_chunk_chars: int = 1 << 30, encode_chunk: Callable[[int, str], bytes] | None = None) -> None:
         self._publish, self._cid, self._interval = publish, correlation_id, interval
+        self._encode = encode_chunk or self._stream_chunk
         self._max_chars = max_chunk_chars  # a chunk must fit in one NATS message
         self._buf: list[str] = []
         self._last = -math.inf
@@ -40,10 +42,12 @@ class Streamer:
         text = "".join(self._buf)
         self._buf.clear()
         for at in range(0, len(text), self._max_chars):
-            self._publish(encode(StreamChunk(correlation_id=self._cid, seq=self.seq,
-                                             delta=text[at:at + self._max_chars])))
+            self._publish(self._encode(self.seq, text[at:at + self._max_chars]))
             self.seq += 1
         self._last = trio.current_time()
+
+    def _stream_chunk(self, seq: int, text: str) -> bytes:
+        return encode(StreamChunk(correlation_id=self._cid, seq=seq, delta=text))
 
     async def run(self) -> None:
         while True:

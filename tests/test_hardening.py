@@ -318,7 +318,7 @@ async def test_a_request_that_waited_past_max_queue_ms_is_overloaded(nats_url: s
         sub = await h.client.bus.subscribe(reply_to, got.append)
         await h.client.bus.flush()
         msg = SimpleNamespace(subject=f"{h.prefix}.request", reply=reply_to, data=body_with(), headers=None)
-        await h.service._serve(msg, admitted=trio.current_time() - 0.2)  # admitted 200 ms ago, not started
+        await h.service._serve(msg, trio.current_time() - 0.2, h.service._request_edge)  # admitted 200 ms ago
         with trio.fail_after(5):
             while not got:
                 await trio.sleep(0.005)

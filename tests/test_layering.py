@@ -9,15 +9,18 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).parent.parent / "llmsrv"
-IO_LIBRARIES = {"trio", "trio_asyncio", "asyncio", "anyio", "outcome", "httpx", "httpx_sse", "httpcore", "h11",
-                "nats", "redis", "socket", "subprocess"}
+IO_LIBRARIES = {"trio", "trio_asyncio", "asyncio", "anyio", "outcome", "httpx", "httpx_sse", "httpcore", "httpx2",
+                "httpcore2", "h11", "nats", "redis", "socket", "subprocess", "hypercorn"}
 # decisions and wire shapes only: a request description in, events folded out; no I/O, no clock
 PURE = ["errors", "messages", "config", "routing", "redact", "admission", "worker_wire", "providers",
         "providers.codecs", "providers.codecs.anthropic", "providers.codecs.gemini", "providers.codecs.openai_chat",
-        "providers.codecs.openai_responses", "providers.codecs.stream_json"]
+        "providers.codecs.openai_responses", "providers.codecs.stream_json", "providers.codecs.cli_dialects",
+        "openai_wire"]
 # each foreign library and the one module allowed to import it
-EDGES = {"httpx": {"providers.http"}, "httpx_sse": {"providers.http"}, "nats": {"bus"}, "trio_asyncio": {"bus"},
-         "asyncio": {"bus"}, "redis": {"resilience.fleet"}, "h11": {"ops"}, "prometheus_client": {"ops"},
+EDGES = {"httpx2": {"providers.http"}, "httpcore2": {"providers.http", "providers.pool"}, "httpx": set(),
+         "httpx_sse": set(), "httpcore": set(), "nats": {"bus"}, "trio_asyncio": {"bus"},
+         "asyncio": {"bus"}, "redis": {"resilience.fleet"}, "h11": set(), "hypercorn": {"httpapi"},
+         "prometheus_client": {"ops"},
          "purgatory": {"resilience.breaker"}, "limits": {"resilience.limiter"}}
 MAX_CLASS_LINES = 300
 

@@ -76,8 +76,13 @@ def test_plan_candidates(kw: dict[str, Any], states: dict[str, ProviderState], e
     ({"model": "claude-opus-4-7"}, ("openrouter",), ["openrouter:anthropic/claude-opus-4-7"]),
     ({"model": "sonnet"}, ("claude",), ["claude:claude-sonnet-4-6"]),  # a bare alias, then its family
     ({"model": "opus"}, ("claude", "openrouter"), ["claude:claude-opus-4-7", "openrouter:anthropic/claude-opus-4-7"]),
+    # the predecessor's worker tokens
+    ({"model": "gpt-5-codex"}, ("copilot", "codex"), ["codex:gpt-5-codex"]),
+    ({"model": "o3-mini-codex"}, ("codex",), ["codex:o3-mini"]),
+    ({"model": "claude-sonnet-4.5"}, ("claude",), ["claude:claude-sonnet-4-5"]),
 ], ids=["claude-code", "github-copilot", "grok", "gemini-cli", "google", "openai", "codex-cli", "hint-auto",
-        "gpt-family", "gpt-no-copilot", "gpt-github-only", "claude-openrouter", "bare-alias", "bare-alias-family"])
+        "gpt-family", "gpt-no-copilot", "gpt-github-only", "claude-openrouter", "bare-alias", "bare-alias-family",
+        "worker-gpt-5-codex", "worker-o3-mini-codex", "worker-claude-sonnet-4.5"])
 def test_predecessor_hints_and_model_families(kw: dict[str, Any], available: tuple[str, ...],
                                              expected: list[str]) -> None:
     plan = _plan(kw, _states(*available))
