@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -228,6 +229,26 @@ def test_token_sources_and_defaults() -> None:
     assert build_provider("copilot", ProviderConfig(), {"GH_TOKEN": "c1234"}).key == "c1234"
     assert build_provider("copilot", ProviderConfig(), {}).base_url == "https://api.github.com"
     assert build_provider("copilot", ProviderConfig(), {}).status().state == "missing"
+
+
+def test_the_predecessors_copilot_token_sources(tmp_path: Path) -> None:
+    """GITHUB_COPILOT_TOKEN, then (no variable set) copilot-api's token file, then `gh auth token`."""
+    assert build_provider("copilot", ProviderConfig(), {"GITHUB_COPILOT_TOKEN": "p1234"}).key == "p1234"
+    home = tmp_path / "home"
+    (home / ".local" / "share" / "copilot-api").mkdir(parents=True)
+    (home / ".local" / "share" / "copilot-api" / "github_token").write_text("gho_file1234\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gh = bin_dir / "gh"  # a fake GitHub CLI: a real executable on PATH, as `gh auth token` prints
+    gh.write_text("#!/bin/sh\n[ \"$1 $2\" = \"auth token\" ] && echo gho_cli5678 && exit 0\nexit 1\n")
+    gh.chmod(0o755)
+    assert build_provider("copilot", ProviderConfig(), {"HOME": str(home), "PATH": str(bin_dir)}).key == "gho_file1234"
+    assert build_provider("copilot", ProviderConfig(), {"HOME": str(tmp_path), "PATH": str(bin_dir)}).key \
+        == "gho_cli5678"
+    assert build_provider("copilot", ProviderConfig(), {"GH_TOKEN": "c1234", "HOME": str(home)}).key == "c1234"
+    missing = build_provider("copilot", ProviderConfig(), {"HOME": str(tmp_path), "PATH": str(tmp_path)}).status()
+    assert missing.state == "missing" and "copilot-api/github_token" in missing.reason and "gh auth login" in \
+        missing.reason
 
 
 async def test_copilot_end_to_end_over_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

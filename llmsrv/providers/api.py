@@ -25,7 +25,7 @@ import msgspec
 from .. import errors
 from ..config import ProviderConfig, ServerConfig
 from . import Call, Completion, OnDelta, ProviderStatus
-from .auth import Auth, Bearer, Key, Session
+from .auth import Auth, Bearer, Key, KeySource, Session
 from .codecs import Codec, HttpRequest, Origin
 from .http import HttpTransport
 
@@ -47,6 +47,7 @@ class HttpRow:
     base_url: str = ""  # the default; ``[providers.X] base_url`` replaces it
     base_url_hint: str = ""  # an example for the "no base_url" reason
     key_env: tuple[str, ...] = ()  # environment variables holding the key, first found wins
+    key_sources: tuple[KeySource, ...] = ()  # then these (files, commands: auth.py)
     key_required: bool = True
     auth: Callable[[Key, str], Auth] = _bearer
     headers: Mapping[str, str] = field(default_factory=dict)  # fixed, on every request
@@ -74,7 +75,7 @@ class HttpApiProvider:
         self.name = row.name
         self.cfg = cfg
         self.base_url = (cfg.base_url or row.base_url).rstrip("/")
-        self._key = Key.configured(env, cfg.api_key_env, row.key_env)
+        self._key = Key.configured(env, cfg.api_key_env, row.key_env, row.key_sources)
         self.key = self._key.value
         self.auth = row.auth(self._key, row.name)
         self.headers = {**row.headers, **{h: env[v] for h, v in row.env_headers.items() if env.get(v)}}

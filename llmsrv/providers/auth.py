@@ -5,6 +5,10 @@
   another variable, tried first. The secret is never logged, put in an error or a reply:
   ``read_secret`` registers it with ``llmsrv.redact`` (the logging filter removes it from every log
   record), and the transports redact every upstream text with it.
+* **Other sources** a row may name, tried when no variable holds a key: for GitHub Copilot, as the
+  predecessor did, the token file of the copilot-api proxy (``$XDG_DATA_HOME/copilot-api/github_token``,
+  else ``~/.local/share/...``) and ``gh auth token`` (the GitHub CLI's login; run once at start-up,
+  bounded). They read only the environment they are given (its ``HOME``, ``PATH``).
 * **Strategies** turn the key into the headers of one call: an API-key header (``ApiKeyHeader``:
   Anthropic's ``x-api-key`` + ``anthropic-version``, Google's ``x-goog-api-key``; a missing key is
   ``MissingCredentials`` before any request), a bearer token (``Bearer``: no header without a key,
@@ -15,8 +19,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -50,6 +57,38 @@ def read_secret(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | Non
     return None, None
 
 
+KeySource = Callable[[Mapping[str, str]], str | None]
+GH_TIMEOUT_S = 5.0
+
+
+def copilot_api_token_file(env: Mapping[str, str]) -> str | None:
+    """The GitHub token the copilot-api proxy keeps after its device login, if there is one."""
+    data_home = env.get("XDG_DATA_HOME") or (os.path.join(env["HOME"], ".local", "share") if env.get("HOME") else "")
+    if not data_home:
+        return None
+    try:
+        with open(os.path.join(data_home, "copilot-api", "github_token"), encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def gh_auth_token(env: Mapping[str, str]) -> str | None:
+    """``gh auth token``: the GitHub CLI's login, when ``gh`` is on the environment's PATH."""
+    gh = shutil.which("gh", path=env.get("PATH", ""))
+    if gh is None:
+        return None
+    try:
+        done = subprocess.run([gh, "auth", "token"], capture_output=True, text=True, timeout=GH_TIMEOUT_S,
+                              env=dict(env), stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+SOURCE_NAMES: dict[KeySource, str] = {copilot_api_token_file: "~/.local/share/copilot-api/github_token", gh_auth_token: "`gh auth login`"}
+
+
 class Key(msgspec.Struct, frozen=True):
     """A provider's key as found (or not) in the environment."""
 
@@ -63,9 +102,18 @@ class Key(msgspec.Struct, frozen=True):
         return cls(value, problem, tuple(names))
 
     @classmethod
-    def configured(cls, env: Mapping[str, str], api_key_env: str | None, names: Sequence[str]) -> Key:
-        """``api_key_env`` (a provider section's own variable) first, then ``names``."""
-        return cls.lookup(env, ((api_key_env,) if api_key_env else ()) + tuple(names))
+    def configured(cls, env: Mapping[str, str], api_key_env: str | None, names: Sequence[str],
+                   sources: Sequence[KeySource] = ()) -> Key:
+        """``api_key_env`` (a provider section's own variable) first, then ``names``, then ``sources``."""
+        key = cls.lookup(env, ((api_key_env,) if api_key_env else ()) + tuple(names))
+        if key.value is None and key.problem is None:
+            for source in sources:
+                value = source(env)
+                if value:
+                    register(value)
+                    return cls(value, None, key.names)
+            key = cls(None, None, key.names + tuple(SOURCE_NAMES.get(s, "") for s in sources))
+        return key
 
     def missing(self) -> str:
         """What to do about a missing key."""

@@ -14,7 +14,7 @@ from typing import Any
 from ..config import Config, ProviderConfig, ServerConfig
 from . import Provider
 from .api import HttpApiProvider, HttpRow
-from .auth import ApiKeyHeader, Auth, CopilotExchange, Key
+from .auth import ApiKeyHeader, Auth, CopilotExchange, Key, copilot_api_token_file, gh_auth_token
 from .cli import ApiOrCliProvider, CliProvider, CliRow
 from .codecs import anthropic, cli_dialects, gemini, openai_chat, openai_responses
 from .jules import JulesProvider
@@ -67,7 +67,8 @@ HTTP_ROWS: dict[str, HttpRow] = {row.name: row for row in (
             key_env=("OPENAI_COMPAT_API_KEY",), key_required=False),
     # GitHub Copilot: base_url is the GitHub API, where the token exchange lives (``auth.py``).
     HttpRow(name="copilot", codec=openai_chat.CODEC, base_url="https://api.github.com",
-            key_env=("COPILOT_GITHUB_TOKEN", "GITHUB_TOKEN", "GH_TOKEN"), auth=_copilot),
+            key_env=("COPILOT_GITHUB_TOKEN", "GITHUB_COPILOT_TOKEN", "GITHUB_TOKEN", "GH_TOKEN"), auth=_copilot,
+            key_sources=(copilot_api_token_file, gh_auth_token)),  # the predecessor's sources too
 )}
 
 CLI_ROWS: dict[str, CliRow] = {row.name: row for row in (
