@@ -86,7 +86,8 @@ def gh_auth_token(env: Mapping[str, str]) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-SOURCE_NAMES: dict[KeySource, str] = {copilot_api_token_file: "~/.local/share/copilot-api/github_token", gh_auth_token: "`gh auth login`"}
+SOURCE_NAMES: dict[KeySource, str] = {copilot_api_token_file: "~/.local/share/copilot-api/github_token",
+                                      gh_auth_token: "`gh auth login`"}
 
 
 class Key(msgspec.Struct, frozen=True):
