@@ -106,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if getattr(args, "nats_url", None):
             cfg = with_overrides(cfg, nats={"url": args.nats_url})
+        if args.command == "serve" and cfg.server.http_port:
+            from .httpapi import http_api_keys
+
+            http_api_keys(cfg.server)  # a non-loopback HTTP bind without API keys: refused before anything starts
     except ConfigError as exc:
         print(f"llmsrv: {exc}", file=sys.stderr)
         return 2

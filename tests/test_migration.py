@@ -161,3 +161,10 @@ async def test_the_openai_api_is_served_by_the_service(nats_url: str) -> None:
         stats = h.service.statistics().counters
     assert done.choices[0].message.content == "via http" and done.usage is not None
     assert stats.requests >= 1 and stats.inflight == 0
+
+
+def test_serve_refuses_a_public_http_bind_without_api_keys() -> None:
+    proc = _serve_without_url(LLMSRV__SERVER__HTTP_HOST="0.0.0.0", LLMSRV__SERVER__HTTP_PORT=str(free_port()))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert b"LLMSRV_HTTP_API_KEYS" in out and b"embedded" not in out  # refused before anything started
