@@ -58,6 +58,7 @@ class InstanceSnapshot(msgspec.Struct, frozen=True):
     queue: str
     counters: ServiceStats
     providers: dict[str, ProviderSnapshot]
+    http_api: str = ""  # the OpenAI-compatible API's base URL, when served
 
 
 Snapshot = Callable[[], InstanceSnapshot]
@@ -102,8 +103,21 @@ def _ping(snap: InstanceSnapshot) -> dict[str, Any]:
     return _identity(snap, "ping")
 
 
+def _endpoints(snap: InstanceSnapshot) -> list[dict[str, Any]]:
+    """Every subject this instance serves (CONTRACT section 1, 10), with its queue group ("" for none)."""
+    p, queue = snap.subject_request.removesuffix(".request"), snap.queue
+    rows = [("cancel", f"{p}.cancel", ""), ("health", f"{p}.health", queue),
+            ("admin_status", f"{p}.admin.status", ""), ("admin_breaker_set", f"{p}.admin.breaker.set", ""),
+            ("worker", f"{p}.req.>", queue)]  # the predecessor's llm.req.<model>
+    return [_endpoint(snap)] + [{"name": name, "subject": subject, "queue_group": group, "metadata": {}}
+                                for name, subject, group in rows]
+
+
 def _info(snap: InstanceSnapshot) -> dict[str, Any]:
-    return {**_identity(snap, "info"), "description": "LLM requests over NATS", "endpoints": [_endpoint(snap)]}
+    info = {**_identity(snap, "info"), "description": "LLM requests over NATS", "endpoints": _endpoints(snap)}
+    if snap.http_api:
+        info["metadata"] = {"openai_api": snap.http_api}  # section 9: the OpenAI-compatible HTTP API
+    return info
 
 
 def _stats(snap: InstanceSnapshot) -> dict[str, Any]:

@@ -151,7 +151,8 @@ class Service:
         self.stopped = trio.Event()  # set when run() has drained and returned
         self.started_wall = time.time()
         self._started = time.monotonic()
-        self.http_port: int | None = None  # the bound port of /metrics, /healthz, /readyz
+        self.http_port: int | None = None  # the bound port of /v1, /metrics, /healthz, /readyz
+        self._http_api = ""
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -195,6 +196,7 @@ class Service:
                               metrics=self.metrics.asgi_app(), server=server, api_keys=httpapi.http_api_keys(server),
                               rejected=lambda outcome: self.metrics.request("", "", outcome, None))
             self.http_port = await nursery.start(httpapi.serve, app, server.http_host, server.http_port)
+            self._http_api = f"http://{server.http_host}:{self.http_port}/v1"
             log.info("OpenAI-compatible API, metrics and health on http://%s:%d (/v1, /metrics, /healthz)",
                      server.http_host, self.http_port)
         log.info("serving %s (queue %s), instance %s", self.subject_request, queue, self.instance_id)
@@ -235,7 +237,7 @@ class Service:
                                 round(self._front.delay.delay(trio.current_time()) * 1000, 1))
         return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started,
                                 self._draining, self.bus.is_connected, self.subject_request, self.cfg.nats.queue,
-                                counters, self.pipeline.statistics())
+                                counters, self.pipeline.statistics(), self._http_api)
 
     # ---- admission (runs in the nats-py callback: synchronous, never blocks) ---------------
 

@@ -321,6 +321,11 @@ async def test_health_and_micro_discovery(nats_url: str) -> None:
     assert health["providers"]["mock"]["available"] is True
     assert ping["type"] == "io.nats.micro.v1.ping_response" and ping["name"] == "llmsrv"
     assert info["endpoints"][0]["subject"] == f"{h.prefix}.request"
+    p, q = h.prefix, h.cfg.nats.queue
+    assert {(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]} == {
+        ("request", f"{p}.request", q), ("cancel", f"{p}.cancel", ""), ("health", f"{p}.health", q),
+        ("admin_status", f"{p}.admin.status", ""), ("admin_breaker_set", f"{p}.admin.breaker.set", ""),
+        ("worker", f"{p}.req.>", q)}
     assert stats["endpoints"][0]["num_requests"] >= 1
 
 

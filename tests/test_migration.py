@@ -159,6 +159,9 @@ async def test_the_openai_api_is_served_by_the_service(nats_url: str) -> None:
         api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused-on-loopback")
         done = await api.chat.completions.create(model="mock:echo", messages=[{"role": "user", "content": "via http"}])
         stats = h.service.statistics().counters
+        info = msgspec.json.decode((await h.client.request_raw(f"$SRV.INFO.llmsrv.{h.service.instance_id}",
+                                                               b"")).data)
+    assert info["metadata"] == {"openai_api": f"http://127.0.0.1:{port}/v1"}  # discoverable beside the subjects
     assert done.choices[0].message.content == "via http" and done.usage is not None
     assert stats.requests >= 1 and stats.inflight == 0
 
