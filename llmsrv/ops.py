@@ -256,7 +256,7 @@ def ready(snap: InstanceSnapshot) -> bool:
 def http_answer(path: str, snapshot: Snapshot, metrics: Metrics) -> tuple[int, str, bytes]:
     if path == "/metrics":
         return 200, prometheus_client.CONTENT_TYPE_LATEST, metrics.render()
-    if path == "/healthz":
+    if path in ("/healthz", "/health"):  # /health: the predecessor's path
         return 200, "application/json", encode(health_document(snapshot()))
     if path == "/readyz":
         ok = ready(snapshot())

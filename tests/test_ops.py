@@ -99,6 +99,7 @@ async def test_healthz_and_readyz(nats_url: str) -> None:
             health = await http.get("/healthz")
             assert health.status_code == 200 and health.json()["status"] == "ok"
             assert health.json()["providers"]["mock"]["state"] == "available"
+            assert (await http.get("/health")).json()["instance_id"] == health.json()["instance_id"]  # predecessor's
             assert (await http.get("/readyz")).status_code == 200
             assert (await http.get("/nope")).status_code == 404
             mock = h.service.providers["mock"]
