@@ -72,7 +72,7 @@ def assert_reaped(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-async def wait_stopped(pid: int, within_s: float = 5.0) -> None:
+async def wait_stopped(pid: int, within_s: float = 30.0) -> None:
     """Return once ``pid`` no longer runs; ``within_s`` is a fail-safe, the kill already happened."""
     with trio.fail_after(within_s):
         while running_(pid):

@@ -9,7 +9,6 @@ No wall-clock thresholds: the waits below are fail-safes that a passing run neve
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import FakeUpstream, Json
+from .test_provider_cli import assert_reaped, records, wait_stopped
 
 FAKE = Path(__file__).with_name("fake_cli.py")
 FIXTURES = Path(__file__).with_name("fixtures") / "cli"
@@ -91,32 +91,6 @@ def provider(vendor: str, env: dict[str, str], *, grace: float = 5.0, transport:
 
 def call(text: str = "hello there", model: str | None = None, vendor: str = "claude") -> Call:
     return Call(model=model or MODEL[vendor], messages=[Message("user", text)], max_tokens=100, temperature=0.7)
-
-
-def records(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((tmp_path / "records").glob("*.json"))]
-
-
-def running_(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie does not: it is dead, waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-def assert_reaped(pid: int) -> None:
-    with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-async def wait_stopped(pid: int, within_s: float = 30.0) -> None:
-    """Return once ``pid`` no longer runs; ``within_s`` is a fail-safe, the kill already happened."""
-    with trio.fail_after(within_s):
-        while running_(pid):
-            await trio.sleep(0.01)
 
 
 # ---- the transport choice (pure) ------------------------------------------------------------------
