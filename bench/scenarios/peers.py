@@ -4,7 +4,7 @@ Processes: a nats-server child; the ``provider`` scenario's fake upstream in its
 with ``openai_compat`` pointed at the fake (``provider.llmsrv_child``); and, when installed, a LiteLLM
 proxy (``litellm --config``, the ``litellm[proxy]`` package in its own venv, ``bench/.peers-venv``)
 with one model, ``openai/m`` at the fake. This process drives all three ways with the ``provider``
-scenario's closed loop (``provider.load``): the fake direct and LiteLLM with the same httpx client
+scenario's closed loop (``provider.load``): the fake direct and LiteLLM with the same httpx2 client
 and body (``provider.post_chat``; LiteLLM's master key as a bearer token), llmsrv through its NATS
 request path (``provider.complete_via``).
 

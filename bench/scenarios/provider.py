@@ -6,7 +6,9 @@ is its own; and this process, which runs on one trio loop both the fake upstream
 (``tests.fakes.FakeUpstream``, h11 on loopback, a JSON chat completion at once) and the load:
 
 * ``llmsrv``: ``concurrency`` workers, each ``llmsrv.client.Client.complete`` in a closed loop;
-* ``direct``: the same number of workers POSTing the same body with one ``httpx.AsyncClient``
+* ``direct``: the same number of workers POSTing the same body with one ``httpx2.AsyncClient`` (the
+  library llmsrv itself uses: httpx 0.29's pool, the former client here, collapsed at 50 and 200
+  connections and made the direct way slower than llmsrv's)
   (a pool of ``concurrency`` connections) to the fake.
 
 Per point (10/50/200; smoke 5/20), interleaved ways and rounds, nothing recorded during the warm-up:
@@ -32,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
+import httpx2
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -140,13 +142,13 @@ class _Forget(list[Request]):
         pass
 
 
-def http_client(base_url: str, pool: int, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
-    """The direct way's client: one ``httpx.AsyncClient`` with ``pool`` connections."""
-    return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, headers=headers,
-                             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+def http_client(base_url: str, pool: int, headers: dict[str, str] | None = None) -> httpx2.AsyncClient:
+    """The direct way's client: one ``httpx2.AsyncClient`` with ``pool`` connections."""
+    return httpx2.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, headers=headers,
+                             limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool))
 
 
-async def post_chat(http: httpx.AsyncClient) -> None:
+async def post_chat(http: httpx2.AsyncClient) -> None:
     """One chat completion over HTTP (model ``m``), the body read and decoded."""
     response = await http.post("/chat/completions", json={"model": "m", "messages": MESSAGES})
     response.raise_for_status()

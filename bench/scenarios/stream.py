@@ -1,11 +1,11 @@
-"""``stream``: streamed completions through llmsrv vs a direct httpx client to the same fake upstream.
+"""``stream``: streamed completions through llmsrv vs a direct httpx2 client to the same fake upstream.
 
 Processes (as in ``provider``): a nats-server child, llmsrv as a child process with the
 ``openai_compat`` provider, and a fake OpenAI-compatible upstream child that streams ``CHUNKS`` SSE
 chunks (``"tok "`` each) as fast as it can; this process only runs the two clients, so llmsrv and
 the fake do not share its thread. For 1, 10 and 50 concurrent streams (smoke: 1 and 5), each round
 runs waves of that many streams through llmsrv (``Client.stream``) and, interleaved, directly
-(``httpx`` + ``httpx-sse``, the same request). Per point:
+(``httpx2`` and its ``EventSource``, the client llmsrv itself uses, the same request). Per point:
 
 * time to first chunk (TTFC): from starting a stream to its first text; the overhead is llmsrv's
   TTFC minus the direct one (NATS both ways, validation, routing, the guard, SSE parsing, the
@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
-import httpx_sse
+import httpx2
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
@@ -37,7 +36,7 @@ from llmsrv.natsserver import NatsServer  # noqa: E402
 from tests.fakes import Request, Sse  # noqa: E402
 
 NAME = "stream"
-SUMMARY = "streamed completions via llmsrv vs a direct httpx client: chunks/s and time-to-first-chunk overhead"
+SUMMARY = "streamed completions via llmsrv vs a direct httpx2 client: chunks/s and time-to-first-chunk overhead"
 
 DELTA = "tok "
 CHUNKS = 200  # per stream
@@ -77,11 +76,11 @@ async def _via(client: Client, chunks: int) -> tuple[float, int, int]:
     return first[0] - start, len("".join(text)) // len(DELTA), len(text)
 
 
-async def _direct(http: httpx.AsyncClient) -> tuple[float, int, int]:
+async def _direct(http: httpx2.AsyncClient) -> tuple[float, int, int]:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     start, ttfc, got = trio.current_time(), math.nan, 0
     async with http.stream("POST", "/chat/completions", json=body) as response:
-        async for event in httpx_sse.EventSource(response).aiter_sse():
+        async for event in httpx2.EventSource(response):
             if event.data == "[DONE]":
                 break
             delta = event.json()["choices"][0]["delta"].get("content")
@@ -130,9 +129,9 @@ async def _measure(opts: Options) -> Result:
             llmsrv = llmsrv_child(nats_server.url, upstream_url, pool)
             children.append(llmsrv)
             await llmsrv.wait_ready()
-            limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+            limits = httpx2.Limits(max_connections=pool, max_keepalive_connections=pool)
             async with Client.connect(nats_server.url) as client, \
-                    httpx.AsyncClient(base_url=upstream_url, limits=limits, timeout=FAILSAFE_S) as http:
+                    httpx2.AsyncClient(base_url=upstream_url, limits=limits, timeout=FAILSAFE_S) as http:
                 calls = {"llmsrv": lambda: _via(client, chunks), "direct": lambda: _direct(http)}
                 for way in ways:  # warm-up, not recorded: connections, imports, caches
                     await _wave(max(concurrencies), calls[way])
@@ -191,7 +190,7 @@ async def _measure(opts: Options) -> Result:
                     f"| {fmt(point['chunks_per_s_ratio'], 'x')} | {fmt(point['nats_msgs_per_stream'], digits=1)} |")
         for name in series:
             series[name].append((float(c), point[name]["median"]))
-    summary = (f"Streams of {chunks} upstream chunks through llmsrv vs direct httpx, same fake upstream "
+    summary = (f"Streams of {chunks} upstream chunks through llmsrv vs direct httpx2, same fake upstream "
                f"(median over {rounds} round(s), min-max of rounds in brackets):\n\n" + "\n".join(rows) + "\n")
     return Result(NAME, figures, summary, series, problems[:20])
 
