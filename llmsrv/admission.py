@@ -11,7 +11,9 @@ of its own over the same connection and notes when it comes back. The ping trave
 queues as a request (the reply pump, nats-server, the inbound buffer behind every request
 already waiting, the parser, the event loop), so its round trip is what a request arriving now
 waits before its admission. While a ping is out, its age so far counts too (a stall shows
-before the ping is back; a ping lost in a reconnect is sent again, its age kept).
+before the ping is back; a ping not back in 2 s is sent again, its age kept). While the
+connection is down nothing is measured (no request can arrive), and a ping from before a
+reconnect is ignored: the measure starts afresh.
 
 While that delay is over ``max_queue_ms`` (the contract's "waited longer than max_queue_ms before
 it could start"), every new request is refused with ``OVERLOADED`` at admission: a refusal costs a
@@ -46,6 +48,10 @@ class QueueDelay:
         if self.sent_at is not None:
             self.rtt_s = now - self.sent_at
             self.sent_at = None
+
+    def reset(self) -> None:
+        """Forget what was measured (the connection was lost: the queue in front of it is gone)."""
+        self.rtt_s, self.sent_at = 0.0, None
 
     def delay(self, now: float) -> float:
         """What a request arriving now has waited: the last round trip, or the age of the ping out now."""

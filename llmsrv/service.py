@@ -85,17 +85,27 @@ class _FrontQueue:
         self.bus, self.subject = bus, subject
         self.delay = QueueDelay(max_queue_s)
         self._back = trio.Event()
+        self._seq = b""
 
     def on_ping(self, msg: Incoming) -> None:
-        self.delay.received(trio.current_time())
-        self._back.set()
+        if msg.data == self._seq:  # an older ping (one that waited out a reconnect) measures nothing now
+            self.delay.received(trio.current_time())
+            self._back.set()
 
     async def run(self) -> None:
-        """One ping out at a time, every ``PING_INTERVAL_S`` once the last is back."""
+        """One ping out at a time, every ``PING_INTERVAL_S`` once the last is back. While NATS is down no
+        request can arrive: the measure starts afresh once the connection is back."""
+        seq = 0
         while True:
+            if not self.bus.is_connected:
+                self.delay.reset()
+                await trio.sleep(PING_INTERVAL_S)
+                continue
+            seq += 1
+            self._seq = str(seq).encode()
             self._back = trio.Event()
             self.delay.sent(trio.current_time())
-            self.bus.publish_nowait(self.subject, b"")
+            self.bus.publish_nowait(self.subject, self._seq)
             with trio.move_on_after(PING_RESEND_S):
                 await self._back.wait()
                 await trio.sleep(PING_INTERVAL_S)

@@ -47,3 +47,11 @@ def test_admission_follows_the_delay_both_ways() -> None:
     q.sent(2.6)
     q.received(2.62)
     assert q.admits(2.7)
+
+
+def test_reset_forgets_what_was_measured() -> None:
+    q = QueueDelay(1.0)
+    q.sent(0.0)
+    assert not q.admits(5.0)  # out for 5 s: the connection is down, say
+    q.reset()
+    assert q.admits(5.0) and q.delay(5.0) == 0.0
