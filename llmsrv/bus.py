@@ -117,6 +117,7 @@ class Bus:
         self._queue = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self.disconnects = 0  # tells connections apart: counted before nats-py tries to reconnect
         self.closing = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -313,6 +314,8 @@ def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
     async def disconnected_cb() -> None:
         if holder and holder[0].closing:
             return
+        if holder:
+            holder[0].disconnects += 1
         log.warning("disconnected from NATS at %s; reconnecting", where)
 
     async def reconnected_cb() -> None:

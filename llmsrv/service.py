@@ -92,22 +92,29 @@ class _FrontQueue:
             self.delay.received(trio.current_time())
             self._back.set()
 
+    def waited(self, now: float) -> float:
+        return self.delay.delay(now, self.bus.disconnects)
+
+    def admits(self, now: float) -> bool:
+        return self.delay.admits(now, self.bus.disconnects)
+
     async def run(self) -> None:
         """One ping out at a time, every ``PING_INTERVAL_S`` once the last is back. While NATS is down no
-        request can arrive: the measure starts afresh once the connection is back."""
+        request can arrive; once it is back, a new ping goes out on the new connection at once."""
         seq = 0
         while True:
             if not self.bus.is_connected:
-                self.delay.reset()
                 await trio.sleep(PING_INTERVAL_S)
                 continue
             seq += 1
-            self._seq = str(seq).encode()
-            self._back = trio.Event()
-            self.delay.sent(trio.current_time())
+            self._seq, self._back, epoch = str(seq).encode(), trio.Event(), self.bus.disconnects
+            self.delay.sent(trio.current_time(), epoch)
             self.bus.publish_nowait(self.subject, self._seq)
-            with trio.move_on_after(PING_RESEND_S):
-                await self._back.wait()
+            resend_at = trio.current_time() + PING_RESEND_S
+            while not self._back.is_set() and self.bus.disconnects == epoch and trio.current_time() < resend_at:
+                with trio.move_on_after(PING_INTERVAL_S):
+                    await self._back.wait()
+            if self._back.is_set():
                 await trio.sleep(PING_INTERVAL_S)
 
 
@@ -244,7 +251,7 @@ class Service:
         """This instance, its counters and its providers, frozen (no I/O)."""
         counters = ServiceStats(self._inflight, self._pool.workers, self._pool.idle, self._requests, self._errors,
                                 self._processing_ns, self._last_error,
-                                round(self._front.delay.delay(trio.current_time()) * 1000, 1))
+                                round(self._front.waited(trio.current_time()) * 1000, 1))
         return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started,
                                 self._draining, self.bus.is_connected, self.subject_request, self.cfg.nats.queue,
                                 counters, self.pipeline.statistics(), self._http_api)
@@ -272,9 +279,9 @@ class Service:
         if self._inflight >= server.max_inflight:
             return errors.Overloaded(f"instance at max_inflight={server.max_inflight}; retry later",
                                      retry_after_ms=self._overload_retry_ms())
-        if not self._front.delay.admits(now := trio.current_time()):
+        if not self._front.admits(now := trio.current_time()):
             return errors.Overloaded(
-                f"requests wait {round(self._front.delay.delay(now) * 1000)} ms in front of this instance "
+                f"requests wait {round(self._front.waited(now) * 1000)} ms in front of this instance "
                 f"(max_queue_ms={server.max_queue_ms}): shedding load; retry later",
                 retry_after_ms=self._overload_retry_ms())
         return None

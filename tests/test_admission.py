@@ -55,3 +55,14 @@ def test_reset_forgets_what_was_measured() -> None:
     assert not q.admits(5.0)  # out for 5 s: the connection is down, say
     q.reset()
     assert q.admits(5.0) and q.delay(5.0) == 0.0
+
+
+def test_a_ping_lost_with_a_connection_counts_for_nothing_on_the_next() -> None:
+    q = QueueDelay(1.0)
+    q.sent(0.0, epoch=0)  # goes out, then the connection dies under it; nats-py is back 0.3 s later
+    assert not q.admits(1.5, epoch=0)  # on the old connection it would have aged into a refusal
+    assert q.admits(1.5, epoch=1) and q.delay(1.5, epoch=1) == 0.0  # the new one has measured nothing yet
+    q.sent(1.5, epoch=1)
+    assert q.delay(1.6, epoch=1) == pytest.approx(0.1)  # the new ping's age, not the lost one's
+    q.received(1.62)
+    assert q.rtt_s == pytest.approx(0.12) and q.admits(9.0, epoch=1)

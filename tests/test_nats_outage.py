@@ -55,7 +55,8 @@ async def test_sigkill_and_restart_of_nats_server_under_load(tmp_path: Path, rec
             return "timeout"  # in flight when the server died: lost with it
         except NoResponders:
             return "no-responders"  # the client is back before llmsrv is
-        return "ok" if msgspec.json.decode(msg.data).get("text") == text else "wrong"
+        reply = msgspec.json.decode(msg.data)
+        return "ok" if reply.get("text") == text else reply.get("error_code") or "wrong"
 
     async def load(client: Client, worker: int) -> None:
         for i in range(1_000_000):
