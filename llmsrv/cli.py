@@ -3,7 +3,8 @@
 Start-up is what a person waits for on every call, so this module imports argparse and a little
 of the standard library at the top: each command imports what it needs when it runs (``--version``
 and ``--help`` nothing more; ``ask``, ``status`` and ``breaker`` the client and the bus, never
-providers, metrics or resilience). tests/test_startup.py keeps it so.
+providers, metrics or resilience; ``breaker simulate`` its own module and no NATS).
+tests/test_startup.py keeps it so.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import gc
 import json
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_CLIENT_URL = "nats://127.0.0.1:4222"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole command line; ``argv`` only decides whether ``breaker simulate``'s options are loaded."""
     p = argparse.ArgumentParser(prog="llmsrv", description="LLM requests over NATS, answered predictably.")
     p.add_argument("--version", action="version", version=f"llmsrv {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="also make one authenticated call per available provider (a model list: no tokens spent)")
 
     status = sub.add_parser("status", help="print every running instance's status (llm.admin.status)")
+    status.add_argument("--json", action="store_true", help="print the raw status documents")
     status.add_argument("--nats-url")
     status.add_argument("--config")
 
@@ -64,48 +66,55 @@ def _parser() -> argparse.ArgumentParser:
     breaker_set.add_argument("--ttl", type=float, metavar="SECONDS", help="how long it stays open")
     breaker_set.add_argument("--nats-url")
     breaker_set.add_argument("--config")
+    for verb, text in (
+            ("open", "force a breaker open on every instance: it refuses calls until closed or reset"),
+            ("close", "close a breaker on every instance (failures cleared; it can open again on new ones)"),
+            ("reset", "reset a breaker on every instance: closed, counts and forced state cleared "
+                      "(a provider's per-model breakers too)")):
+        forced = breaker_sub.add_parser(verb, help=text, description=f"{text} (llm.admin.breaker.state).")
+        forced.add_argument("target", metavar="PROVIDER[:MODEL]",
+                            help="a provider, or provider:model for a per-model breaker (breaker_scope = \"model\")")
+        forced.add_argument("--json", action="store_true", help="print each instance's answer as JSON")
+        forced.add_argument("--nats-url")
+        forced.add_argument("--config")
+    sim = breaker_sub.add_parser("simulate", help="replay a failure trace through the breaker and rate-limit code "
+                                 "in virtual time, per setting (no NATS, no config)")
+    if _is_simulate(argv):  # its options live with it: loaded for this command only (start-up stays cheap)
+        from . import simulate
+
+        simulate.add_arguments(sim)
     return p
 
 
-# Libraries that log the wire (httpcore: every response's headers at debug; httpx: each request at info;
-# httpx2 and httpcore2, their successors, the same).
-WIRE_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "h11", "h2", "hpack")
+def _is_simulate(argv: Sequence[str]) -> bool:
+    return [a for a in argv if not a.startswith("-")][:2] == ["breaker", "simulate"]
 
 
-def _setup_logging(cfg: Config, level: str) -> None:
-    """stderr logging at ``level``; every record redacted; the wire loggers at warning unless
-    ``[server] wire_debug`` (then at ``level``, still redacted)."""
-    import logging
+def _setup_logging(cfg: Config, level: str, serve: bool) -> None:
+    from . import logs
 
-    from . import redact
-
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not any(isinstance(f, redact.RedactingFilter) for f in handler.filters):
-            handler.addFilter(redact.RedactingFilter())
-    # the NATS secrets; provider keys register themselves when they are read
-    redact.register(cfg.nats.password, cfg.nats.token)
-    for url in (cfg.nats.url or "").split(","):
-        try:
-            parts = urlsplit(url.strip())
-            redact.register(parts.password if parts.password is not None else parts.username)  # or a token
-        except ValueError:
-            pass
-    wire = root.level if cfg.server.wire_debug else max(logging.WARNING, root.level)
-    for name in WIRE_LOGGERS:
-        logging.getLogger(name).setLevel(wire)
+    logs.setup(cfg, level)
+    if serve:
+        logs.lean_records()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # --version and --help exit here, having imported nothing more
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)  # --version and --help exit here, having imported nothing more
+    if args.command == "breaker" and args.action == "simulate":  # virtual time: no config, no NATS
+        from . import simulate
+
+        return simulate.run(args)
     from .config import ConfigError, load_config, with_overrides
 
-    try:
-        cfg = load_config(args.config)
+    def configure() -> Config:  # at start, and again on SIGHUP (serve)
+        cfg = load_config(getattr(args, "config", None))
         if getattr(args, "nats_url", None):
             cfg = with_overrides(cfg, nats={"url": args.nats_url})
+        return cfg
+
+    try:
+        cfg = configure()
         if args.command == "serve" and cfg.server.http_port:
             from .httpapi import http_api_keys
 
@@ -113,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llmsrv: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(cfg, cfg.server.log_level if args.command == "serve" else "warning")
+    serve = args.command == "serve"
+    _setup_logging(cfg, cfg.server.log_level if serve else "warning", serve)
     import trio
 
     if args.command == "check":  # no NATS: the providers only
@@ -122,14 +132,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "serve":
-            return _serve(cfg)
+            return _serve(cfg, configure)
         url = cfg.nats.url or DEFAULT_CLIENT_URL
         if args.command == "ask":
             return trio.run(_ask, cfg, url, args)
-        if args.command == "breaker":
+        if args.command == "breaker" and args.action == "set":
             command = {"provider": args.provider, "threshold": args.threshold, "ttl_s": args.ttl}
             return trio.run(_admin, cfg, url, "admin.breaker.set", {k: v for k, v in command.items() if v is not None})
-        return trio.run(_admin, cfg, url, "admin.status", {})
+        from .statusview import render_breaker_replies, render_status
+
+        if args.command == "breaker":  # open | close | reset PROVIDER[:MODEL]
+            provider, colon, model = args.target.partition(":")
+            body: dict[str, object] = {"provider": provider, "action": args.action}
+            if colon:
+                body["model"] = model  # "mock:" too: the instances answer what is wrong with it
+            render = None if args.json else render_breaker_replies
+            return trio.run(_admin, cfg, url, "admin.breaker.state", body, render)
+        return trio.run(_admin, cfg, url, "admin.status", {}, None if args.json else render_status)
     except (BusError, BaseExceptionGroup) as exc:
         error = bus_error_in(exc)
         if error is None:
@@ -140,11 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------
 
-def _serve(cfg: Config) -> int:
+def _serve(cfg: Config, configure: Callable[[], Config]) -> int:
     import trio
 
+    from . import tracing
+    from .config import ConfigError
     from .natsserver import NatsServer, free_port
 
+    try:
+        shutdown_tracing = tracing.setup(cfg.tracing)
+    except ConfigError as exc:  # on (config or OTEL_* variables) without its packages
+        print(f"llmsrv: {exc}", file=sys.stderr)
+        return 2
     embedded = None
     url = cfg.nats.url
     if url is None:
@@ -152,14 +178,15 @@ def _serve(cfg: Config) -> int:
         url = embedded.url
         print(f"llmsrv: embedded nats-server listening on {url}", flush=True)
     try:
-        trio.run(_serve_async, cfg, url)
+        trio.run(_serve_async, cfg, url, configure)
     finally:
+        shutdown_tracing()  # flushes the spans still batched (blocks: outside trio)
         if embedded is not None:
             embedded.stop()
     return 0
 
 
-async def _serve_async(cfg: Config, url: str) -> None:
+async def _serve_async(cfg: Config, url: str, configure: Callable[[], Config]) -> None:
     import trio
 
     from .bus import Bus, redact_url
@@ -168,7 +195,7 @@ async def _serve_async(cfg: Config, url: str) -> None:
     async with Bus.connect(cfg.nats, url) as bus:
         service = Service(cfg, bus)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, service, nursery.cancel_scope, configure)
             await nursery.start(service.run)
             # Everything built at start-up lives until exit: keep it out of the garbage
             # collector's scans, which otherwise walk it again and again under load.
@@ -178,15 +205,22 @@ async def _serve_async(cfg: Config, url: str) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(service: Service, scope: trio.CancelScope) -> None:
+async def _watch_signals(service: Service, scope: trio.CancelScope, configure: Callable[[], Config]) -> None:
     import logging
 
     import trio
 
+    from .config import ConfigError
+
     log = logging.getLogger("llmsrv")
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if not service.draining:
+            if signum == signal.SIGHUP:
+                try:
+                    service.reload(configure())
+                except ConfigError as exc:
+                    log.error("SIGHUP: config reload refused, the running config stays: %s", exc)
+            elif not service.draining:
                 log.info("%s: draining (again to stop at once)", signal.Signals(signum).name)
                 service.shutdown()
             else:
@@ -241,13 +275,17 @@ async def _cancel_on_sigint(scope: trio.CancelScope) -> None:
             return
 
 
-async def _admin(cfg: Config, url: str, subject: str, body: dict[str, object]) -> int:
-    """Send an admin command to every instance and print each one's answer."""
+async def _admin(cfg: Config, url: str, subject: str, body: dict[str, object],
+                 render: Callable[[list[dict[str, Any]]], str] | None = None) -> int:
+    """Send an admin command to every instance and print each one's answer (as JSON without ``render``)."""
     from .client import Client
 
     async with Client.connect(url, cfg.nats.subject_prefix, cfg.nats) as client:
         replies = await client.gather(subject, body)
-    print(json.dumps(replies, indent=2))
+    if render is None:
+        print(json.dumps(replies, indent=2))
+    elif replies:
+        print(render(replies))
     if not replies:
         print(f"llmsrv: no instance answered on {cfg.nats.subject_prefix}.{subject}", file=sys.stderr)
         return 1

@@ -79,6 +79,10 @@ class ServerConfig(_Frozen, frozen=True):
     worker_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # then an idle worker task retires...
     min_idle_workers: Annotated[int, msgspec.Meta(ge=1)] = 8  # ...unless only this many are idle
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # false: no request, latency, token or cost series are counted (what they cost: python -m bench observability)
+    metrics: bool = True
+    # JSON lines; "text" for people; "auto": text when stderr is a terminal (logs.py)
+    log_format: Literal["auto", "json", "text"] = "auto"
     # httpx/httpcore loggers stay at warning (they log upstream headers); true lets them log at
     # log_level, still through the redacting filter
     wire_debug: bool = False
@@ -208,11 +212,26 @@ class RoutingConfig(_Frozen, frozen=True, kw_only=True):
     breaker_sync_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
 
 
+class TracingConfig(_Frozen, frozen=True):
+    """OpenTelemetry traces (``llmsrv.tracing``; needs ``pip install 'llmsrv[otel]'``). Also turned on by the
+    standard ``OTEL_*`` variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_EXPORTER=otlp``) and off by
+    ``OTEL_SDK_DISABLED=true``."""
+
+    enabled: bool = False
+    # the OTLP/HTTP collector: a base URL ("http://collector:4318") gets /v1/traces; None: the
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables, else http://localhost:4318/v1/traces
+    endpoint: Annotated[str, msgspec.Meta(pattern=r"^https?://.+$")] | None = None
+    service_name: Annotated[str, msgspec.Meta(min_length=1)] = "llmsrv"  # OTEL_SERVICE_NAME wins over the default
+    # share of new traces recorded; a request joining a trace follows the caller's sampled flag
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+
 class Config(_Frozen, frozen=True, kw_only=True):
     nats: NatsConfig = NatsConfig()
     server: ServerConfig = ServerConfig()
     providers: ProvidersConfig = ProvidersConfig()
     routing: RoutingConfig
+    tracing: TracingConfig = TracingConfig()
 
 
 _G, _A, _C, _Q = "general", "architect", "coder", "qa"
@@ -358,6 +377,16 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return f"invalid config at `{key or '(top level)'}`: {head}"
 
 
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")  # [tracing] needs them
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def build_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Validate ``data`` (as read from TOML) on top of the defaults and env overrides."""
     env = os.environ if env is None else env
@@ -374,6 +403,9 @@ def build_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     if cfg.routing.storage_uri.startswith("redis") and importlib.util.find_spec("redis") is None:
         raise ConfigError("invalid config at `routing.storage_uri`: redis storage needs the redis "
                           "client: pip install 'llmsrv[redis]'")
+    if cfg.tracing.enabled and not all(map(_importable, OTEL_MODULES)):
+        raise ConfigError("invalid config at `tracing.enabled`: tracing needs OpenTelemetry: "
+                          "pip install 'llmsrv[otel]'")
     if cfg.server.default_timeout_ms > cfg.server.max_timeout_ms:
         raise ConfigError("invalid config at `server.default_timeout_ms`: must not exceed "
                           f"server.max_timeout_ms ({cfg.server.max_timeout_ms})")
@@ -393,6 +425,35 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return build_config(data, env)
+
+
+def differences(old: Config, new: Config) -> list[str]:
+    """The dotted key paths whose values differ between two configs (a SIGHUP reload's log line)."""
+    changed: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys()):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            changed.append(path)
+
+    walk(msgspec.to_builtins(old), msgspec.to_builtins(new), "")
+    return changed
+
+
+RESTART_ONLY = ("nats", "server", "tracing", "routing.storage_uri")  # what shapes the running process
+
+
+def reloadable(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """What a live reload (SIGHUP) applies: ``new`` with the ``RESTART_ONLY`` keys kept at their old
+    values, the changed keys it applies and the changed keys that wait for a restart."""
+    changed = differences(old, new)
+    kept = [k for k in changed if any(k == p or k.startswith(p + ".") for p in RESTART_ONLY)]
+    applied = msgspec.structs.replace(new, nats=old.nats, server=old.server, tracing=old.tracing,
+                                      routing=msgspec.structs.replace(new.routing,
+                                                                      storage_uri=old.routing.storage_uri))
+    return applied, [k for k in changed if k not in kept], kept
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -53,9 +53,11 @@ Documents = Callable[[str], tuple[int, str, bytes]]  # GET path -> (status, cont
 class Backend(Protocol):
     """What ``/v1/*`` needs of the service."""
 
-    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None) -> LLMResponse:
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None,
+                     trace: Mapping[str, str] | None = None) -> LLMResponse:
         """Answer one request (admission, deadline, cancel registry, metrics), or raise an ``LlmsrvError``.
-        Runs in the HTTP request's cancel scope: a client disconnect cancels it from outside."""
+        Runs in the HTTP request's cancel scope: a client disconnect cancels it from outside. ``trace``:
+        the request's W3C ``traceparent``/``tracestate`` headers (the request's span joins that trace)."""
         ...
 
     def models(self) -> list[tuple[str, str]]:
@@ -177,15 +179,16 @@ class App:
             return
         request = chat.request
         cid = request.correlation_id or messages.new_correlation_id()
+        trace = headers.trace_context()
         if chat.ignored:
             log.debug("request %s: ignored fields %s", cid, ", ".join(chat.ignored))
         if request.stream:
-            await self._stream(backend, request, cid, chat.include_usage, receive, send)
+            await self._stream(backend, request, cid, chat.include_usage, receive, send, trace)
             return
         outbox = _Outbox()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
-            await _run(backend, request, cid, None, outbox)
+            await _run(backend, request, cid, None, outbox, trace)
             nursery.cancel_scope.cancel()
         result = outbox.result
         if isinstance(result, LLMResponse):
@@ -196,14 +199,14 @@ class App:
         # None: the client disconnected and the request was cancelled; nobody is left to answer
 
     async def _stream(self, backend: Backend, request: LLMRequest, cid: str, include_usage: bool,
-                      receive: Receive, send: Send) -> None:
+                      receive: Receive, send: Send, trace: dict[str, str] | None = None) -> None:
         """Headers go out with the first delta (or the outcome), so an error before any text keeps its status."""
         frames = openai_wire.ChunkStream(cid, request.model, int(time.time()), include_usage)
         outbox = _Outbox()
         started = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
-            nursery.start_soon(_run, backend, request, cid, outbox.on_delta, outbox)
+            nursery.start_soon(_run, backend, request, cid, outbox.on_delta, outbox, trace)
             while True:
                 text = await outbox.take()
                 result = outbox.result
@@ -246,10 +249,11 @@ class App:
                 return b"".join(chunks)
 
 
-async def _run(backend: Backend, request: LLMRequest, cid: str, on_delta: OnDelta | None, outbox: _Outbox) -> None:
+async def _run(backend: Backend, request: LLMRequest, cid: str, on_delta: OnDelta | None, outbox: _Outbox,
+               trace: dict[str, str] | None = None) -> None:
     """The per-request boundary of ``/v1``: whatever the backend raises becomes the request's answer."""
     try:
-        result: LLMResponse | errors.LlmsrvError = await backend.answer(request, cid, on_delta)
+        result: LLMResponse | errors.LlmsrvError = await backend.answer(request, cid, on_delta, trace)
     except errors.LlmsrvError as exc:
         result = exc
     except Exception:
@@ -286,6 +290,11 @@ class _Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self._by_name.get(name.lower(), default)
+
+    def trace_context(self) -> dict[str, str] | None:
+        """The W3C ``traceparent``/``tracestate`` headers, if the request has any."""
+        found = {name: value for name in ("traceparent", "tracestate") if (value := self._by_name.get(name))}
+        return found or None
 
 
 def _id_headers(cid: str) -> list[tuple[str, str]]:

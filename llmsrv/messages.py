@@ -151,8 +151,17 @@ class BreakerSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ttl_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] | None = None
 
 
+class BreakerCommand(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``llm.admin.breaker.state``: force one breaker open, closed, or back to a fresh start, on every instance."""
+
+    provider: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    action: Literal["open", "close", "reset"]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None  # per-model scope only
+
+
 _request_decoder = msgspec.json.Decoder(LLMRequest)
 _breaker_set_decoder = msgspec.json.Decoder(BreakerSet)
+_breaker_command_decoder = msgspec.json.Decoder(BreakerCommand)
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
 
 encode = msgspec.json.Encoder().encode
@@ -287,6 +296,11 @@ def decode_cancel(data: bytes) -> CancelRequest:
 
 def decode_breaker_set(data: bytes) -> BreakerSet:
     result: BreakerSet = decode_with(_breaker_set_decoder, data)
+    return result
+
+
+def decode_breaker_command(data: bytes) -> BreakerCommand:
+    result: BreakerCommand = decode_with(_breaker_command_decoder, data)
     return result
 
 

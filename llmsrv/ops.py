@@ -108,6 +108,7 @@ def _endpoints(snap: InstanceSnapshot) -> list[dict[str, Any]]:
     p, queue = snap.subject_request.removesuffix(".request"), snap.queue
     rows = [("cancel", f"{p}.cancel", ""), ("health", f"{p}.health", queue),
             ("admin_status", f"{p}.admin.status", ""), ("admin_breaker_set", f"{p}.admin.breaker.set", ""),
+            ("admin_breaker_state", f"{p}.admin.breaker.state", ""),
             ("worker", f"{p}.req.>", queue)]  # the predecessor's llm.req.<model>
     return [_endpoint(snap)] + [{"name": name, "subject": subject, "queue_group": group, "metadata": {}}
                                 for name, subject, group in rows]
@@ -245,6 +246,22 @@ class Metrics:
     def asgi_app(self) -> Any:
         """``GET /metrics`` as prometheus_client's own ASGI app (content negotiation, gzip)."""
         return prometheus_client.make_asgi_app(self.registry)
+
+
+class UncountedMetrics(Metrics):
+    """``[server] metrics = false``: the per-request series are not kept (the scrape-time ones still are)."""
+
+    def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
+        pass
+
+    def provider_call(self, provider: str, seconds: float) -> None:
+        pass
+
+    def first_chunk(self, provider: str, seconds: float) -> None:
+        pass
+
+    def usage(self, provider: str, prompt_tokens: int, completion_tokens: int, cost_cents: float) -> None:
+        pass
 
 
 # ---- HTTP: /metrics, /healthz, /readyz -----------------------------------------------------------

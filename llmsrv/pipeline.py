@@ -14,6 +14,10 @@ breakers, limits, bulkheads or retries), so the bench can measure what the layer
 
 A delta streamed to the caller commits the request to that attempt: from then on a failure ends
 the request (no fallback mid-stream).
+
+With tracing on (``tracing``; off by default), the request runs in a span joined to the caller's
+``traceparent`` and each attempt in a child span, current while the provider call runs (the HTTP
+transport sends it upstream). Off, the only cost is a check of ``tracing.ENABLED`` and a no-op span.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from collections.abc import Callable, Mapping
 import msgspec
 import trio
 
-from . import errors, messages, routing
+from . import errors, messages, routing, tracing
 from .config import Config, Price, RetryConfig
 from .messages import LLMRequest, LLMResponse
 from .ops import Metrics, ProviderSnapshot
 from .providers import Call, Completion, OnDelta, Provider, estimate_call_tokens
+from .providers.registry import build_providers
 from .resilience import Breaker, ProviderGuard, RedisBreakerBoard, call_guarded, in_background, sync_breakers
 from .router import Router
 
@@ -73,33 +78,36 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.guarded = cfg.routing.resilience
         self.router = Router(cfg.routing.retry if self.guarded else RetryConfig(max_attempts=1))
-        storage = cfg.routing.storage_uri
-        fleet = f"llmsrv:{cfg.nats.queue}:"  # every instance of one queue group shares limits and openings
-        self.guards = {name: ProviderGuard(name, getattr(cfg.providers, name), storage_uri=storage,
-                                           on_transition=self._on_transition, limit_key=f"{fleet}limit:{name}")
-                       for name in providers}
+        storage, fleet = cfg.routing.storage_uri, f"llmsrv:{cfg.nats.queue}:"
+        self.guards = {name: self._guard(cfg, name) for name in providers}
         self.board = RedisBreakerBoard(storage, f"{fleet}breaker:") if storage.startswith("redis") else None
         self._routes: dict[tuple[object, ...], routing.Route] = {}
         self._unsettled_models: set[str] = set()  # provider:model whose own breaker is not closed
 
     # ---- one request -------------------------------------------------------------------------
 
-    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None = None) -> LLMResponse:
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None = None,
+                     trace: Mapping[str, str] | None = None) -> LLMResponse:
+        """``trace``: the caller's W3C ``traceparent``/``tracestate`` (header name -> value, any case)."""
         call = Call(model="", messages=request.messages, max_tokens=request.max_tokens,
                     temperature=request.temperature, tools=request.tools or ())
         delivery = _Delivery(on_delta, self.metrics) if on_delta is not None else None
-        result = await self.router.run(
-            lambda: self.plan(request), lambda target: self._attempt(target, call, delivery),
-            hedge_delay=self._hedge_delay(request) if delivery is None else None,
-            streamed=(lambda: delivery.started) if delivery is not None else (lambda: False))
-        done, target = result.completion, result.target
-        cost = self._cost_cents(target, done)
-        self.metrics.usage(target.provider, done.usage.prompt_tokens, done.usage.completion_tokens, cost)
-        return LLMResponse(
-            text=done.text, model=target.spec, tokens_used=done.usage.prompt_tokens + done.usage.completion_tokens,
-            cost_cents=cost, timestamp=messages.timestamp(), correlation_id=correlation_id, usage=done.usage,
-            finish_reason=done.finish_reason, tool_calls=list(done.tool_calls), attempts=result.attempts,
-            refusal=msgspec.UNSET if done.refusal is None else done.refusal)
+        with tracing.request_span(correlation_id, request, trace) as span:
+            attempt = self._traced_attempt if span.recording else self._attempt
+            result = await self.router.run(
+                lambda: self.plan(request), lambda target: attempt(target, call, delivery),
+                hedge_delay=self._hedge_delay(request) if delivery is None else None,
+                streamed=(lambda: delivery.started) if delivery is not None else (lambda: False))
+            done, target = result.completion, result.target
+            cost = self._cost_cents(target, done)
+            self.metrics.usage(target.provider, done.usage.prompt_tokens, done.usage.completion_tokens, cost)
+            response = LLMResponse(
+                text=done.text, model=target.spec, tokens_used=done.usage.prompt_tokens + done.usage.completion_tokens,
+                cost_cents=cost, timestamp=messages.timestamp(), correlation_id=correlation_id, usage=done.usage,
+                finish_reason=done.finish_reason, tool_calls=list(done.tool_calls), attempts=result.attempts,
+                refusal=msgspec.UNSET if done.refusal is None else done.refusal)
+            span.answered(response)
+            return response
 
     def plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)
@@ -134,6 +142,13 @@ class Pipeline:
         guard = self.guards[name]
         circuit, rate = guard.breaker.blocked_for(), guard.limiter.blocked_for()
         return UP if circuit is None and rate is None else routing.ProviderState(True, circuit, rate)
+
+    async def _traced_attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None) -> Completion:
+        """``_attempt`` in a span of its own (current while the provider call runs: it carries ``traceparent``)."""
+        with tracing.attempt_span(target.provider, target.model) as span:
+            done = await self._attempt(target, call, delivery)
+            span.completed(done)
+            return done
 
     async def _attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None) -> Completion:
         provider = self.providers[target.provider]
@@ -199,6 +214,19 @@ class Pipeline:
                     provider, guard.breaker.threshold, guard.breaker.ttl_s)
         return guard
 
+    def force(self, provider: str, model: str | None, action: str) -> Breaker:
+        """Force a breaker open, closed, or back to a fresh start (``llm.admin.breaker.state``)."""
+        guard = self.guards.get(provider)
+        if guard is None:
+            raise errors.ProviderNotFound(f"no provider {provider!r} on this instance")
+        before = set(guard.breakers()) if action == "reset" else set()
+        breaker = guard.force(action, model)
+        log.warning("circuit breaker of %s: %s by admin, now %s", breaker.name, action,
+                    "open (forced)" if breaker.forced else breaker.state)
+        if action != "open" and self.board is not None:  # a published opening would be adopted again
+            in_background(self.board.clear, sorted(before | {breaker.name}))
+        return breaker
+
     def _on_transition(self, name: str, old: str, new: str) -> None:
         """``name`` is ``provider`` or, for a per-model breaker, ``provider:model``."""
         provider, _, model = name.partition(":")
@@ -217,6 +245,28 @@ class Pipeline:
             await sync_breakers(self.board, self.breakers, self.cfg.routing.breaker_sync_s)
 
     # ---- state and lifecycle -------------------------------------------------------------------
+
+    def _guard(self, cfg: Config, name: str) -> ProviderGuard:
+        fleet = f"llmsrv:{cfg.nats.queue}:"  # every instance of one queue group shares limits and openings
+        return ProviderGuard(name, getattr(cfg.providers, name), storage_uri=cfg.routing.storage_uri,
+                             on_transition=self._on_transition, limit_key=f"{fleet}limit:{name}")
+
+    def reconfigure(self, cfg: Config) -> list[Provider]:
+        """A reloaded config (SIGHUP) for the requests that start from now on. A provider whose settings
+        changed is built anew (those in flight keep the object they hold: returned, for the caller to
+        close once they are done); the others keep their object and guard (connections, breaker state,
+        rate-limit counts, bulkhead)."""
+        old, guards = self.cfg, self.guards
+        changed = {name for name in self.providers if getattr(old.providers, name) != getattr(cfg.providers, name)}
+        retired = [self.providers[name] for name in changed]
+        self.providers = {**self.providers, **build_providers(cfg, only=changed)}
+        self.guards = {name: self._guard(cfg, name) if name in changed else guards[name] for name in self.providers}
+        self.cfg, self.guarded = cfg, cfg.routing.resilience
+        self.router = Router(cfg.routing.retry if self.guarded else RetryConfig(max_attempts=1))
+        self._routes = {}
+        self._unsettled_models = {b.name for guard in self.guards.values() for b in guard.models.values()
+                                  if b.state != "closed"}
+        return retired
 
     def statistics(self) -> dict[str, ProviderSnapshot]:
         """Each provider's status and guard, frozen (no I/O)."""

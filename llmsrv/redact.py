@@ -145,7 +145,9 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = known(record.exc_text)
+            # formatters that format exc_info themselves (python-json-logger's) would bring the secret
+            # back: without exc_info every formatter writes the redacted exc_text
+            record.exc_text, record.exc_info = known(record.exc_text), None
         if record.stack_info:
             record.stack_info = known(record.stack_info)
         for name, value in vars(record).items():

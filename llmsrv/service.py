@@ -22,20 +22,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import trio
 
-from . import __version__, errors, httpapi, messages, openai_wire, worker_wire
+from . import __version__, config, errors, httpapi, messages, openai_wire, worker_wire
 from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
 from .config import Config, ServerConfig
 from .edges import Decoded, Edge, RequestEdge, WorkerEdge
+from .logs import CORRELATION_ID
 from .messages import LLMRequest, LLMResponse, encode
 from .ops import (
     InstanceSnapshot,
     Metrics,
     ServiceStats,
+    UncountedMetrics,
     health_document,
     http_answer,
     micro_subscriptions,
@@ -118,6 +121,73 @@ class _FrontQueue:
                 await trio.sleep(PING_INTERVAL_S)
 
 
+class _Generations:
+    """Requests in flight by the config generation they started under: what a reload replaced is closed
+    once no request that may hold it is left."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self._running: dict[int, int] = {}
+        self._settled = trio.Event()  # set (and replaced) whenever a generation's last request ends
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        generation = self.current
+        self._running[generation] = self._running.get(generation, 0) + 1
+        try:
+            yield
+        finally:
+            self._running[generation] -= 1
+            if not self._running[generation]:
+                del self._running[generation]
+                self._settled.set()
+                self._settled = trio.Event()
+
+    async def retire(self, providers: list[Provider]) -> None:
+        """Start a new generation; close ``providers`` once the older ones have finished."""
+        self.current += 1
+        generation = self.current
+        while any(g < generation for g in self._running):
+            await self._settled.wait()
+        for provider in providers:
+            with trio.move_on_after(2):
+                await provider.aclose()
+
+
+class _Running:
+    """The requests being served, by correlation id, each in its own cancel scope: its deadline,
+    ``llm.cancel`` and shutdown reach it through here."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._live: dict[str, list[_Live]] = {}
+        self._metrics = metrics
+        self.generations = _Generations()
+
+    async def run(self, cid: str, timeout_ms: int, received: float,
+                  answer: Callable[[], Awaitable[LLMResponse]]) -> LLMResponse:
+        """``answer()`` in the request's cancel scope."""
+        live = _Live(received + timeout_ms / 1000)
+        lives = self._live.setdefault(cid, [])
+        lives.append(live)
+        try:
+            with self.generations.request(), live.scope:
+                response = await answer()
+            if live.scope.cancelled_caught:
+                self._metrics.cancelled(live.reason or "deadline")
+                raise live.error(timeout_ms)
+            return response
+        finally:
+            lives.remove(live)
+            if not lives:
+                del self._live[cid]
+
+    def cancel(self, reason: str, cid: str | None = None) -> None:
+        """Cancel the request(s) with correlation id ``cid``, or every one."""
+        for lives in [self._live.get(cid, [])] if cid is not None else list(self._live.values()):
+            for live in lives:
+                live.cancel(reason)
+
+
 def answer_with(bus: Bus, document: Callable[[], object]) -> Handler:
     """A handler answering requests (those with a reply subject) with ``document()``; others are ignored."""
     def handler(msg: Incoming) -> None:
@@ -125,6 +195,42 @@ def answer_with(bus: Bus, document: Callable[[], object]) -> Handler:
             bus.publish_nowait(msg.reply, encode(document()))
 
     return handler
+
+
+AdminAct = Callable[[Pipeline, str, bytes], Mapping[str, object]]
+
+
+def admin_command(bus: Bus, pipeline: Pipeline, instance_id: str, act: AdminAct) -> Handler:
+    """A handler for an admin command: the answer is ``act(pipeline, instance_id, body)``, or the
+    ``LlmsrvError`` it raised. The pipeline is the same object for the process's life (a reload
+    reconfigures it in place)."""
+    def handler(msg: Incoming) -> None:
+        try:
+            answer = act(pipeline, instance_id, msg.data)
+        except errors.LlmsrvError as exc:
+            if msg.reply:
+                bus.publish_nowait(msg.reply, messages.error_body(exc, ""), messages.error_headers(exc))
+            return
+        if msg.reply:
+            bus.publish_nowait(msg.reply, encode(answer))
+
+    return handler
+
+
+def tune_breaker(pipeline: Pipeline, instance_id: str, data: bytes) -> dict[str, object]:
+    """``llm.admin.breaker.set``: retune a provider's breakers; the answer is the values now in force."""
+    command = messages.decode_breaker_set(data)
+    guard = pipeline.tune(command.provider, command.threshold, command.ttl_s)
+    return {"instance_id": instance_id, "provider": command.provider,
+            "threshold": guard.breaker.threshold, "ttl_s": guard.breaker.ttl_s}
+
+
+def force_breaker(pipeline: Pipeline, instance_id: str, data: bytes) -> dict[str, object]:
+    """``llm.admin.breaker.state``: force a breaker open, closed or reset; the answer is its state now."""
+    command = messages.decode_breaker_command(data)
+    breaker = pipeline.force(command.provider, command.model, command.action)
+    return {"instance_id": instance_id, "provider": command.provider, "model": command.model,
+            "action": command.action, "breaker": breaker.statistics()}
 
 
 async def heartbeat(bus: Bus, subject: str, server: ServerConfig, snapshot: Callable[[], InstanceSnapshot]) -> None:
@@ -148,7 +254,7 @@ class Service:
         p = cfg.nats.subject_prefix
         self.subject_request, self.subject_cancel = f"{p}.request", f"{p}.cancel"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
-        self.metrics = Metrics()
+        self.metrics = Metrics() if cfg.server.metrics else UncountedMetrics()
         self.metrics.watch(self.statistics, lambda: bus.dropped)
         self.pipeline = Pipeline(cfg, providers or build_providers(cfg), self.metrics)
         self.providers = self.pipeline.providers
@@ -157,10 +263,11 @@ class Service:
         self._pool: WorkerPool[tuple[Incoming, float, Edge]] = WorkerPool(
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers)
-        self._live: dict[str, list[_Live]] = {}
+        self._running = _Running(self.metrics)
         # a subject of its own under the prefix (NATS permissions: docs/nats-permissions.conf)
         self._front = _FrontQueue(bus, f"{p}.ping.{self.instance_id}", server.max_queue_ms / 1000)
         self._inflight = self._requests = self._errors = self._processing_ns = 0
+        self._tasks: trio.Nursery | None = None
         self._last_error = ""
         self._draining = False
         self._drained = trio.Event()
@@ -184,6 +291,7 @@ class Service:
 
     async def _serve_until_stopped(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Service]) -> None:
         bus, queue, p = self.bus, self.cfg.nats.queue, self.cfg.nats.subject_prefix
+        self._tasks = nursery
         await nursery.start(self._pool.run)
         request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_message(self._request_edge)),
                                           queue, on_drop=self._on_dropped)
@@ -194,7 +302,8 @@ class Service:
             (f"{p}.health", answer_with(bus, lambda: health_document(self.statistics())), queue),
             # admin commands reach every instance (no queue group); NATS permissions guard them
             (f"{p}.admin.status", answer_with(bus, lambda: status_document(self.statistics())), ""),
-            (f"{p}.admin.breaker.set", self._on_breaker_set, ""),
+            (f"{p}.admin.breaker.set", admin_command(bus, self.pipeline, self.instance_id, tune_breaker), ""),
+            (f"{p}.admin.breaker.state", admin_command(bus, self.pipeline, self.instance_id, force_breaker), ""),
             (self._front.subject, self._front.on_ping, ""),
             *((subject, handler, "") for subject, handler in micro_subscriptions(self.statistics, bus.publish_nowait)),
         ]
@@ -228,9 +337,7 @@ class Service:
             self._drained.set()
         with trio.move_on_after(server.drain_grace_s):
             await self._drained.wait()
-        for lives in list(self._live.values()):
-            for live in lives:
-                live.cancel("shutdown")
+        self._running.cancel("shutdown")
         with trio.move_on_after(5):
             await self._drained.wait()
         for sub in other_subs:
@@ -255,6 +362,22 @@ class Service:
         return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started,
                                 self._draining, self.bus.is_connected, self.subject_request, self.cfg.nats.queue,
                                 counters, self.pipeline.statistics(), self._http_api)
+
+    # ---- live reload (SIGHUP) -----------------------------------------------------------------
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a re-read config to the requests that start from now on (CONTRACT section 6, and
+        ``Pipeline.reconfigure``); ``config.RESTART_ONLY`` keys wait for a restart. Returns the keys applied."""
+        new, applied, kept = config.reloadable(self.cfg, new)
+        if kept:
+            log.warning("config reload: %s changed; these take effect at the next restart", ", ".join(kept))
+        self.cfg = new
+        retired = self.pipeline.reconfigure(new)
+        self.providers = self.pipeline.providers
+        assert self._tasks is not None, "reload() of a service that is not running"
+        self._tasks.start_soon(self._running.generations.retire, retired)
+        log.warning("config reloaded: %s", ", ".join(applied) if applied else "nothing changed that applies live")
+        return applied
 
     # ---- admission (runs in the nats-py callback: synchronous, never blocks) ---------------
 
@@ -316,21 +439,7 @@ class Service:
         except errors.RequestError as exc:
             log.info("ignored malformed cancel: %s", exc.message)
             return
-        for live in self._live.get(cid, ()):
-            live.cancel("client")
-
-    def _on_breaker_set(self, msg: Incoming) -> None:
-        try:
-            command = messages.decode_breaker_set(msg.data)
-            guard = self.pipeline.tune(command.provider, command.threshold, command.ttl_s)
-        except errors.LlmsrvError as exc:
-            if msg.reply:
-                self.bus.publish_nowait(msg.reply, messages.error_body(exc, ""), messages.error_headers(exc))
-            return
-        if msg.reply:
-            self.bus.publish_nowait(msg.reply, encode({
-                "instance_id": self.instance_id, "provider": command.provider,
-                "threshold": guard.breaker.threshold, "ttl_s": guard.breaker.ttl_s}))
+        self._running.cancel("client", cid)
 
     # ---- one request -----------------------------------------------------------------------
 
@@ -361,59 +470,59 @@ class Service:
                     f"waited {round((received - admitted) * 1000)} ms to start, over max_queue_ms="
                     f"{self.cfg.server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
             decoded = edge.decode(msg)
-            request, cid = decoded.request, decoded.correlation_id
+            request, cid, trace = decoded.request, decoded.correlation_id, msg.headers
+            CORRELATION_ID.set(cid)  # this task's context: its log lines carry it (logs.py)
             if decoded.stream:
                 streamer = edge.streamer(msg, decoded)
                 sink = streamer
-                response = await self._run(cid, decoded.timeout_ms, received, lambda: sink.around(
-                    lambda: self.pipeline.answer(request, cid, sink.on_delta)))
+                response = await self._running.run(cid, decoded.timeout_ms, received, lambda: sink.around(
+                    lambda: self.pipeline.answer(request, cid, sink.on_delta, trace)))
             else:
-                response = await self._run(cid, decoded.timeout_ms, received,
-                                           lambda: self.pipeline.answer(request, cid))
+                response = await self._running.run(cid, decoded.timeout_ms, received,
+                                           lambda: self.pipeline.answer(request, cid, None, trace))
             edge.reply(msg, decoded, response, streamer)
-            provider, _, model = response.model.partition(":")
-            self.metrics.request(provider, model, "ok", trio.current_time() - received)
+            self._finished(cid, response.model, "ok", received)
         except errors.LlmsrvError as exc:
             self._fail(edge, msg, decoded, exc, streamer, received)
         except Exception:
             log.exception("internal error serving request %s", decoded.correlation_id if decoded else "(not decoded)")
             self._fail(edge, msg, decoded, errors.InternalError("internal error; see server log"), streamer, received)
-
-    async def _run(self, cid: str, timeout_ms: int, received: float,
-                   answer: Callable[[], Awaitable[LLMResponse]]) -> LLMResponse:
-        """``answer()`` in the request's cancel scope: its deadline, ``llm.cancel`` and shutdown reach it."""
-        live = _Live(received + timeout_ms / 1000)
-        lives = self._live.setdefault(cid, [])
-        lives.append(live)
-        try:
-            with live.scope:
-                response = await answer()
-            if live.scope.cancelled_caught:
-                self.metrics.cancelled(live.reason or "deadline")
-                raise live.error(timeout_ms)
-            return response
         finally:
-            lives.remove(live)
-            if not lives:
-                del self._live[cid]
+            CORRELATION_ID.set(None)
+
+    def _finished(self, cid: str, spec: str, outcome: str, received: float | None,
+                  error: errors.LlmsrvError | None = None) -> None:
+        """A request's end in the metrics and its one info line (CONTRACT section 6)."""
+        provider, _, model = spec.partition(":")
+        duration = None if received is None else trio.current_time() - received
+        self.metrics.request(provider, model, outcome, duration)
+        if log.isEnabledFor(logging.INFO):
+            log.info("request finished: %s", outcome, extra={
+                "correlation_id": cid, "provider": provider, "model": model, "outcome": outcome,
+                "error_code": error.error_code if error is not None else None,
+                "duration_ms": None if duration is None else round(duration * 1000, 2)})
 
     def _fail(self, edge: Edge, msg: Incoming, decoded: Decoded | None, exc: errors.LlmsrvError,
               streamer: Streamer | None, received: float | None = None) -> None:
-        self._errors += 1
-        self._last_error = exc.error_code
         cid = decoded.correlation_id if decoded is not None else edge.peek(msg)
         edge.error(msg, decoded, exc, cid, streamer)
+        self._failed(cid, exc, received)
+
+    def _failed(self, cid: str, exc: errors.LlmsrvError, received: float | None) -> None:
+        self._errors += 1
+        self._last_error = exc.error_code
         last = exc.attempts[-1] if exc.attempts else None
-        self.metrics.request(last.provider if last else "", last.model if last else "", exc.error_code.lower(),
-                             None if received is None else trio.current_time() - received)
+        self._finished(cid, f"{last.provider}:{last.model}" if last else "", exc.error_code.lower(), received, exc)
 
     # ---- the OpenAI-compatible HTTP API (httpapi.Backend) ----------------------------------
 
-    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None) -> LLMResponse:
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None,
+                     trace: Mapping[str, str] | None = None) -> LLMResponse:
         """One HTTP request, admitted, counted and cancellable like a NATS one (its errors raised)."""
         refusal = self._refusal()
         self._requests += 1
         received = trio.current_time()
+        CORRELATION_ID.set(correlation_id)  # the HTTP request's own task
         try:
             if refusal is not None:
                 raise refusal
@@ -421,20 +530,17 @@ class Service:
             try:
                 server = self.cfg.server
                 timeout_ms = min(request.timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
-                response = await self._run(correlation_id, timeout_ms, received,
-                                           lambda: self.pipeline.answer(request, correlation_id, on_delta))
+                response = await self._running.run(correlation_id, timeout_ms, received,
+                                           lambda: self.pipeline.answer(request, correlation_id, on_delta, trace))
             finally:
                 self._done()
         except errors.LlmsrvError as exc:
-            self._errors += 1
-            self._last_error = exc.error_code
-            self.metrics.request("", "", exc.error_code.lower(), trio.current_time() - received)
+            self._failed(correlation_id, exc, received)
             raise
         except trio.Cancelled:
             self.metrics.cancelled("client")  # the HTTP client went away
             raise
-        provider, _, model = response.model.partition(":")
-        self.metrics.request(provider, model, "ok", trio.current_time() - received)
+        self._finished(correlation_id, response.model, "ok", received)
         return response
 
     def models(self) -> list[tuple[str, str]]:

@@ -325,7 +325,7 @@ async def test_health_and_micro_discovery(nats_url: str) -> None:
     assert {(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]} == {
         ("request", f"{p}.request", q), ("cancel", f"{p}.cancel", ""), ("health", f"{p}.health", q),
         ("admin_status", f"{p}.admin.status", ""), ("admin_breaker_set", f"{p}.admin.breaker.set", ""),
-        ("worker", f"{p}.req.>", q)}
+        ("admin_breaker_state", f"{p}.admin.breaker.state", ""), ("worker", f"{p}.req.>", q)}
     assert stats["endpoints"][0]["num_requests"] >= 1
 
 

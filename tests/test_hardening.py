@@ -420,7 +420,8 @@ async def test_drain_under_load_answers_every_request(nats_url: str) -> None:
     prefix = f"p{uuid.uuid4().hex[:8]}"
     proc = _serve(nats_url, prefix, LLMSRV__PROVIDERS__MOCK__LATENCY_MS="2000",
                   LLMSRV__SERVER__MAX_INFLIGHT="300", LLMSRV__SERVER__DRAIN_GRACE_S="30",
-                  LLMSRV__SERVER__MAX_QUEUE_MS="600000")  # only max_inflight refuses here
+                  LLMSRV__SERVER__MAX_QUEUE_MS="600000",  # only max_inflight refuses here
+                  LLMSRV__SERVER__LOG_LEVEL="warning")  # 400 request lines would fill the stderr pipe nobody reads
     outcomes: list[str] = []
     try:
         async with Client.connect(nats_url, prefix) as client:

@@ -6,7 +6,7 @@ that validates what it receives the way the OpenAI API does). Only the service's
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +79,12 @@ class PipelineBackend:
     def __init__(self, cfg: Config, pipeline: Pipeline) -> None:
         self.cfg, self.pipeline = cfg, pipeline
 
-    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None) -> LLMResponse:
+    async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None,
+                     trace: Mapping[str, str] | None = None) -> LLMResponse:
         server = self.cfg.server
         timeout_ms = min(request.timeout_ms or server.default_timeout_ms, server.max_timeout_ms)
         with trio.move_on_after(timeout_ms / 1000):
-            return await self.pipeline.answer(request, correlation_id, on_delta)
+            return await self.pipeline.answer(request, correlation_id, on_delta, trace)
         raise errors.Timeout(f"no answer within the {timeout_ms} ms deadline; the provider call was cancelled")
 
     def models(self) -> list[tuple[str, str]]:

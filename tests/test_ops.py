@@ -145,7 +145,7 @@ def test_cli_status_and_breaker_set(nats_server: object) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_for_line(server, b"ready")  # bounded: a server that never gets ready fails, and is killed below
-        status = subprocess.run([sys.executable, "-m", "llmsrv", "status", "--nats-url", url],
+        status = subprocess.run([sys.executable, "-m", "llmsrv", "status", "--json", "--nats-url", url],
                                 env=env, capture_output=True, timeout=30)
         tuned = subprocess.run([sys.executable, "-m", "llmsrv", "breaker", "set", "mock", "--threshold", "3",
                                 "--ttl", "9", "--nats-url", url], env=env, capture_output=True, timeout=30)

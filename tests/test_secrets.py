@@ -274,7 +274,9 @@ async def test_the_canary_key_appears_nowhere(nats_url: str, tmp_path: Path, lev
                     answer = await http.get(f"http://127.0.0.1:{port}{path}")
                     outputs.append(str(answer.headers) + answer.text)
                 if level == "debug":  # the CLI commands log at warning whatever the level: run them once per wire mode
-                    outputs.append(await _cli("status", "--config", str(config), "--nats-url", nats_url, env=env))
+                    for form in ((), ("--json",)):  # the table and the raw documents
+                        outputs.append(await _cli("status", *form, "--config", str(config), "--nats-url", nats_url,
+                                                  env=env))
                     outputs.append(await _cli("check", "--config", str(config), "--probe", env=env))
         finally:
             proc.terminate()
@@ -309,7 +311,7 @@ async def test_the_canary_key_appears_nowhere(nats_url: str, tmp_path: Path, lev
         assert "[status rc=0]" in everything and '"openai_compat"' in everything
         assert "[check rc=0]" in everything and "credentials refused: openai_compat answered HTTP 401" in everything
     # wire logging: pinned at warning unless wire_debug, and then redacted
-    wire_lines = [line for line in stderr.splitlines() if " httpcore" in line or " httpx" in line]
+    wire_lines = [line for line in stderr.splitlines() if '"logger":"httpcore' in line or '"logger":"httpx' in line]
     if wire_debug and level == "debug":
         assert any("receive_response_headers" in line and MASK in line for line in wire_lines), stderr[-2000:]
     elif wire_debug and level == "info":

@@ -9,6 +9,7 @@ from bench.scenarios import (
     decode,
     faults,
     latency,
+    observability,
     overhead,
     overload,
     peers,
@@ -19,4 +20,5 @@ from bench.scenarios import (
 )
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (overhead, latency, overload, cancel, stream, provider, peers, decode, scale, faults, scaleout)}
+    m.NAME: m for m in (overhead, latency, overload, cancel, stream, provider, peers, decode, scale, faults, scaleout,
+                                           observability)}

@@ -55,7 +55,7 @@ import httpx2
 import msgspec
 import trio
 
-from .. import errors
+from .. import errors, tracing
 from ..config import ProviderConfig, ServerConfig
 from ..redact import SCAN_CHARS, clip
 from . import OnDelta
@@ -355,6 +355,8 @@ class HttpTransport:
         merged = dict(DEFAULT_HEADERS)
         for key, value in headers.items():
             merged[key.lower()] = value
+        if tracing.ENABLED:  # the attempt's span goes on upstream (W3C traceparent/tracestate)
+            tracing.inject(merged)
         head = [(b"host", target.host), *[(key.encode(), value.encode()) for key, value in merged.items()]]
         content = b""
         if request.body is not None:

@@ -39,7 +39,7 @@ from typing import Protocol
 
 import trio
 
-from .. import errors
+from .. import errors, tracing
 from ..redact import clip
 from . import Completion, OnDelta, ProviderStatus
 from .codecs import DETAIL_CHARS, Fold, too_large
@@ -187,10 +187,13 @@ class ProcessTransport:
         self._secrets = secrets
 
     async def _start(self, argv: Sequence[str], env: Mapping[str, str]) -> _Child:
+        child_env = dict(env)
+        if tracing.ENABLED:  # the attempt's span, for a CLI that reads TRACEPARENT (OTel's env carrier)
+            tracing.inject_env(child_env)
         try:
             proc = await trio.lowlevel.open_process(
                 list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, env=dict(env))
+                start_new_session=True, env=child_env)
         except OSError as exc:
             raise errors.ProviderError(f"{self.name}: cannot start {os.path.basename(argv[0])} "
                                        f"({exc.strerror or type(exc).__name__})") from None

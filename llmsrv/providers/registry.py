@@ -8,7 +8,7 @@ transport``, ``ApiOrCliProvider``); ``jules`` (a task API) and ``mock`` are driv
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ..config import Config, ProviderConfig, ServerConfig
@@ -106,9 +106,13 @@ def build_provider(key: str, cfg: ProviderConfig, env: Mapping[str, str] | None 
 KEYS = (*HTTP_ROWS, "jules", *CLI_ROWS)
 
 
-def build_providers(cfg: Config, env: Mapping[str, str] | None = None) -> dict[str, Provider]:
+def build_providers(cfg: Config, env: Mapping[str, str] | None = None,
+                    only: Collection[str] | None = None) -> dict[str, Provider]:
+    """Every provider (or those named in ``only``)."""
     env = os.environ if env is None else env
-    providers: dict[str, Provider] = {"mock": MockProvider(cfg.providers.mock)}
-    for key in KEYS:
-        providers[key] = build_provider(key, getattr(cfg.providers, key), env, server=cfg.server)
+    providers: dict[str, Provider] = {}
+    for key in ("mock", *KEYS):
+        if only is None or key in only:
+            providers[key] = MockProvider(cfg.providers.mock) if key == "mock" else build_provider(
+                key, getattr(cfg.providers, key), env, server=cfg.server)
     return providers

@@ -6,6 +6,14 @@ counts cancellations as failures, counts excluded errors as successes, lets ever
 through in half-open and re-raises one exception object whose traceback grows. Here half-open
 admits ``max_probes`` calls, outcomes of calls admitted under an earlier state are ignored, and
 each refusal is a fresh exception.
+
+An operator can force a breaker (``llmsrv breaker open|close|reset``), as resilience4j's
+``transitionToForcedOpenState`` / ``transitionToClosedState`` / ``reset`` do: forced open, it
+refuses every call until an operator closes it (no TTL, no half-open probe, reported as ``open``
+with ``forced``); closing clears the failure count and any forced state, and counting starts afresh
+(it can open again on failures). Either way, outcomes of calls admitted before are ignored. The
+forced state lives in this process only (not shared through the fleet board, not kept across a
+restart): the admin command reaches every instance itself.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 from purgatory.domain.messages.events import ContextChanged
-from purgatory.domain.model import Context, HalfOpenedState, OpenedState
+from purgatory.domain.model import ClosedState, Context, HalfOpenedState, OpenedState
 
 from .. import errors
 
@@ -41,10 +49,11 @@ class Ticket(msgspec.Struct):
 class BreakerSnapshot(msgspec.Struct, frozen=True):
     state: str
     failures: int
-    retry_after_s: float  # 0 unless open
+    retry_after_s: float  # 0 unless open on its own (forced open has no end)
     probes_in_flight: int
     threshold: int = 0
     ttl_s: float = 0.0
+    forced: bool = False  # forced open by an operator: stays open until closed (llmsrv breaker close|reset)
 
 
 class Breaker:
@@ -59,6 +68,7 @@ class Breaker:
         self._probes = 0
         self._generation = 0
         self._last_state = CLOSED
+        self._forced = False
 
     @property
     def state(self) -> str:
@@ -72,6 +82,10 @@ class Breaker:
     def ttl_s(self) -> float:
         return float(self._ctx.ttl)
 
+    @property
+    def forced(self) -> bool:
+        return self._forced
+
     def tune(self, threshold: int | None = None, ttl_s: float | None = None) -> None:
         if threshold is not None:
             self._ctx.threshold = threshold
@@ -81,8 +95,9 @@ class Breaker:
     def statistics(self) -> BreakerSnapshot:
         """A frozen snapshot (no I/O)."""
         state = self.state
-        retry = max(0.0, self._opened_at + self._ctx.ttl - self._clock()) if state == OPEN else 0.0
-        return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes, self.threshold, self.ttl_s)
+        retry = max(0.0, self._opened_at + self._ctx.ttl - self._clock()) if state == OPEN and not self._forced else 0.0
+        return BreakerSnapshot(state, self._ctx.failure_count or 0, retry, self._probes, self.threshold, self.ttl_s,
+                               self._forced)
 
     def is_clean(self) -> bool:
         """Closed, with no failure counted and no probe out: nothing worth remembering."""
@@ -92,6 +107,8 @@ class Breaker:
         """Seconds until this breaker admits a call again, or None if it would admit one now."""
         state = self.state
         if state == OPEN:
+            if self._forced:
+                return self._forced_retry_s()
             remaining = self._opened_at + self._ctx.ttl - self._clock()
             return remaining if remaining > 0 else None
         if state == HALF_OPEN and self._probes >= self.max_probes:
@@ -106,12 +123,38 @@ class Breaker:
         self._sync(opened_at=self._clock() - self._ctx.ttl + remaining_s)
 
     def open_until(self) -> float | None:
-        """When an open breaker half-opens, on this breaker's clock; None unless open."""
-        return self._opened_at + self._ctx.ttl if self.state == OPEN else None
+        """When an open breaker half-opens, on this breaker's clock; None unless open (or forced: no end)."""
+        return self._opened_at + self._ctx.ttl if self.state == OPEN and not self._forced else None
+
+    def force_open(self) -> None:
+        """Open until ``force_close()``: no TTL, no half-open probe (an operator's ``breaker open``)."""
+        self._forced = True
+        self._generation += 1  # calls admitted before decide nothing
+        if self._last_state != OPEN:
+            self._ctx.set_state(OpenedState(self.name))
+            self._sync()
+
+    def force_close(self) -> None:
+        """Closed, no failure counted, no forced state; counting starts afresh (``breaker close|reset``)."""
+        self._forced = False
+        self._generation += 1  # a failure admitted before the close does not count after it
+        was = self._last_state
+        self._ctx.set_state(ClosedState())
+        if was == CLOSED:
+            self._ctx.messages.clear()  # only the count was cleared: no transition to report
+        else:
+            self._sync()
+
+    def _forced_retry_s(self) -> float:
+        """What a caller refused by a forced-open breaker is told to wait: it has no end, so its TTL."""
+        return max(1.0, float(self._ctx.ttl))
 
     def admit(self) -> Ticket:
         """A ticket for one call, or a fresh ``CircuitOpen``."""
         if self.state == OPEN:
+            if self._forced:
+                raise errors.CircuitOpen(f"circuit breaker of provider {self.name!r} is forced open by an operator",
+                                         retry_after_ms=math.ceil(self._forced_retry_s() * 1000))
             remaining = self._opened_at + self._ctx.ttl - self._clock()
             if remaining > 0:
                 raise errors.CircuitOpen(f"circuit breaker of provider {self.name!r} is open",

@@ -38,7 +38,9 @@ class RedisBreakerBoard:
     until which it is open (the key expires then). Every instance reads the board every
     ``[routing] breaker_sync_s`` (``sync_breakers``) and opens its own closed breaker until that
     time. Closing is not shared: after the TTL each instance probes the provider itself (one probe
-    each). The Redis client is synchronous and always called from a worker thread.
+    each). An operator's close (``llm.admin.breaker.state``, which reaches every instance) withdraws
+    the opening, so it is not adopted again. The Redis client is synchronous and always called
+    from a worker thread.
     """
 
     def __init__(self, uri: str, prefix: str) -> None:
@@ -51,6 +53,11 @@ class RedisBreakerBoard:
         ttl_ms = int((until_wall - time.time()) * 1000)
         if ttl_ms > 0:
             self._redis.set(self._prefix + provider, repr(until_wall), px=ttl_ms)
+
+    def clear(self, names: list[str]) -> None:
+        """Withdraw the openings of ``names`` (an operator closed them): not adopted again."""
+        if names:
+            self._redis.delete(*(self._prefix + name for name in names))
 
     def fetch(self, providers: list[str]) -> dict[str, float]:
         values = self._redis.mget([self._prefix + p for p in providers])

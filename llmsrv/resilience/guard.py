@@ -95,6 +95,37 @@ class ProviderGuard:
         for breaker in self.breakers().values():
             breaker.tune(threshold, ttl_s)
 
+    def force(self, action: str, model: str | None = None) -> Breaker:
+        """An operator's ``open`` | ``close`` | ``reset`` of this provider's breaker, or of ``provider:model``'s.
+
+        ``open`` forces the breaker open until closed; ``close`` closes that one breaker and clears
+        its count; ``reset`` of the provider also resets every per-model breaker of it and forgets
+        them (a fresh start); of ``provider:model``, it is ``close``. A model without a breaker yet
+        gets one (per-model scope); in provider scope there is none to name: an error.
+        """
+        if action not in ("open", "close", "reset"):
+            raise errors.ValidationFailed(f"unknown breaker action {action!r}: open, close or reset - at `$.action`")
+        breaker = self.breaker
+        if model is not None:
+            if not self.per_model:
+                raise errors.ValidationFailed(
+                    f"provider {self.name!r} has breaker_scope = \"provider\": it keeps no breaker for "
+                    f"{self.name}:{model}; name the provider alone - at `$.model`")
+            found = self.model_breaker(model)
+            if found is None:
+                raise errors.Overloaded(f"provider {self.name!r} keeps {MAX_MODEL_BREAKERS} model breakers, all "
+                                        "failing: name the provider alone", retry_after_ms=1000)
+            breaker = found
+        if action == "open":
+            breaker.force_open()
+            return breaker
+        breaker.force_close()
+        if action == "reset" and model is None:
+            for other in self.models.values():
+                other.force_close()
+            self._forget_clean_breakers()
+        return breaker
+
     def statistics(self) -> GuardSnapshot:
         """A frozen snapshot; no I/O (the rate limit part is what the last refusal taught)."""
         stats = self.bulkhead.statistics()

@@ -1,0 +1,141 @@
+"""Logs (CONTRACT section 6): JSON lines, one per finished request, the correlation id on every line a
+request causes, text for a terminal, secrets redacted in every field.
+
+In process, the root handler ``logs.setup`` installs writes into a buffer while a real service
+(real nats-server) answers; one test runs ``llmsrv serve`` as users do, its stderr in a file."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmsrv import logs, redact
+from llmsrv.client import Client
+from llmsrv.errors import LlmsrvError
+from llmsrv.natsserver import NatsServer
+
+from .conftest import running, test_config, user
+from .test_fleet import serve_process, stop_process, wait_for_line, wait_instances
+
+
+@pytest.fixture
+def captured(nats_url: str) -> Iterator[io.StringIO]:
+    """The root logger as ``llmsrv serve`` sets it up (JSON), writing into a buffer; restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    logs.setup(test_config(nats_url), "info", buffer)
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+async def test_one_json_line_per_finished_request_with_its_fields(nats_url: str, captured: io.StringIO) -> None:
+    async with running(nats_url) as h:
+        ok = await h.client.complete({"messages": user("hi"), "model": "mock:echo", "correlation_id": "c-ok"})
+        with pytest.raises(LlmsrvError):
+            await h.client.complete({"messages": user("x"), "model": "mock:echo", "tempreature": 1,
+                                     "correlation_id": "c-bad"})
+    assert ok.text == "hi"
+    records = lines(captured)
+    finished = {r["correlation_id"]: r for r in records if r["event"].startswith("request finished")}
+    assert set(finished) == {"c-ok", "c-bad"}, records
+    good, bad = finished["c-ok"], finished["c-bad"]
+    assert good["level"] == "INFO" and good["logger"] == "llmsrv.service"
+    assert (good["provider"], good["model"], good["outcome"], good["error_code"]) == ("mock", "echo", "ok", None)
+    assert isinstance(good["duration_ms"], float) and good["duration_ms"] >= 0
+    assert good["ts"].endswith("Z")  # ISO 8601, UTC
+    assert (bad["outcome"], bad["error_code"]) == ("validation_error", "VALIDATION_ERROR")
+    assert "hi" not in json.dumps(good) and "tempreature" not in json.dumps(bad)  # no request bodies
+
+
+async def test_lines_a_request_causes_carry_its_correlation_id(nats_url: str, captured: io.StringIO) -> None:
+    # mock:fail fails every call: at the threshold its breaker opens, logged while that request runs
+    async with running(nats_url, providers={"mock": {"breaker_threshold": 1}}) as h:
+        with pytest.raises(LlmsrvError):
+            await h.client.complete({"messages": user(), "model": "mock:fail", "correlation_id": "c-breaker"})
+        await h.client.complete({"messages": user(), "model": "mock:echo", "correlation_id": "c-after"})
+    records = lines(captured)
+    opened = [r for r in records if "circuit breaker of mock:fail" in r["event"]]
+    assert opened and all(r.get("correlation_id") == "c-breaker" for r in opened), records
+    served = [r for r in records if r["event"].startswith("serving ")]  # start-up: no request
+    assert served and "correlation_id" not in served[0]
+    assert not [r for r in records if r.get("correlation_id") == "c-after" and r["level"] != "INFO"]
+
+
+async def test_secrets_are_redacted_in_every_field(nats_url: str, captured: io.StringIO) -> None:
+    canary = f"sk-canary-{uuid.uuid4().hex}"
+    redact.register(canary)
+    log = logging.getLogger("llmsrv.test")
+    log.warning("key %s in the message", canary, extra={"provider": f"p-{canary}"})
+    try:
+        raise RuntimeError(f"failed with {canary}")
+    except RuntimeError:
+        log.exception("with a traceback")
+    text = captured.getvalue()
+    assert canary not in text, text
+    warning, error = lines(captured)
+    assert canary not in warning["event"] and warning["provider"].startswith("p-"), warning
+    assert "RuntimeError: failed with" in error["exc_info"], error
+
+
+def test_text_for_a_terminal_json_otherwise() -> None:
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as tty:
+        assert tty.isatty()
+        assert logs.wants_text("auto", tty) and logs.wants_text("text", tty) and not logs.wants_text("json", tty)
+    os.close(leader)
+    assert not logs.wants_text("auto", io.StringIO()) and logs.wants_text("text", io.StringIO())
+
+
+def test_text_lines_carry_the_request_fields() -> None:
+    record = logging.makeLogRecord({"msg": "request finished: ok", "levelname": "INFO", "name": "llmsrv.service",
+                                    "correlation_id": "c1", "provider": "mock", "model": "echo", "outcome": "ok",
+                                    "error_code": None, "duration_ms": 1.5})
+    line = logs.TextFormatter().format(record)
+    assert line.endswith("llmsrv.service: request finished: ok correlation_id=c1 provider=mock model=echo "
+                         "outcome=ok duration_ms=1.5"), line
+
+
+async def test_llmsrv_serve_writes_json_lines_on_stderr(tmp_path: Path) -> None:
+    server = NatsServer().start()
+    prefix, log = f"l{uuid.uuid4().hex[:8]}", tmp_path / "llmsrv.log"
+    proc = serve_process(server.url, prefix, log)
+    try:
+        async with Client.connect(server.url, prefix) as client:
+            await wait_instances(client, 1, procs=[proc])
+            await client.complete({"messages": user(), "model": "mock:echo", "correlation_id": "c-serve"})
+            await wait_for_line(log, "c-serve")
+        stop_process(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    stderr = [line for line in log.read_text().splitlines() if not line.startswith("llmsrv: ")]  # stdout's
+    records = [msgspec.json.decode(line) for line in stderr]  # every stderr line is one JSON object
+    assert any(r.get("correlation_id") == "c-serve" and r.get("outcome") == "ok" for r in records), stderr
+    assert {"ts", "level", "logger", "event"} <= set(records[0])
+
+
+def test_the_cli_keeps_logs_for_serve_only() -> None:
+    # other commands log at warning only: `llmsrv check` prints its table, no info lines
+    proc = subprocess.run([sys.executable, "-m", "llmsrv", "check"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LLMSRV_CONFIG": ""})
+    assert proc.returncode == 0 and "config: ok" in proc.stdout and proc.stderr == "", proc.stderr
