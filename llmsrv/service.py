@@ -32,7 +32,7 @@ from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
 from .config import Config, ServerConfig
 from .edges import Decoded, Edge, RequestEdge, WorkerEdge
-from .logs import CORRELATION_ID
+from .logs import CORRELATION_ID, FLUSH_S, RequestLines
 from .messages import LLMRequest, LLMResponse, encode
 from .ops import (
     InstanceSnapshot,
@@ -233,6 +233,13 @@ def force_breaker(pipeline: Pipeline, instance_id: str, data: bytes) -> dict[str
             "action": command.action, "breaker": breaker.statistics()}
 
 
+async def flush_every(interval_s: float, lines: RequestLines) -> None:
+    """The request lines waiting are written every ``interval_s`` (logs.RequestLines)."""
+    while True:
+        await trio.sleep(interval_s)
+        lines.flush()
+
+
 async def heartbeat(bus: Bus, subject: str, server: ServerConfig, snapshot: Callable[[], InstanceSnapshot]) -> None:
     """The predecessor's heartbeat every ``heartbeat_s`` on ``<prefix>.health`` (no reply subject: instances
     ignore it, monitoring listens)."""
@@ -264,6 +271,7 @@ class Service:
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers)
         self._running = _Running(self.metrics)
+        self._lines = RequestLines(log)
         # a subject of its own under the prefix (NATS permissions: docs/nats-permissions.conf)
         self._front = _FrontQueue(bus, f"{p}.ping.{self.instance_id}", server.max_queue_ms / 1000)
         self._inflight = self._requests = self._errors = self._processing_ns = 0
@@ -287,6 +295,7 @@ class Service:
                 await self._serve_until_stopped(nursery, task_status)
                 nursery.cancel_scope.cancel()
         finally:
+            self._lines.flush()
             self.stopped.set()
 
     async def _serve_until_stopped(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Service]) -> None:
@@ -314,6 +323,7 @@ class Service:
             log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
         nursery.start_soon(self.pipeline.share_breakers)
         nursery.start_soon(self._front.run)
+        nursery.start_soon(flush_every, FLUSH_S, self._lines)
         server = self.cfg.server
         if server.heartbeat_s:
             nursery.start_soon(heartbeat, bus, f"{p}.health", server, self.statistics)
@@ -496,11 +506,8 @@ class Service:
         provider, _, model = spec.partition(":")
         duration = None if received is None else trio.current_time() - received
         self.metrics.request(provider, model, outcome, duration)
-        if log.isEnabledFor(logging.INFO):
-            log.info("request finished: %s", outcome, extra={
-                "correlation_id": cid, "provider": provider, "model": model, "outcome": outcome,
-                "error_code": error.error_code if error is not None else None,
-                "duration_ms": None if duration is None else round(duration * 1000, 2)})
+        self._lines.finished(cid, provider, model, outcome, error.error_code if error is not None else None,
+                             None if duration is None else round(duration * 1000, 2))
 
     def _fail(self, edge: Edge, msg: Incoming, decoded: Decoded | None, exc: errors.LlmsrvError,
               streamer: Streamer | None, received: float | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import trio
 
 from llmsrv import logs, redact
 from llmsrv.client import Client
@@ -35,10 +36,11 @@ def captured(nats_url: str) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     buffer = io.StringIO()
-    logs.setup(test_config(nats_url), "info", buffer)
+    handler = logs.setup(test_config(nats_url), "info", buffer)
     try:
         yield buffer
     finally:
+        logs.detach(handler)
         root.handlers[:] = handlers
         root.setLevel(level)
 
@@ -94,6 +96,22 @@ async def test_secrets_are_redacted_in_every_field(nats_url: str, captured: io.S
     warning, error = lines(captured)
     assert canary not in warning["event"] and warning["provider"].startswith("p-"), warning
     assert "RuntimeError: failed with" in error["exc_info"], error
+
+
+async def test_request_lines_are_batched_written_while_serving_and_redacted(nats_url: str,
+                                                                            captured: io.StringIO) -> None:
+    canary = f"tok-{uuid.uuid4().hex}"
+    redact.register(canary)
+    async with running(nats_url) as h:
+        for i in range(3):
+            await h.client.complete({"messages": user(), "model": "mock:echo", "correlation_id": f"c{i}-{canary}"})
+        with trio.fail_after(10):  # written by the service's flush, every logs.FLUSH_S, not only at its stop
+            while captured.getvalue().count("request finished") < 3:
+                await trio.sleep(0.05)
+        assert h.service.statistics().counters.requests == 3  # still serving
+    finished = [r for r in lines(captured) if r["event"] == "request finished: ok"]
+    assert [r["correlation_id"].split("-")[0] for r in finished] == ["c0", "c1", "c2"]
+    assert canary not in captured.getvalue() and all(r["correlation_id"].endswith("***") for r in finished)
 
 
 def test_text_for_a_terminal_json_otherwise() -> None:

@@ -141,3 +141,11 @@ async def test_sighup_applies_a_valid_file_and_refuses_an_invalid_one(tmp_path: 
         if proc.poll() is None:
             proc.kill()
         server.stop()
+
+
+def test_the_example_config_loads_and_reloading_it_onto_itself_changes_nothing() -> None:
+    from llmsrv.config import load_config, reloadable
+
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    cfg = load_config(str(example), env={})
+    assert reloadable(cfg, load_config(str(example), env={}))[1:] == ([], [])
