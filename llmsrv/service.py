@@ -5,7 +5,10 @@ Theory of operation
 Admission happens in the subscription callback, synchronously, before anything is queued: a
 draining instance answers ``SHUTTING_DOWN`` and an instance at ``max_inflight`` answers
 ``OVERLOADED`` at once, so nothing is ever dropped silently. An admitted request goes to the
-worker pool (``workers.py``): each in-flight request has a task of its own.
+worker pool (``workers.py``): each in-flight request has a task of its own. A burst is started a
+few requests per scheduling round (the reader keeps admitting meanwhile); one that waited longer
+than ``max_queue_ms`` to start is answered ``OVERLOADED``. While many are in flight the pool defers
+CPython's full garbage collections (each would walk every request).
 
 Each request's cancel scope has the request's deadline. ``llm.cancel`` cancels the scope of the
 matching correlation id; shutdown cancels all of them after the drain grace. The scope records
@@ -269,7 +272,7 @@ class Service:
         self._request_edge, self._worker_edge = RequestEdge(bus, cfg), WorkerEdge(bus, cfg)
         self._pool: WorkerPool[tuple[Incoming, float, Edge]] = WorkerPool(
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
-            min_idle=server.min_idle_workers)
+            min_idle=server.min_idle_workers, defer_full_gc=True)
         self._running = _Running(self.metrics)
         self._lines = RequestLines(log)
         # a subject of its own under the prefix (NATS permissions: docs/nats-permissions.conf)

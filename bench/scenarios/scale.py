@@ -18,22 +18,37 @@ Figures per phase:
   / in-flight, from ``/proc/<pid>/status``, sampled every ``POLL_S``;
 * event-loop lag: the time ``llm.health`` takes to answer while loaded (p50/max) vs idle.
 
-The client and the fake upstream share this process (one trio loop), so the admission figures include its own
-cost of sending ``N`` requests at once. ``--nats-url`` is ignored (the RSS needs our own llmsrv process).
+The load generator measures llmsrv, not itself:
+
+* the ``N`` requests leave in one go (``_burst``: bodies encoded before the clock starts, one reply subject each
+  on one subscription), not as ``N`` ``Client.complete`` tasks: in this process those cost ~0.1 ms a request
+  (a task, a channel, a cancel scope) and sent nothing for the first 1.1 s, so the admission figure was theirs;
+* while loaded, ``llm.health`` and the RSS are sampled by a probe process of its own (``PROBE``: plain asyncio
+  nats-py, its own connection): this process's trio loop (the client, the fake upstream) stalled too, and a
+  first ``llm.health`` reply once waited 1.8 s here although llmsrv had answered it with 0 in flight. The
+  probe's answer time is what any client sees of llmsrv: the queue in front of it (the NATS socket, the
+  requests ahead of it), its event loop, the nats-server hop;
+* this process freezes its objects and defers its own full garbage collections while loaded (``_quiet_gc``).
+
+The admission time begins at the first send. ``--nats-url`` is ignored (the RSS needs our own llmsrv process).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import sys
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # tests.fakes, run from anywhere
@@ -42,8 +57,11 @@ from bench import processes  # noqa: E402
 from bench.report import md_table  # noqa: E402
 from bench.scenario import Options, Result  # noqa: E402
 from bench.scenarios.cancel import main, pct  # noqa: E402
-from llmsrv.client import Client  # noqa: E402
-from llmsrv.errors import LlmsrvError, ReplyError  # noqa: E402
+from llmsrv import messages  # noqa: E402
+from llmsrv.bus import Incoming  # noqa: E402
+from llmsrv.client import LOCAL_GRACE_S, Client  # noqa: E402
+from llmsrv.errors import LlmsrvError  # noqa: E402
+from llmsrv.messages import LLMResponse  # noqa: E402
 from tests.fakes import FakeUpstream, Json, Request  # noqa: E402
 
 NAME = "scale"
@@ -52,10 +70,51 @@ SUMMARY = "10,000 in flight vs a 5 s mock, 1,000 vs a slow fake upstream: all an
 N_MOCK, N_UPSTREAM, LATENCY_S = 10_000, 1_000, 5.0
 SMOKE_N_MOCK, SMOKE_N_UPSTREAM, SMOKE_LATENCY_S = 500, 100, 0.5
 POLL_S = 0.05  # health / RSS sampling interval while loaded
+_RESPONSE = msgspec.json.Decoder(LLMResponse)
 WARMUP = 20  # unmeasured requests before the idle RSS is read
 GRACE_S = 30.0  # the client's deadline beyond the provider latency
 READY_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_S = 10.0  # an llm.health slower than this counts as a failure (health_failures)
+PROBE_READY = b"scale probe ready"
+# The loaded-phase sampler, a process of its own: every POLL_S the RSS of llmsrv, then one llm.health on its
+# own connection; one JSON line each (monotonic send time, answer ms or null, inflight, RSS KiB). SIGTERM stops it.
+PROBE = """
+import asyncio, json, signal, sys, time
+import nats
+
+URL, SUBJECT, PID = sys.argv[1], sys.argv[2], int(sys.argv[3])
+POLL_S, TIMEOUT_S = float(sys.argv[4]), float(sys.argv[5])
+
+def rss_kib():
+    try:
+        for line in open(f"/proc/{PID}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+async def main():
+    nc = await nats.connect(URL, name="scale-probe")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("scale probe ready", flush=True)
+    while not stop.is_set():
+        rss, t = rss_kib(), time.monotonic()
+        try:
+            msg = await nc.request(SUBJECT, b"{}", timeout=TIMEOUT_S)
+            line = {"t": t, "ms": (time.monotonic() - t) * 1000, "inflight": json.loads(msg.data).get("inflight", 0),
+                    "rss": rss}
+        except Exception as exc:
+            line = {"t": t, "ms": None, "error": type(exc).__name__, "rss": rss}
+        print(json.dumps(line), flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), POLL_S)
+        except asyncio.TimeoutError:
+            pass
+    await nc.close()
+
+asyncio.run(main())
+"""
 MODELS = {"mock": "mock:echo", "upstream": "openai_compat:m"}
 CONTENT = "scale " * 40
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
@@ -153,27 +212,89 @@ async def _wait_ready(child: processes.Child, client: Client) -> None:
             await trio.sleep(0.1)
 
 
-async def _load(phase: Phase, client: Client, pid: int) -> None:
+@contextmanager
+def _quiet_gc() -> Iterator[None]:
+    """This process is the load generator: its objects frozen, its full collections deferred while it sends
+    (with ``N`` client tasks alive, each one walked them all and stalled the client for 0.1-0.8 s)."""
+    gc.collect()
+    gc.freeze()
+    saved = gc.get_threshold()
+    gc.set_threshold(saved[0], saved[1], 1 << 30)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
+
+
+async def _wait_probe(probe: processes.Child) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while PROBE_READY not in probe.log_path.read_bytes():
+        probe.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"scale probe: not ready within {READY_TIMEOUT_S:.0f}s; see {probe.log_path}")
+        await trio.sleep(0.02)
+
+
+def _probe_lines(probe: processes.Child, since: float) -> list[dict[str, Any]]:
+    lines = []
+    for raw in probe.log_path.read_text().splitlines():
+        if raw.startswith("{"):
+            line = json.loads(raw)
+            if line["t"] >= since:
+                lines.append(line)
+    return lines
+
+
+def _bodies(body: dict[str, Any], n: int, wait_s: float) -> list[bytes]:
+    """What ``Client.complete`` would send (a correlation id, ``timeout_ms``), encoded before the clock starts."""
+    return [messages.encode({**body, "correlation_id": f"scale-{i}-{uuid.uuid4().hex[:8]}",
+                             "timeout_ms": round(wait_s * 1000)}) for i in range(n)]
+
+
+def _burst(client: Client, bodies: list[bytes], inbox: str) -> list[float]:
+    """Send every body at once, each with its own reply subject ``<inbox>.<i>``; return their send times.
+
+    Not ``N`` ``Client.complete`` tasks: in this one process they cost ~0.1 ms a request (a task, a channel, a
+    cancel scope) and sent nothing for the first 1.1 s, so the admission figure was the client's own.
+    """
+    subject, sent = f"{client.prefix}.request", []
+    for i, data in enumerate(bodies):
+        sent.append(trio.current_time())
+        client.bus.publish_nowait(subject, data, reply=f"{inbox}.{i}")
+    return sent
+
+
+def _tally(phase: Phase, sent: list[float], replies: dict[int, tuple[float, Incoming]]) -> None:
+    """ok / errors by code / lost, and the time each reply added to the provider latency."""
+    for i, at in enumerate(sent):
+        if i not in replies:
+            phase.lost += 1
+            continue
+        received, msg = replies[i]
+        headers = msg.headers or {}
+        if "Nats-Service-Error-Code" in headers:
+            phase.errors[str(messages.decode_reply(msg.data).get("error_code", "?"))] += 1
+            continue
+        _RESPONSE.decode(msg.data)  # a well-formed LLMResponse, or the run fails
+        phase.ok += 1
+        phase.added_ms.append((received - at - phase.latency_s) * 1000)
+
+
+async def _load(phase: Phase, client: Client, pid: int, url: str, log_dir: Path) -> None:
     model = MODELS[phase.name]
     wait_s = phase.latency_s + GRACE_S
     body = {"messages": [{"role": "user", "content": CONTENT}], "model": model}
 
-    async def one(i: int) -> None:
-        sent = trio.current_time()
-        try:
-            await client.complete({**body, "correlation_id": f"scale-{i}-{uuid.uuid4().hex[:8]}"},
-                                  timeout_s=wait_s)
-        except ReplyError as exc:
-            phase.errors[exc.error_code] += 1
-            return
-        except LlmsrvError as exc:  # the client's own deadline: no reply at all
-            if "no reply" in str(exc):
-                phase.lost += 1
-            else:
-                phase.errors[type(exc).__name__] += 1
-            return
-        phase.ok += 1
-        phase.added_ms.append((trio.current_time() - sent - phase.latency_s) * 1000)
+    replies: dict[int, tuple[float, Incoming]] = {}
+    everything = trio.Event()
+
+    def on_reply(msg: Incoming) -> None:  # in the NATS callback: record, decode later
+        token = int(msg.subject.rpartition(".")[2])
+        if token not in replies:
+            replies[token] = (trio.current_time(), msg)
+            if len(replies) == phase.n:
+                everything.set()
 
     # warm-up (unmeasured), then the idle figures
     async with trio.open_nursery() as nursery:
@@ -183,43 +304,44 @@ async def _load(phase: Phase, client: Client, pid: int) -> None:
         phase.health_idle_ms.append((await _health(client))[0])
     phase.idle_rss_kib = rss_kib(pid)
 
-    done = trio.Event()
-    cpu0, bench0 = processes.cpu_seconds(pid), time.process_time()
-    start = trio.current_time()
-
-    async def watch() -> None:
-        while not done.is_set():
-            t = trio.current_time() - start
-            rss = rss_kib(pid)
-            if rss is not None:
-                phase.peak_rss_kib = max(phase.peak_rss_kib or 0, rss)
-                phase.rss_seen.append((round(t, 3), round(rss / 1024, 2)))
-            try:
-                ms, inflight = await _health(client)
-            except (LlmsrvError, trio.TooSlowError) as exc:
-                phase.health_failures += 1
-                if phase.health_failures == 1:
-                    phase.problems.append(f"{phase.name}: llm.health unanswered within {HEALTH_TIMEOUT_S:g} s "
-                                          f"while loaded ({type(exc).__name__}) at {t:.1f} s")
-            else:
-                phase.health_loaded_ms.append(ms)
-                phase.inflight_seen.append((round(trio.current_time() - start, 3), inflight))
-                phase.peak_inflight = max(phase.peak_inflight, inflight)
-                if inflight >= phase.n and phase.all_admitted_s is None:
-                    phase.all_admitted_s = trio.current_time() - start
-            await trio.sleep(POLL_S)
-
-    async with trio.open_nursery() as outer:
-        outer.start_soon(watch)
-        async with trio.open_nursery() as nursery:
-            for i in range(phase.n):
-                nursery.start_soon(one, i)
-        done.set()
-    phase.wall_s = trio.current_time() - start
-    cpu1 = processes.cpu_seconds(pid)
+    inbox = client.bus.new_inbox()
+    sub = await client.bus.subscribe(f"{inbox}.*", on_reply)
+    await client.bus.flush()
+    cmd = [sys.executable, "-c", PROBE, url, f"{client.prefix}.health", str(pid), str(POLL_S), str(HEALTH_TIMEOUT_S)]
+    with processes.Child(f"probe-{phase.name}", cmd, log_dir / f"probe-{phase.name}.log", ready=PROBE_READY) as probe:
+        await _wait_probe(probe)
+        bodies = _bodies(body, phase.n, wait_s)
+        with _quiet_gc():
+            cpu0, bench0 = processes.cpu_seconds(pid), time.process_time()
+            start, t0 = time.monotonic(), trio.current_time()
+            sent = _burst(client, bodies, inbox)
+            with trio.move_on_after(wait_s + LOCAL_GRACE_S):
+                await everything.wait()
+            phase.wall_s = trio.current_time() - t0
+            cpu1 = processes.cpu_seconds(pid)
+            phase.bench_cpu_s = time.process_time() - bench0
+        probe.stop()
+    await client.bus.unsubscribe(sub)
+    _tally(phase, sent, replies)
     phase.llmsrv_cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-    phase.bench_cpu_s = time.process_time() - bench0
     phase.hwm_kib = rss_kib(pid, "VmHWM")
+    for line in _probe_lines(probe, start):
+        t = line["t"] - start
+        if line["rss"] is not None:
+            phase.peak_rss_kib = max(phase.peak_rss_kib or 0, line["rss"])
+            phase.rss_seen.append((round(t, 3), round(line["rss"] / 1024, 2)))
+        if line["ms"] is None:
+            phase.health_failures += 1
+            if phase.health_failures == 1:
+                phase.problems.append(f"{phase.name}: llm.health unanswered within {HEALTH_TIMEOUT_S:g} s "
+                                      f"while loaded ({line.get('error')}) at {t:.1f} s")
+            continue
+        answered = t + line["ms"] / 1000
+        phase.health_loaded_ms.append(line["ms"])
+        phase.inflight_seen.append((round(answered, 3), line["inflight"]))
+        phase.peak_inflight = max(phase.peak_inflight, line["inflight"])
+        if line["inflight"] >= phase.n and phase.all_admitted_s is None:
+            phase.all_admitted_s = answered
     if phase.ok != phase.n:
         phase.problems.append(f"{phase.name}: {phase.ok} of {phase.n} answered ok; errors {dict(phase.errors)}, "
                               f"lost {phase.lost}")
@@ -252,7 +374,7 @@ async def _phase(name: str, n: int, latency_s: float, log_dir: Path) -> Phase:
             async with Client.connect(nats.url, prefix) as client:
                 with trio.fail_after(READY_TIMEOUT_S):
                     await _wait_ready(child, client)
-                await _load(phase, client, child.pid)
+                await _load(phase, client, child.pid, nats.url, log_dir)
             child.check_alive()
     return phase
 

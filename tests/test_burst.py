@@ -1,0 +1,195 @@
+"""Bursts: thousands of requests at once are all admitted and answered exactly once, and the instance stays
+responsive meanwhile (the worker pool starts them a few per scheduling round; full garbage collections wait
+for a quiet moment).
+
+No wall-clock thresholds: conditions are awaited, bounded by generous ``fail_after``; where a request must
+cost CPU to start, a short busy loop stands in for it (its length is never asserted).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import defaultdict
+
+import msgspec
+import trio
+
+from llmsrv.bus import Incoming
+from llmsrv.messages import LLMResponse
+from llmsrv.workers import FULL_GC_MAX_INTERVAL_S, QUIET_BUSY, FullCollections, WorkerPool
+
+from .conftest import running, user
+
+ENC = msgspec.json.encode
+N = 2000
+
+
+def _spin(seconds: float) -> None:
+    """CPU work without a checkpoint, like a request's first steps (decode, route, guard)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def test_a_burst_is_answered_once_each_and_health_answers_while_it_is_in_flight(nats_url: str) -> None:
+    # shedding is not under test here: a busy machine must not turn the burst into OVERLOADED replies
+    async with running(nats_url, server={"max_inflight": 4 * N, "max_queue_ms": 600000},
+                       providers={"mock": {"latency_ms": 5000, "max_concurrency": 4 * N}}) as h:
+        bus = h.client.bus
+        inbox = bus.new_inbox()
+        replies: defaultdict[int, list[Incoming]] = defaultdict(list)
+        every_one = trio.Event()
+
+        def on_reply(msg: Incoming) -> None:
+            replies[int(msg.subject.rpartition(".")[2])].append(msg)
+            if len(replies) == N:
+                every_one.set()
+
+        sub = await bus.subscribe(f"{inbox}.*", on_reply)
+        await bus.flush()
+        mock = h.service.providers["mock"]
+        for i in range(N):  # all at once, each with a reply subject of its own
+            bus.publish_nowait(f"{h.prefix}.request", ENC({"messages": user(f"burst {i}"), "model": "mock:echo",
+                                                           "correlation_id": f"b-{i}"}), reply=f"{inbox}.{i}")
+        with trio.fail_after(120):
+            while mock.statistics().calls < N:  # type: ignore[attr-defined]  # every one reached the provider
+                await trio.sleep(0.01)
+        health = await h.client.request_json("health", timeout_s=60)
+        assert health["inflight"] > 0  # answered while the burst waits on the provider
+        assert gc.get_threshold()[2] == FullCollections.UNREACHABLE  # no full collections walk the burst
+        with trio.fail_after(120):
+            await every_one.wait()
+            while h.service.statistics().counters.inflight:
+                await trio.sleep(0.01)
+        await h.client.request_json("health", timeout_s=60)  # published after every reply: all have arrived
+        await bus.unsubscribe(sub)
+    assert sorted(replies) == list(range(N))
+    for i, msgs in replies.items():
+        assert len(msgs) == 1, f"request {i}: {len(msgs)} replies"
+        assert "Nats-Service-Error-Code" not in (msgs[0].headers or {}), msgs[0].data
+        response = msgspec.json.decode(msgs[0].data, type=LLMResponse)
+        assert (response.text, response.correlation_id) == (f"burst {i}", f"b-{i}")
+
+
+async def test_a_burst_starts_a_few_per_round_so_other_tasks_run_in_between() -> None:
+    n = 1000
+    started: list[int] = []
+    release = trio.Event()
+
+    async def serve(item: int) -> None:
+        started.append(item)
+        _spin(0.0002)
+        await release.wait()
+
+    pool: WorkerPool[int] = WorkerPool(serve, max_workers=n, idle_s=60, min_idle=1)
+    seen: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        for i in range(n):
+            pool.submit(i)
+        assert pool.waiting > 0  # not all handed out at once
+        with trio.fail_after(120):
+            while len(started) < n:  # this task runs once per scheduling round: what started in between?
+                seen.append(len(started))
+                await trio.lowlevel.checkpoint()
+        release.set()
+        with trio.fail_after(60):
+            while pool.idle < n:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert sorted(started) == list(range(n))  # each once (in a round, trio runs the started tasks in any order)
+    jumps = [b - a for a, b in zip([0, *seen], [*seen, n], strict=True)]
+    assert max(jumps) <= n // 4, jumps  # unpaced, all n started in one round, nothing else ran in between
+    assert pool.rounds >= 4
+
+
+async def test_items_wait_for_a_free_worker_when_every_worker_is_busy() -> None:
+    done: list[int] = []
+    gates = [trio.Event() for _ in range(10)]
+
+    async def serve(item: int) -> None:
+        await gates[item].wait()
+        done.append(item)
+
+    pool: WorkerPool[int] = WorkerPool(serve, max_workers=2, idle_s=60, min_idle=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        for i in range(10):
+            pool.submit(i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.workers == 2 and pool.waiting == 8
+        with trio.fail_after(60):
+            for i in range(10):
+                gates[i].set()
+                while len(done) <= i:
+                    await trio.sleep(0.001)
+        assert pool.workers == 2
+        nursery.cancel_scope.cancel()
+    assert done == list(range(10))
+
+
+async def test_many_parked_workers_stop_when_the_pool_is_cancelled() -> None:
+    n = 3000
+    release = trio.Event()
+
+    async def serve(item: int) -> None:
+        await release.wait()
+
+    pool: WorkerPool[int] = WorkerPool(serve, max_workers=n, idle_s=60, min_idle=1)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            for i in range(n):
+                pool.submit(i)
+            while pool.workers < n or pool.waiting:
+                await trio.sleep(0.01)
+            release.set()
+            while pool.idle < n:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()  # each parked worker leaves in O(1)
+    assert pool.workers == 0 and pool.idle == 0
+
+
+def test_full_collections_are_deferred_while_busy_and_cpythons_when_quiet() -> None:
+    saved = gc.get_threshold()
+    with FullCollections() as first, FullCollections() as second:  # several services in one process
+        first.defer()
+        assert gc.get_threshold() == (saved[0], saved[1], FullCollections.UNREACHABLE)
+        second.defer()
+        first.allow()
+        assert gc.get_threshold()[2] == FullCollections.UNREACHABLE  # while any of them defers
+        second.tick(busy=0)  # quiet once: it may be the tail of a burst
+        assert second.deferring
+        second.tick(busy=0)  # quiet twice in a row: CPython's own rule again
+        assert not second.deferring and gc.get_threshold() == saved
+        second.defer()
+        full = gc.get_stats()[2]["collections"]
+        second.tick(busy=QUIET_BUSY + 1)
+        assert gc.get_stats()[2]["collections"] == full and second.collections == 0
+        second.since -= FULL_GC_MAX_INTERVAL_S  # busy for that long: one full collection anyway
+        second.tick(busy=QUIET_BUSY + 1)
+        assert gc.get_stats()[2]["collections"] == full + 1 and second.collections == 1
+        assert second.deferring
+    assert gc.get_threshold() == saved
+
+
+async def test_a_pool_defers_full_collections_once_busy() -> None:
+    saved = gc.get_threshold()
+    release = trio.Event()
+
+    async def serve(item: int) -> None:
+        await release.wait()
+
+    pool: WorkerPool[int] = WorkerPool(serve, max_workers=1000, idle_s=60, min_idle=1, defer_full_gc=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        for i in range(QUIET_BUSY // 2):
+            pool.submit(i)
+        assert gc.get_threshold() == saved  # a few requests: stock CPython
+        for i in range(QUIET_BUSY):
+            pool.submit(i)
+        assert gc.get_threshold()[2] == FullCollections.UNREACHABLE
+        release.set()
+        nursery.cancel_scope.cancel()
+    assert gc.get_threshold() == saved
