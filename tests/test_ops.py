@@ -159,3 +159,34 @@ def test_cli_status_and_breaker_set(nats_server: object) -> None:
                 server.wait(5)
     assert status.returncode == 0 and msgspec.json.decode(status.stdout)[0]["status"] == "ok"
     assert tuned.returncode == 0 and msgspec.json.decode(tuned.stdout)[0]["threshold"] == 3
+
+
+def test_counted_families_scrape_as_prometheus_clients_own() -> None:
+    """Metrics counts into plain numbers; at scrape time they must read exactly as prometheus_client's
+    own Counter and Histogram would (bucket edges included: a value equal to a bound is in that bucket)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from llmsrv.ops import LATENCY_BUCKETS, Metrics
+
+    values = [0.0, 0.005, 0.0051, 0.3, 1, 2.5, 42.0, 600, 601, 1e9] + [i / 97 for i in range(200)]
+    ours = Metrics()
+    theirs = CollectorRegistry()
+    calls = Histogram("llmsrv_provider_call_duration_seconds", "One provider attempt", ["provider"],
+                      buckets=LATENCY_BUCKETS, registry=theirs)
+    requests = Counter("llmsrv_requests", "Requests answered, by provider, model and outcome",
+                       ["provider", "model", "outcome"], registry=theirs)
+    for i, v in enumerate(values):
+        provider = ("mock", "claude")[i % 2]
+        ours.provider_call(provider, v)
+        calls.labels(provider).observe(v)
+        ours.request(provider, "m", "ok", None)
+        requests.labels(provider, "m", "ok").inc()
+
+    def samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() if m.name == name
+                for s in m.samples if not s.name.endswith("_created")}
+
+    for name in ("llmsrv_provider_call_duration_seconds", "llmsrv_requests"):
+        mine, reference = samples(ours.registry, name), samples(theirs, name)
+        assert mine and mine.keys() == reference.keys()
+        assert all(mine[k] == pytest.approx(reference[k]) for k in mine), (mine, reference)

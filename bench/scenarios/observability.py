@@ -8,8 +8,9 @@ them) and one ``llmsrv serve`` per configuration, all up for the whole run:
 * ``metrics``: the per-request Prometheus series counted (the default; the bench serves no HTTP port,
   so what is measured is the counting, not scrapes);
 * ``tracing``: OpenTelemetry spans (a request span and an attempt span) exported over OTLP to the
-  collector, every request sampled; ``tracing 10%`` samples one request in ten (``sample_ratio``);
-* ``all``: logs, metrics and tracing (every request sampled) together, as an SRE would run it.
+  collector, every request sampled; ``tracing 1%`` keeps one new trace in a hundred (``sample_ratio``);
+* ``all``: logs, metrics and tracing (every request sampled) together; ``all, tracing 1%`` as a busy
+  deployment would run it.
 
 Each round loads each configuration in closed loop (``overhead.closed_point``: the same generator,
 ``CONCURRENCY`` outstanding, CPU from /proc), the order reversed every other round. Reported per
@@ -47,9 +48,10 @@ def configurations(collector: str) -> dict[str, dict[str, str]]:
     tracing = {"LLMSRV__TRACING__ENABLED": "true", "LLMSRV__TRACING__ENDPOINT": collector}
     found: dict[str, dict[str, str]] = {OFF: quiet, "logs": {**quiet, **logs}, "metrics": {**quiet, **metrics}}
     if tracing_installed():
-        found.update({"tracing": {**quiet, **tracing},
-                      "tracing 10%": {**quiet, **tracing, "LLMSRV__TRACING__SAMPLE_RATIO": "0.1"},
-                      "all": {**quiet, **logs, **metrics, **tracing}})
+        sampled = {**tracing, "LLMSRV__TRACING__SAMPLE_RATIO": "0.01"}
+        found.update({"tracing": {**quiet, **tracing}, "tracing 1%": {**quiet, **sampled},
+                      "all": {**quiet, **logs, **metrics, **tracing}, "all, tracing 1%": {**quiet, **logs, **metrics,
+                                                                                          **sampled}})
     return found
 
 
