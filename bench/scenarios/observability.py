@@ -46,7 +46,8 @@ def configurations(collector: str) -> dict[str, dict[str, str]]:
     logs = {"LLMSRV__SERVER__LOG_LEVEL": "info", "LLMSRV__SERVER__LOG_FORMAT": "json"}
     metrics = {"LLMSRV__SERVER__METRICS": "true"}
     tracing = {"LLMSRV__TRACING__ENABLED": "true", "LLMSRV__TRACING__ENDPOINT": collector}
-    found: dict[str, dict[str, str]] = {OFF: quiet, "logs": {**quiet, **logs}, "metrics": {**quiet, **metrics}}
+    found: dict[str, dict[str, str]] = {OFF: quiet, "logs": {**quiet, **logs}, "metrics": {**quiet, **metrics},
+                                        "logs + metrics": {**quiet, **logs, **metrics}}
     if tracing_installed():
         sampled = {**tracing, "LLMSRV__TRACING__SAMPLE_RATIO": "0.01"}
         found.update({"tracing": {**quiet, **tracing}, "tracing 1%": {**quiet, **sampled},
