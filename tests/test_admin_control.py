@@ -27,17 +27,10 @@ from llmsrv.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, ProviderGuard, c
 from llmsrv.statusview import _duration, render_breaker_replies, render_status
 
 from .conftest import Harness, running, user
+from .test_resilience import Clock
 
 ENC = msgspec.json.encode
 OK = Completion(text="ok", usage=Usage(1, 1))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ---- Breaker: forced states on a virtual clock ------------------------------------------------------
