@@ -1,4 +1,4 @@
-"""The bench scenarios ``cancel``, ``stream``, ``provider`` and ``decode`` in smoke mode: well-formed results.
+"""Bench scenarios in smoke mode (cancel, stream, provider, decode, observability): well-formed results.
 
 Each runs for real (nats-server, llmsrv, fake upstreams on loopback) but for seconds; the test checks
 the shape of what comes back (JSON-able figures, every expected key with a sane value, a Markdown
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench.scenario import Options, Result
-from bench.scenarios import cancel, decode, peers, provider, stream
+from bench.scenarios import cancel, decode, observability, peers, provider, stream
 
 from .bench_checks import no_leftover_processes  # noqa: F401 (autouse fixture)
 
@@ -90,6 +90,20 @@ def test_provider_smoke() -> None:
         for key in ("added_p50_ms", "added_p99_ms"):
             check_spread(point[key], signed=True)
         assert point["fake_cpu_us_per_req_llmsrv"]["median"] is not None  # 10 ms ticks: may be 0 in a short window
+
+
+def test_observability_smoke() -> None:
+    result = observability.run(SMOKE)
+    check_result(result, "observability")  # problems == []: no failed request, spans reached the collector
+    names = result.figures["settings"]["configurations"]
+    assert names == ["off", "off, again", "logs", "metrics", "logs + metrics", "tracing", "tracing 1%", "all",
+                     "all, tracing 1%"]  # OpenTelemetry is in the dev extra
+    assert result.figures["vs_off"]["off"] == {"rps": 1.0, "cpu_us_per_req": 1.0}
+    for name in names:
+        target = result.figures["targets"][name]
+        assert target["rps"] > 0 and target["errors"] == 0
+        assert result.figures["vs_off"][name]["rps"] > 0
+    assert result.figures["collector"]["exports"] > 0 and result.figures["collector"]["bytes"] > 0
 
 
 def test_decode_smoke() -> None:

@@ -3,7 +3,8 @@
 One nats-server, one fake OTLP/HTTP collector (``_Collector``: accepts every export with 200, counts
 them) and one ``llmsrv serve`` per configuration, all up for the whole run:
 
-* ``off``: ``log_level = "warning"`` (no per-request line), ``metrics = false``, no tracing;
+* ``off``: ``log_level = "warning"`` (no per-request line), ``metrics = false``, no tracing; ``off, again``
+  is the same in a second process: how far two identical processes differ is the noise floor;
 * ``logs``: JSON lines at info (one per finished request, to the process's log file);
 * ``metrics``: the per-request Prometheus series counted (the default; the bench serves no HTTP port,
   so what is measured is the counting, not scrapes);
@@ -46,8 +47,8 @@ def configurations(collector: str) -> dict[str, dict[str, str]]:
     logs = {"LLMSRV__SERVER__LOG_LEVEL": "info", "LLMSRV__SERVER__LOG_FORMAT": "json"}
     metrics = {"LLMSRV__SERVER__METRICS": "true"}
     tracing = {"LLMSRV__TRACING__ENABLED": "true", "LLMSRV__TRACING__ENDPOINT": collector}
-    found: dict[str, dict[str, str]] = {OFF: quiet, "logs": {**quiet, **logs}, "metrics": {**quiet, **metrics},
-                                        "logs + metrics": {**quiet, **logs, **metrics}}
+    found: dict[str, dict[str, str]] = {OFF: quiet, "off, again": quiet, "logs": {**quiet, **logs},
+                                        "metrics": {**quiet, **metrics}, "logs + metrics": {**quiet, **logs, **metrics}}
     if tracing_installed():
         sampled = {**tracing, "LLMSRV__TRACING__SAMPLE_RATIO": "0.01"}
         found.update({"tracing": {**quiet, **tracing}, "tracing 1%": {**quiet, **sampled},
@@ -133,8 +134,8 @@ def run(opts: Options) -> Result:
                     runs[name].append(point)
                     bar.set_postfix_str(f"{name} {point['rps']:,.0f} req/s")
                     bar.update()
-        exports = dict(collector.counts)
         reply_bytes = st.reply_bytes
+    exports = dict(collector.counts)  # after the stack: each llmsrv exports what it still holds as it stops
     targets = {n: summarise_closed(pts, reply_bytes.get(n)) for n, pts in runs.items()}
     base = targets[OFF]
     vs_off = {n: {"rps": ratio(t["rps"], base["rps"]),
