@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from llmsrv import errors
+from llmsrv import errors, messages
 from llmsrv.client import ReplyError
 from llmsrv.config import ProviderConfig
 from llmsrv.messages import FunctionCall, Message, MessageToolCall, Usage, check_turns
@@ -27,7 +27,7 @@ from llmsrv.providers.codecs.stream_json import StreamJsonFold, build_prompt, su
 from llmsrv.providers.process import AFTER_RESULT_S
 from llmsrv.providers.registry import build_provider
 
-from .conftest import running, user
+from .conftest import Harness, running, user
 
 FAKE = Path(__file__).with_name("fake_cli.py")
 FIXTURES = Path(__file__).with_name("fixtures") / "cursor"
@@ -55,6 +55,27 @@ def call(text: str = "hello", model: str = "auto", messages: list[Message] | Non
 
 def records(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "records").glob("*.json"))]
+
+
+async def cancel_after_first_chunk(h: Harness, model: str, cid: str, within_s: float = 30.0) -> ReplyError:
+    """A streamed request to the fake CLI in ``spawn_child`` mode, cancelled with ``llm.cancel`` once its
+    first delta arrived (the CLI then sleeps in it, with a child process of its own): the error reply."""
+    first_chunk = trio.Event()
+    outcome: list[ReplyError] = []
+
+    async def cancelled_request() -> None:
+        try:
+            await h.client.stream({"messages": user("FAKE_MODE=spawn_child"), "model": model, "correlation_id": cid},
+                                  lambda chunk: first_chunk.set())
+        except ReplyError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled_request)
+        with trio.fail_after(within_s):  # fail-safe: the CLI sends its first delta, then sleeps in it
+            await first_chunk.wait()
+        h.client.bus.publish_nowait(f"{h.prefix}.cancel", messages.encode({"correlation_id": cid}))
+    return outcome[0]
 
 
 def running_(pid: int) -> bool:
@@ -421,23 +442,7 @@ async def test_end_to_end_over_nats(nats_url: str, tmp_path: Path, monkeypatch: 
                           'Tool call call_t: get_time {}\n\nTool result for call_t (get_time): 14:05\n\n'
                           'Tool result for call_w (get_weather): 18C')
 
-        outcome: list[ReplyError] = []
-
-        first_chunk = trio.Event()
-
-        async def cancelled_request() -> None:
-            try:
-                await h.client.stream({"messages": user("FAKE_MODE=spawn_child"), "model": "cursor:auto",
-                                       "correlation_id": "cur-1"}, lambda chunk: first_chunk.set())
-            except ReplyError as exc:
-                outcome.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancelled_request)
-            with trio.fail_after(10):  # fail-safe: the CLI sends its first delta, then sleeps in it
-                await first_chunk.wait()
-            h.client.bus.publish_nowait(f"{h.prefix}.cancel", b'{"correlation_id": "cur-1"}')
-        assert outcome[0].error_code == "CANCELLED"
+        assert (await cancel_after_first_chunk(h, "cursor:auto", "cur-1")).error_code == "CANCELLED"
         [busy] = [r for r in records(tmp_path) if r["mode"] == "spawn_child"]
         assert_reaped(busy["pid"])
         await wait_stopped(busy["child_pid"])

@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from llmsrv import errors
-from llmsrv.client import ReplyError
 from llmsrv.config import ProviderConfig, build_config
 from llmsrv.messages import Message, Usage, decode_request
 from llmsrv.pipeline import Pipeline
@@ -42,7 +41,7 @@ from llmsrv.providers.registry import build_provider
 
 from .conftest import running, user
 from .fakes import FakeUpstream, Json
-from .test_provider_cli import assert_reaped, records, wait_stopped
+from .test_provider_cli import assert_reaped, cancel_after_first_chunk, records, wait_stopped
 
 FAKE = Path(__file__).with_name("fake_cli.py")
 FIXTURES = Path(__file__).with_name("fixtures") / "cli"
@@ -434,22 +433,7 @@ async def test_end_to_end_over_nats(nats_url: str, tmp_path: Path, monkeypatch: 
                                          chunks.append)
         assert streamed.text == text_of("codex") and "".join(c.delta for c in chunks) == text_of("codex")
 
-        first_chunk = trio.Event()
-        outcome: list[Any] = []
-
-        async def cancelled_request() -> None:
-            try:
-                await h.client.stream({"messages": user("FAKE_MODE=spawn_child"), "model": "gemini:gemini-2.5-flash",
-                                       "correlation_id": "gem-1"}, lambda chunk: first_chunk.set())
-            except ReplyError as exc:
-                outcome.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancelled_request)
-            with trio.fail_after(30):  # fail-safe: the CLI sends its first delta, then sleeps in it
-                await first_chunk.wait()
-            h.client.bus.publish_nowait(f"{h.prefix}.cancel", b'{"correlation_id": "gem-1"}')
-        assert outcome[0].error_code == "CANCELLED"
+        assert (await cancel_after_first_chunk(h, "gemini:gemini-2.5-flash", "gem-1")).error_code == "CANCELLED"
         [busy] = [r for r in records(tmp_path) if r["mode"] == "spawn_child"]
         assert_reaped(busy["pid"])
         await wait_stopped(busy["child_pid"])
