@@ -20,6 +20,11 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
   at most once a second per subject. The body of a dropped message is gone, but its reply subject
   is known: a subscription's ``on_drop(reply)`` can still answer it (e.g. ``OVERLOADED``), or the
   client's own timeout is all it sees. Keep the limits far above ``server.max_inflight``.
+* a connection nats-py gives up on (stale: pings unanswered; or a read error) is closed in at most
+  ``CLOSE_WAIT_S``: nats-py waits for the socket to send what it still holds before it reconnects
+  (or finishes ``close``), which a peer that stopped reading (a hung server, a partition that
+  drops packets) makes forever (nats-io/nats.py#671). ``_Client`` gives it a transport that then
+  drops the unsent bytes; ``tests/test_nats_outage.py`` reproduces it with a server that stops reading.
 * the first connect waits up to ``nats.initial_connect_timeout_s`` for a server that is not up
   yet (logged once), then fails with a ``BusError`` naming the key.
 
@@ -37,11 +42,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-import nats
 import trio
 import trio_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 from nats.errors import SlowConsumerError
 from trio_asyncio import aio_as_trio
 
@@ -49,6 +54,7 @@ from .config import NatsConfig
 
 log = logging.getLogger("llmsrv.bus")
 DROP_LOG_INTERVAL_S = 1.0  # at most one slow-consumer warning per subject per interval
+CLOSE_WAIT_S = 2.0  # a dropped connection's unsent bytes get this long, then are discarded
 
 
 class Incoming(Protocol):
@@ -86,6 +92,8 @@ def _connect_options(cfg: NatsConfig, url: str) -> dict[str, Any]:
         "reconnect_time_wait": cfg.reconnect_time_wait_s,
         "max_reconnect_attempts": cfg.max_reconnect_attempts,
         "allow_reconnect": True,
+        "ping_interval": cfg.ping_interval_s,
+        "max_outstanding_pings": cfg.max_outstanding_pings,
     }
     if cfg.user is not None:
         opts["user"] = cfg.user
@@ -155,7 +163,8 @@ class Bus:
 
             callbacks = _callbacks(holder, url, failed, refuse)
             try:
-                nc = await aio_as_trio(nats.connect)(**_connect_options(cfg, url), **callbacks)
+                nc = _Client()
+                await aio_as_trio(nc.connect)(**_connect_options(cfg, url), **callbacks)
             except Exception as exc:  # nats raises many kinds (OSError, NoServersError, ...)
                 raise BusError(f"cannot connect to NATS at {redact_url(url)}: "
                                f"{type(exc).__name__}: {exc}") from None
@@ -284,6 +293,28 @@ class Bus:
     def new_inbox(self) -> str:
         inbox: str = self._nc.new_inbox()
         return inbox
+
+
+class _ClosingTransport(TcpTransport):
+    """nats-py's TCP transport whose ``wait_closed`` returns within ``CLOSE_WAIT_S`` (see the module doc)."""
+
+    async def wait_closed(self) -> None:
+        writer = self._io_writer
+        if writer is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(writer.wait_closed()), CLOSE_WAIT_S)
+        except TimeoutError:
+            log.warning("NATS connection not closed within %gs (the server stopped reading); dropping "
+                        "%d unsent bytes", CLOSE_WAIT_S, writer.transport.get_write_buffer_size())
+            writer.transport.abort()
+
+
+class _Client(NatsClient):
+    async def _connect_to_server(self, s: Any) -> None:
+        await super()._connect_to_server(s)  # nats-py 2.x makes (or reuses) its TcpTransport here
+        if type(self._transport) is TcpTransport:
+            self._transport.__class__ = _ClosingTransport  # same object and state, bounded wait_closed
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

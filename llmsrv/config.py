@@ -48,6 +48,10 @@ class NatsConfig(_Frozen, frozen=True):
     initial_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # then start-up fails
     reconnect_time_wait_s: NonNegFloat = 1.0
     max_reconnect_attempts: int = -1  # -1: forever
+    # a connection is stale (then dropped and reconnected) after max_outstanding_pings unanswered
+    # pings sent every ping_interval_s (nats-py's defaults: a dead server is noticed in 4-6 minutes)
+    ping_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    max_outstanding_pings: PositiveInt = 2
     # nats-py drops a subscription's messages once this many (or bytes) wait unprocessed
     # (a "slow consumer"); drops are counted in llmsrv_nats_dropped_total and logged.
     pending_msgs_limit: PositiveInt = 524288

@@ -4,18 +4,23 @@
   succeed; the recovery time (restart -> first successful reply) is printed (`pytest -s`).
 * `llmsrv serve` started before NATS waits `nats.initial_connect_timeout_s` for it, serves once it
   comes up, and exits non-zero naming the key when it never does.
+* a server that stops reading (hung, or a partition that drops packets): the connection goes
+  stale, is dropped within ``CLOSE_WAIT_S`` although its unsent bytes never leave, and the client
+  reconnects (nats-io/nats.py#671: nats-py alone waits for those bytes forever).
 * nats-py's slow-consumer limit: messages dropped past a subscription's pending limit are counted
   per subject, logged (at most once a second per subject) and exported as a metric.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +165,65 @@ def test_serve_exits_non_zero_when_nats_never_comes() -> None:
     assert proc.returncode == 1, err
     assert f"cannot connect to NATS at nats://127.0.0.1:{port} within 1s (nats.initial_connect_timeout_s)" in err
     assert "Traceback" not in err
+
+
+# ---- a server that stops reading -------------------------------------------------------------------
+
+INFO = (b'INFO {"server_id":"stops-reading","version":"2.10.0","proto":1,"max_payload":1048576,'
+        b'"headers":true}\r\n')
+
+
+class StopsReading:
+    """A NATS server on loopback (a real socket) whose first connection, after the handshake (INFO,
+    then PONG to the client's PING), is never read again and never closed: a hung server. Later
+    connections are served as far as the test needs: every PING answered, ``after`` set once a
+    message on the subject ``after`` arrives."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.after = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that resets the connection
+            await self._serve(stream, first=self.connections == 1)
+
+    async def _serve(self, stream: trio.SocketStream, first: bool) -> None:
+        await stream.send_all(INFO)
+        seen = b""
+        async for data in stream:
+            seen += data
+            pings = seen.count(b"PING\r\n")
+            if pings:
+                await stream.send_all(b"PONG\r\n" * pings)
+                if first:
+                    await trio.sleep_forever()  # the socket stays open and unread
+                if b"PUB after " in seen:
+                    self.after.set()
+                seen = seen[seen.rindex(b"PING\r\n") + 6:]
+
+
+async def test_a_server_that_stops_reading_is_left_and_reconnected(caplog: pytest.LogCaptureFixture) -> None:
+    from llmsrv.bus import CLOSE_WAIT_S, Bus
+
+    server = StopsReading()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        url = f"nats://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        cfg = NatsConfig(ping_interval_s=0.2, max_outstanding_pings=2, reconnect_time_wait_s=0.1)
+        async with Bus.connect(cfg, url) as bus:
+            # the bounded close is in place (else nats-py's own waits, and this test with it, forever)
+            assert type(bus._nc._transport).__name__ == "_ClosingTransport"
+            for _ in range(200):  # 12 MB: more than the sockets and nats-py's own buffer (2 MiB) hold
+                bus.publish_nowait("fill", b"x" * 60_000)
+            with trio.fail_after(60):  # a hang guard only: it takes a ping or two, then CLOSE_WAIT_S
+                while not bus.reconnects:
+                    await trio.sleep(0.05)
+                bus.publish_nowait("after", b"still here")
+                await server.after.wait()
+        nursery.cancel_scope.cancel()
+    assert server.connections >= 2
+    assert f"NATS connection not closed within {CLOSE_WAIT_S:g}s" in caplog.text
 
 
 # ---- slow consumers ----------------------------------------------------------------------------
