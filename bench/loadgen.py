@@ -57,7 +57,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ERROR_HEADER = "Nats-Service-Error-Code"
 ERROR_KINDS = ("error_reply", "no_responders", "timeout")
 CONTENT = ("The quick brown fox jumps over the lazy dog while the benchmark measures latency. " * 13)[:1000]
-PAYLOAD = json.dumps({"messages": [{"role": "user", "content": CONTENT}], "model": "mock:echo"}).encode()
+MODEL = "mock:echo"
+
+
+def payload(model: str = MODEL) -> bytes:
+    """The benchmark request for ``model`` (a reply that echoes it carries ``CONTENT`` back)."""
+    return json.dumps({"messages": [{"role": "user", "content": CONTENT}], "model": model}).encode()
+
+
+PAYLOAD = payload()
 HIST_MIN_US, HIST_MAX_US, HIST_DIGITS = 1, 60_000_000, 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 SPECTRUM = (0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)  # for plots
@@ -385,6 +393,7 @@ async def _serve_commands(url: str, subject: str, timeout_s: float) -> None:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             cmd = json.loads(line)
             gen.subject = cmd.get("subject", gen.subject)
+            gen.payload = payload(cmd.get("model", MODEL))
             gen.timeout_s = cmd.get("timeout_s", gen.timeout_s)
             gen.next_token = 0
             result = await gen.run(concurrency=cmd.get("concurrency", 0), rate=cmd.get("rate", 0.0),
@@ -464,16 +473,27 @@ class LoadGen:
 
     def run(self, *, concurrency: int = 0, rate: float = 0.0, duration_s: float, warmup_s: float,
             subject: str | None = None) -> dict[str, Any]:
+        return self.collect(self.start(concurrency=concurrency, rate=rate, duration_s=duration_s,
+                                       warmup_s=warmup_s, subject=subject))
+
+    def start(self, *, concurrency: int = 0, rate: float = 0.0, duration_s: float, warmup_s: float,
+              subject: str | None = None, model: str = MODEL) -> tuple[int, float]:
+        """Send a run's commands and return at once (for loads that run side by side); ``collect`` its result."""
         n = max(1, min(len(self.procs), concurrency or len(self.procs)))  # never a generator with nothing to do
         shares = zip(split(concurrency, n), split(float(rate), n), strict=True)
         for proc, (c, r) in zip(self.procs, shares, strict=False):
             assert proc.stdin is not None
-            cmd: dict[str, Any] = {"concurrency": c, "rate": r, "duration_s": duration_s, "warmup_s": warmup_s}
+            cmd: dict[str, Any] = {"concurrency": c, "rate": r, "duration_s": duration_s, "warmup_s": warmup_s,
+                                   "model": model}
             if subject:
                 cmd["subject"] = subject
             proc.stdin.write((json.dumps(cmd) + "\n").encode())
             proc.stdin.flush()
-        within = warmup_s + duration_s + self.timeout_s + 30.0  # bounded even if the target hangs
+        return n, warmup_s + duration_s + self.timeout_s + 30.0  # bounded even if the target hangs
+
+    def collect(self, started: tuple[int, float]) -> dict[str, Any]:
+        """The merged result of the run ``start`` returned ``started`` for (blocks until it ends)."""
+        n, within = started
         return merge_results([self._read(proc, within) for proc in self.procs[:n]])
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bench.loadgen import CONNECT, CONTENT, ERROR_HEADER, PAYLOAD
+from bench.loadgen import CONNECT, CONTENT, ERROR_HEADER, MODEL, payload
 from llmsrv.natsserver import NatsServer, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,15 +72,22 @@ class Child:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
 
-    def wait_ready(self, url: str, subject: str, timeout_s: float = READY_TIMEOUT_S) -> int:
-        """Wait for the ready line, then a correct echo on ``subject``; return the reply's size."""
+    def wait_line(self, timeout_s: float = READY_TIMEOUT_S) -> bytes:
+        """Wait for the ready line; return the output so far."""
         deadline = time.monotonic() + timeout_s
-        while self.ready not in self.log_path.read_bytes():
+        while self.ready not in (said := self.log_path.read_bytes()):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no ready line within {timeout_s:.0f}s; see {self.log_path}")
             time.sleep(0.02)
-        return probe(url, subject, within_s=max(1.0, deadline - time.monotonic()))
+        return said
+
+    def wait_ready(self, url: str, subject: str, timeout_s: float = READY_TIMEOUT_S, model: str = MODEL) -> int:
+        """Wait for the ready line, then a correct echo of a request for ``model`` on ``subject``; return the
+        reply's size."""
+        deadline = time.monotonic() + timeout_s
+        self.wait_line(timeout_s)
+        return probe(url, subject, max(1.0, deadline - time.monotonic()), model)
 
     def stop(self) -> None:
         """SIGTERM and wait; raise if it had died already, failed, or did not stop in time (then killed)."""
@@ -134,12 +141,12 @@ def responder(url: str, prefix: str, log_dir: Path, reply_bytes: int | None = No
     return Child(name, cmd, log_dir / f"{name}.log")
 
 
-def probe(url: str, subject: str, within_s: float = 20.0) -> int:
+def probe(url: str, subject: str, within_s: float = 20.0, model: str = MODEL) -> int:
     """Return the size of the first correct echo reply on ``subject``; raise RuntimeError after ``within_s``."""
-    return asyncio.run(_probe(url, subject, within_s))
+    return asyncio.run(_probe(url, subject, within_s, model))
 
 
-async def _probe(url: str, subject: str, within_s: float) -> int:
+async def _probe(url: str, subject: str, within_s: float, model: str) -> int:
     import msgspec
     import nats
     import nats.errors
@@ -150,7 +157,7 @@ async def _probe(url: str, subject: str, within_s: float) -> int:
     try:
         while time.monotonic() < deadline:
             try:
-                reply = await nc.request(subject, PAYLOAD, timeout=1.0)
+                reply = await nc.request(subject, payload(model), timeout=1.0)
                 if reply.headers and ERROR_HEADER in reply.headers:
                     last = f"error reply {reply.headers}: {reply.data[:200]!r}"
                 elif msgspec.json.decode(reply.data).get("text") == CONTENT:

@@ -97,12 +97,17 @@ def test_observability_smoke() -> None:
     check_result(result, "observability")  # problems == []: no failed request, spans reached the collector
     names = result.figures["settings"]["configurations"]
     assert names == ["off", "off, again", "logs", "metrics", "logs + metrics", "tracing", "tracing 1%", "all",
-                     "all, tracing 1%"]  # OpenTelemetry is in the dev extra
-    assert result.figures["vs_off"]["off"] == {"rps": 1.0, "cpu_us_per_req": 1.0}
+                     "all, tracing 1%", "upstream: off", "upstream: all", "upstream: all, tracing 1%"]  # OTel: in dev
+    vs_off = result.figures["vs_off"]
+    for base in ("off", "upstream: off"):
+        assert vs_off[base]["rps"]["median"] == vs_off[base]["target_cpu_us_per_req"]["median"] == 1.0
+    for name in set(names) - {"off", "upstream: off"}:  # measured beside its off: ratios of positive figures
+        for figure in vs_off[name].values():
+            assert figure["rounds"] and figure["min"] <= figure["median"] <= figure["max"], (name, figure)
+            assert figure["min"] > 0, (name, figure)
     for name in names:
         target = result.figures["targets"][name]
         assert target["rps"] > 0 and target["errors"] == 0
-        assert result.figures["vs_off"][name]["rps"] > 0
     assert result.figures["collector"]["exports"] > 0 and result.figures["collector"]["bytes"] > 0
 
 

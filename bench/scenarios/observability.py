@@ -13,14 +13,25 @@ them) and one ``llmsrv serve`` per configuration, all up for the whole run:
 * ``all``: logs, metrics and tracing (every request sampled) together; ``all, tracing 1%`` as a busy
   deployment would run it.
 
-Each round loads each configuration in closed loop (``overhead.closed_point``: the same generator,
-``CONCURRENCY`` outstanding, CPU from /proc), the order reversed every other round. Reported per
-configuration: req/s and CPU per request (medians over rounds) and both as ratios to ``off``.
+These answer ``mock:echo``: no provider work to hide behind, the worst case. ``upstream: ...`` are the
+real-provider path: ``openai_compat`` over HTTP to a fake OpenAI upstream (``provider.py --fake echo``, a
+process of its own), off and all on, the all-on ones measured beside ``upstream: off``.
+
+Each configuration is measured **beside** ``off``: both loaded at once in closed loop (two generators,
+``CONCURRENCY`` outstanding each, CPU from /proc over the same seconds), so the shared machine's drifts
+(measured: the same process's req/s moving by 20-40 % from one point to the next) hit both sides of each
+ratio alike; the two processes split the cores between them, so the cheaper one answers more. A round
+pairs every configuration with ``off`` once (the order reversed every other round). Reported per
+configuration: the median over rounds of its req/s and CPU per request as ratios to ``off`` in the same
+seconds (with min and max), and its own figures; ``off, again`` beside ``off`` is the floor (two identical
+processes).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,19 +40,33 @@ from pathlib import Path
 from typing import Any
 
 from bench import processes
-from bench.loadgen import LoadGen
+from bench.loadgen import MODEL, LoadGen
 from bench.report import md_table, progress
 from bench.scenario import Options, Result
-from bench.scenarios.overhead import Stack, closed_point, fmt, ratio, summarise_closed, timing
+from bench.scenarios import provider
+from bench.scenarios.cancel import fmt as spread_fmt
+from bench.scenarios.cancel import spread
+from bench.scenarios.overhead import Stack, fmt, median, per_req, ratio, timing
 from llmsrv.config import OTEL_MODULES
 
 NAME = "observability"
 SUMMARY = "what logs, metrics and tracing cost: llmsrv with each on vs all off (closed loop, ratios)"
 CONCURRENCY = 100
 OFF = "off"
+UPSTREAM = "upstream: "  # the names of the real-provider path's configurations start with it
+UPSTREAM_OFF = UPSTREAM + OFF
+UPSTREAM_MODEL = "openai_compat:m"
 
 
-def configurations(collector: str) -> dict[str, dict[str, str]]:
+def baseline(name: str) -> str:
+    return UPSTREAM_OFF if name.startswith(UPSTREAM) else OFF
+
+
+def model(name: str) -> str:
+    return UPSTREAM_MODEL if name.startswith(UPSTREAM) else MODEL
+
+
+def configurations(collector: str, upstream: str) -> dict[str, dict[str, str]]:
     """Name -> the ``llmsrv serve`` environment of that configuration (on top of the bench's own)."""
     quiet = {"LLMSRV__SERVER__LOG_LEVEL": "warning", "LLMSRV__SERVER__METRICS": "false"}
     logs = {"LLMSRV__SERVER__LOG_LEVEL": "info", "LLMSRV__SERVER__LOG_FORMAT": "json"}
@@ -54,6 +79,12 @@ def configurations(collector: str) -> dict[str, dict[str, str]]:
         found.update({"tracing": {**quiet, **tracing}, "tracing 1%": {**quiet, **sampled},
                       "all": {**quiet, **logs, **metrics, **tracing}, "all, tracing 1%": {**quiet, **logs, **metrics,
                                                                                           **sampled}})
+    up = {"LLMSRV__PROVIDERS__OPENAI_COMPAT__BASE_URL": upstream,
+          "LLMSRV__PROVIDERS__OPENAI_COMPAT__MAX_CONCURRENCY": str(2 * CONCURRENCY)}
+    found[UPSTREAM_OFF] = {**quiet, **up}
+    for name in ("all", "all, tracing 1%"):
+        if name in found:
+            found[UPSTREAM + name] = {**found[name], **up}
     return found
 
 
@@ -101,9 +132,13 @@ def stack(opts: Options, log_dir: Path) -> Iterator[tuple[Stack, _Collector]]:
         collector = es.enter_context(_Collector())
         nats = es.enter_context(processes.NatsServer())
         assert nats.proc is not None
+        fake = es.enter_context(processes.Child("fake upstream", [sys.executable, provider.__file__, "--fake", "echo"],
+                                                log_dir / "fake-upstream.log", ready=b"fake upstream on "))
+        upstream = re.search(rb"fake upstream on (\S+)", fake.wait_line())
+        assert upstream is not None
         children: dict[str, processes.Child | None] = {}
         subjects, sizes = {}, {}
-        for i, (name, env) in enumerate(configurations(collector.url).items()):
+        for i, (name, env) in enumerate(configurations(collector.url, upstream[1].decode()).items()):
             prefix = f"obs{i}"
             child = es.enter_context(processes.llmsrv(nats.url, prefix, log_dir, env=env,
                                                       name=f"llmsrv-{name.replace(' ', '').replace('%', 'pct')}"))
@@ -111,9 +146,28 @@ def stack(opts: Options, log_dir: Path) -> Iterator[tuple[Stack, _Collector]]:
             children[name] = child
         for name, child in children.items():
             assert child is not None
-            sizes[name] = child.wait_ready(nats.url, subjects[name])
+            sizes[name] = child.wait_ready(nats.url, subjects[name], model=model(name))
         gen = es.enter_context(LoadGen(nats.url, subjects[OFF], timeout_s, log_dir / "loadgen.log"))
         yield Stack(nats.url, gen, subjects, children, nats.proc.pid, sizes), collector
+
+
+def paired_point(st: Stack, beside: LoadGen, name: str, opts: Options) -> dict[str, dict[str, Any]]:
+    """``name``'s baseline (on ``st.gen``) and ``name`` (on ``beside``) loaded at once in closed loop; per side
+    the generator's result and the target's CPU per request."""
+    duration, warmup, _ = timing(opts)
+    gens = {baseline(name): st.gen, name: beside}
+    pids = {n: st.children[n].pid for n in gens}  # type: ignore[union-attr]  # this scenario starts its own
+    before = {n: processes.cpu_seconds(pid) for n, pid in pids.items()}
+    started = {n: gen.start(concurrency=CONCURRENCY, duration_s=duration, warmup_s=warmup, subject=st.subjects[n],
+                                model=model(n))
+               for n, gen in gens.items()}
+    got = {n: gens[n].collect(run) for n, run in started.items()}
+    for n, point in got.items():
+        st.children[n].check_alive()  # type: ignore[union-attr]
+        point.pop("latency_hist", None)
+        point.pop("service_hist", None)
+        point["target_cpu_us_per_req"] = per_req(before[n], processes.cpu_seconds(pids[n]), point["answered"])
+    return got
 
 
 def run(opts: Options) -> Result:
@@ -124,23 +178,30 @@ def run(opts: Options) -> Result:
     log_dir = Path(opts.out_dir) / "logs" / NAME
     problems: list[str] = []
     with stack(opts, log_dir) as (st, collector):
-        names = list(st.subjects)
-        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        with progress(opts, rounds * len(names), NAME) as bar:
+        others = [n for n in st.subjects if n not in (OFF, UPSTREAM_OFF)]
+        beside = LoadGen(st.url, st.subjects[OFF], timing(opts)[2], log_dir / "loadgen-beside.log")
+        pairs: dict[str, list[dict[str, dict[str, Any]]]] = {n: [] for n in others}
+        with beside, progress(opts, rounds * len(others), NAME) as bar:
             for rnd in range(rounds):
-                for name in names if rnd % 2 == 0 else names[::-1]:
-                    point = closed_point(st, name, opts, CONCURRENCY)
-                    point["round"] = rnd + 1
-                    runs[name].append(point)
-                    bar.set_postfix_str(f"{name} {point['rps']:,.0f} req/s")
+                for name in others if rnd % 2 == 0 else others[::-1]:
+                    pair = paired_point(st, beside, name, opts)
+                    for point in pair.values():
+                        point["round"] = rnd + 1
+                    pairs[name].append(pair)
+                    bar.set_postfix_str(f"{name} {pair[name]['rps']:,.0f} vs {pair[baseline(name)]['rps']:,.0f} req/s")
                     bar.update()
         reply_bytes = st.reply_bytes
     exports = dict(collector.counts)  # after the stack: each llmsrv exports what it still holds as it stops
-    targets = {n: summarise_closed(pts, reply_bytes.get(n)) for n, pts in runs.items()}
-    base = targets[OFF]
-    vs_off = {n: {"rps": ratio(t["rps"], base["rps"]),
-                  "cpu_us_per_req": ratio(t["target_cpu_us_per_req"], base["target_cpu_us_per_req"])}
-              for n, t in targets.items()}
+    runs = {n: [pair[n] for ps in pairs.values() for pair in ps if n in pair] if n in (OFF, UPSTREAM_OFF)
+            else [pair[n] for pair in pairs[n]] for n in st.subjects}
+    keys = ("rps", "target_cpu_us_per_req", "p50_ms", "p99_ms")
+    targets = {n: {"reply_bytes": reply_bytes.get(n), "errors": sum(p["error_total"] for p in pts),
+                   **{key: median([p[key] for p in pts]) for key in keys}} for n, pts in runs.items()}
+    vs_off: dict[str, dict[str, Any]] = {n: {"rps": spread([1.0]), "target_cpu_us_per_req": spread([1.0])}
+                                         for n in (OFF, UPSTREAM_OFF)}
+    for n, ps in pairs.items():
+        vs_off[n] = {key: spread(r for p in ps if (r := ratio(p[n][key], p[baseline(n)][key])) is not None)
+                     for key in ("rps", "target_cpu_us_per_req")}
     for n, t in targets.items():
         if t["errors"]:
             problems.append(f"{n}: {t['errors']} failed requests")
@@ -151,15 +212,18 @@ def run(opts: Options) -> Result:
     figures: dict[str, Any] = {
         "settings": {"concurrency": CONCURRENCY, "rounds": rounds, "duration_s": timing(opts)[0],
                      "configurations": list(targets)},
-        "targets": targets, "vs_off": vs_off, "collector": exports, "rounds": runs,
+        "targets": targets, "vs_off": vs_off, "collector": exports, "pairs": pairs,
     }
-    rows = [[n, t["rps"], fmt(vs_off[n]["rps"], ".2f", "x"), fmt(t["target_cpu_us_per_req"], ".1f"),
-             fmt(vs_off[n]["cpu_us_per_req"], ".2f", "x"), fmt(t["target_cpu_util"], ".0%"), t["p50_ms"],
-             t["p99_ms"], t["errors"]] for n, t in targets.items()]
-    md = md_table(["configuration", "req/s (median)", "req/s vs off", "CPU us/req", "CPU/req vs off",
-                   "llmsrv CPU", "p50 ms", "p99 ms", "errors"], rows)
-    md += (f"\nClosed loop, {CONCURRENCY} outstanding, {rounds} interleaved round(s); the collector took "
+    rows = [[n, t["rps"], spread_fmt(vs_off[n]["rps"], "x"), fmt(t["target_cpu_us_per_req"], ".1f"),
+             spread_fmt(vs_off[n]["target_cpu_us_per_req"], "x"), t["p50_ms"], t["p99_ms"], t["errors"]]
+            for n, t in targets.items()]
+    md = md_table(["configuration", "req/s (median)", "req/s vs off beside it", "CPU us/req",
+                   "CPU/req vs off beside it", "p50 ms", "p99 ms", "errors"], rows)
+    md += (f"\nEach configuration loaded at the same time as `off` (`upstream: off` for the `upstream: ` ones: "
+           f"`{UPSTREAM_MODEL}` over HTTP to a fake upstream; the others `{MODEL}`; {CONCURRENCY} outstanding each, "
+           "closed loop), "
+           f"{rounds} round(s); ratios: median (min-max) over rounds of the pair's ratio. The collector took "
            f"{exports['exports']} OTLP exports ({exports['bytes']:,} bytes).\n")
     series = {f"{n} req/s, round {p['round']}": [(float(s), float(c)) for s, c in enumerate(p["per_second"])]
-              for n, pts in runs.items() for p in pts}
+              for n, pts in runs.items() if n not in (OFF, UPSTREAM_OFF) for p in pts}
     return Result(NAME, figures, md, series, problems)

@@ -93,7 +93,7 @@ def _cpu(pid: int | None) -> float | None:
     return processes.cpu_seconds(pid) if pid else None
 
 
-def _per_req(before: float | None, after: float | None, n: int) -> float | None:
+def per_req(before: float | None, after: float | None, n: int) -> float | None:
     return None if before is None or after is None or not n else (after - before) * 1e6 / n
 
 
@@ -119,9 +119,9 @@ def closed_point(st: Stack, target: str, opts: Options, concurrency: int = CONCU
     got.pop("service_hist", None)
     wall = got["generator_wall_s"]
     for k in pids:
-        got[f"{k}_cpu_us_per_req"] = _per_req(before[k], after[k], got["answered"])
+        got[f"{k}_cpu_us_per_req"] = per_req(before[k], after[k], got["answered"])
         got[f"{k}_cpu_util"] = _util(before[k], after[k], wall)
-    got["generator_cpu_us_per_req"] = _per_req(0.0, got["generator_cpu_s"], got["answered"])
+    got["generator_cpu_us_per_req"] = per_req(0.0, got["generator_cpu_s"], got["answered"])
     got["generator_cpu_util"] = got["generator_cpu_util_max"]
     parts = [got["target_cpu_util"], got["nats_cpu_util"], got["generator_cpu_s"] / wall if wall > 0 else None]
     got["machine_cpu_util"] = None if None in parts else sum(parts)

@@ -65,6 +65,13 @@ def _answer(request: Request) -> Json:
     return Json(COMPLETION)
 
 
+def _echo(request: Request) -> Json:
+    """``--fake echo``: the completion's text is the last message's (what ``mock:echo`` answers)."""
+    text = request.json()["messages"][-1]["content"]
+    return Json({**COMPLETION, "choices": [{**COMPLETION["choices"][0], "message": {"role": "assistant",
+                                                                                   "content": text}}]})
+
+
 class Child:
     """A child process (own session) whose output goes to a temp file; ready once ``needle`` shows in it."""
 
@@ -121,8 +128,8 @@ def llmsrv_child(nats_url: str, upstream_url: str, max_concurrency: int) -> Chil
 
 
 def fake_child(handler: str = "") -> Child:
-    """The fake upstream in its own process: ``handler`` ``""`` answers one JSON completion, ``"stream:N"``
-    streams ``N`` chunks (``stream.py``'s handler)."""
+    """The fake upstream in its own process: ``handler`` ``""`` answers one JSON completion, ``"echo"`` one
+    that repeats the last message, ``"stream:N"`` streams ``N`` chunks (``stream.py``'s handler)."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--fake", *([handler] if handler else [])]
     return Child("fake upstream", argv, clean_env(), "fake upstream on ")
 
@@ -131,8 +138,10 @@ async def serve_fake(handler: Callable[[Request], Any] = _answer) -> None:
     """``provider.py --fake [stream:N]``: the fake upstream alone, in its own process, until SIGTERM."""
     async with FakeUpstream(handler) as up:
         up.requests = _Forget()  # type: ignore[assignment]  # keep no log: a long run would grow it without bound
-        print(f"fake upstream on {up.url}", flush=True)
-        await trio.sleep_forever()
+        with trio.open_signal_receiver(signal.SIGTERM) as stop:
+            print(f"fake upstream on {up.url}", flush=True)
+            async for _ in stop:
+                return  # exit 0: a stop asked for
 
 
 class _Forget(list[Request]):
@@ -306,6 +315,8 @@ if __name__ == "__main__":
             from bench.scenarios.stream import streaming_handler
 
             trio.run(serve_fake, streaming_handler(int(sys.argv[2].split(":", 1)[1])))
+        elif sys.argv[2:3] == ["echo"]:
+            trio.run(serve_fake, _echo)
         else:
             trio.run(serve_fake)
     else:
