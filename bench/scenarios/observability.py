@@ -158,9 +158,8 @@ def paired_point(st: Stack, beside: LoadGen, name: str, opts: Options) -> dict[s
     gens = {baseline(name): st.gen, name: beside}
     pids = {n: st.children[n].pid for n in gens}  # type: ignore[union-attr]  # this scenario starts its own
     before = {n: processes.cpu_seconds(pid) for n, pid in pids.items()}
-    started = {n: gen.start(concurrency=CONCURRENCY, duration_s=duration, warmup_s=warmup, subject=st.subjects[n],
-                                model=model(n))
-               for n, gen in gens.items()}
+    started = {n: gen.start(concurrency=CONCURRENCY, duration_s=duration, warmup_s=warmup,
+                            subject=st.subjects[n], model=model(n)) for n, gen in gens.items()}
     got = {n: gens[n].collect(run) for n, run in started.items()}
     for n, point in got.items():
         st.children[n].check_alive()  # type: ignore[union-attr]
