@@ -20,11 +20,13 @@ the reconnect.
 
 While that delay is over ``max_queue_ms`` (the contract's "waited longer than max_queue_ms before
 it could start"), every new request is refused with ``OVERLOADED`` at admission: a refusal costs a
-fraction of serving, so the backlog drains, the delay falls, and requests are admitted again. The
-successful replies then wait at most about ``max_queue_ms`` plus their own service time, and nothing
-queues without bound. (A smoother rule that admitted a shrinking share of requests from a quarter of
-``max_queue_ms`` on was measured worse: at twice the sustainable rate 2.5 % of requests succeeded
-against 12 %, and at 75 % of it, with no overload at all, it refused 2,094 requests.)
+fraction of serving, so the backlog drains, the delay falls, and requests are admitted again. An
+admitted request is dated back by the delay (when it reached nats-server, as far as the ping tells),
+so its wait for a worker inside the instance has only what is left of ``max_queue_ms`` (checked when
+it starts). The successful replies then wait at most about ``max_queue_ms`` in all plus their own
+service time, and nothing queues without bound. (A smoother rule that admitted a shrinking share of
+requests from a quarter of ``max_queue_ms`` on was measured worse: at twice the sustainable rate 2.5 %
+of requests succeeded against 12 %, and at 75 % of it, with no overload at all, it refused 2,094 requests.)
 
 Pure: the service passes the clock in.
 """

@@ -7,7 +7,8 @@ draining instance answers ``SHUTTING_DOWN`` and an instance at ``max_inflight`` 
 ``OVERLOADED`` at once, so nothing is ever dropped silently. An admitted request goes to the
 worker pool (``workers.py``): each in-flight request has a task of its own. A burst is started a
 few requests per scheduling round (the reader keeps admitting meanwhile); one that waited longer
-than ``max_queue_ms`` to start is answered ``OVERLOADED``. While many are in flight the pool defers
+than ``max_queue_ms`` to start, in front of the instance (``admission.py``) and inside it together,
+is answered ``OVERLOADED``. While many are in flight the pool defers
 CPython's full garbage collections (each would walk every request).
 
 Each request's cancel scope has the request's deadline. ``llm.cancel`` cancels the scope of the
@@ -100,9 +101,6 @@ class _FrontQueue:
 
     def waited(self, now: float) -> float:
         return self.delay.delay(now, self.bus.disconnects)
-
-    def admits(self, now: float) -> bool:
-        return self.delay.admits(now, self.bus.disconnects)
 
     async def run(self) -> None:
         """One ping out at a time, every ``PING_INTERVAL_S`` once the last is back. While NATS is down no
@@ -407,30 +405,35 @@ class Service:
 
         return guarded
 
-    def _refusal(self) -> errors.LlmsrvError | None:
-        """Why a request arriving now is not admitted (CONTRACT section 3), or None."""
+    def _refusal(self, waited: float) -> errors.LlmsrvError | None:
+        """Why a request arriving now, after ``waited`` s in front of the instance, is not admitted
+        (CONTRACT section 3), or None."""
         server = self.cfg.server
         if self._draining:
             return errors.ShuttingDown("instance is draining; retry on another instance")
         if self._inflight >= server.max_inflight:
             return errors.Overloaded(f"instance at max_inflight={server.max_inflight}; retry later",
                                      retry_after_ms=self._overload_retry_ms())
-        if not self._front.admits(now := trio.current_time()):
+        if waited > self._front.delay.limit_s:
             return errors.Overloaded(
-                f"requests wait {round(self._front.waited(now) * 1000)} ms in front of this instance "
+                f"requests wait {round(waited * 1000)} ms in front of this instance "
                 f"(max_queue_ms={server.max_queue_ms}): shedding load; retry later",
                 retry_after_ms=self._overload_retry_ms())
         return None
 
     def _on_message(self, edge: Edge) -> Handler:
         def admit(msg: Incoming) -> None:
-            refusal = self._refusal()
+            now = trio.current_time()
+            waited = self._front.waited(now)
+            refusal = self._refusal(waited)
             if refusal is not None:
                 self._requests += 1
                 self._fail(edge, msg, None, refusal, None)
             else:
                 self._inflight += 1
-                self._pool.submit((msg, trio.current_time(), edge))
+                # dated when it reached nats-server (as far as the self-ping tells): the wait in front and the
+                # wait for a worker add up to max_queue_ms at most
+                self._pool.submit((msg, now - waited, edge))
 
         return admit
 
@@ -471,16 +474,17 @@ class Service:
         if self._draining and self._inflight == 0:
             self._drained.set()
 
-    async def _serve(self, msg: Incoming, admitted: float, edge: Edge) -> None:
+    async def _serve(self, msg: Incoming, arrived: float, edge: Edge) -> None:
         """Serve one request to its one reply: the per-request boundary (nothing escapes it)."""
         received = trio.current_time()
         self._requests += 1
         decoded: Decoded | None = None
         streamer: Streamer | None = None
         try:
-            if received - admitted > self.cfg.server.max_queue_ms / 1000:
+            if received - arrived > self.cfg.server.max_queue_ms / 1000:
                 raise errors.Overloaded(
-                    f"waited {round((received - admitted) * 1000)} ms to start, over max_queue_ms="
+                    f"waited {round((received - arrived) * 1000)} ms to start (in front of this instance and "
+                    f"inside it), over max_queue_ms="
                     f"{self.cfg.server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
             decoded = edge.decode(msg)
             request, cid, trace = decoded.request, decoded.correlation_id, msg.headers
@@ -529,9 +533,9 @@ class Service:
     async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None,
                      trace: Mapping[str, str] | None = None) -> LLMResponse:
         """One HTTP request, admitted, counted and cancellable like a NATS one (its errors raised)."""
-        refusal = self._refusal()
-        self._requests += 1
         received = trio.current_time()
+        refusal = self._refusal(self._front.waited(received))
+        self._requests += 1
         CORRELATION_ID.set(correlation_id)  # the HTTP request's own task
         try:
             if refusal is not None:

@@ -8,6 +8,7 @@ itself (it replaces no server): the boundary must answer it and keep serving.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -325,6 +326,29 @@ async def test_a_request_that_waited_past_max_queue_ms_is_overloaded(nats_url: s
         await h.client.bus.unsubscribe(sub)
     body = msgspec.json.decode(got[0].data)
     assert body["error_code"] == "OVERLOADED" and "max_queue_ms=100" in body["error"] and body["retry_after_ms"]
+
+
+async def test_the_wait_in_front_and_the_wait_inside_add_up_to_max_queue_ms(nats_url: str) -> None:
+    """A request admitted after 900 ms in front of the instance (the self-ping's measure) has only 100 ms
+    of max_queue_ms=1000 left to start; without the wait in front the same 200 ms inside is fine."""
+    async with running(nats_url, server={"max_queue_ms": 1000}) as h:
+        reply_to = h.client.bus.new_inbox()
+        got: list[Any] = []
+        sub = await h.client.bus.subscribe(reply_to, got.append)
+        await h.client.bus.flush()
+        admit = h.service._on_message(h.service._request_edge)
+        for in_front in (0.0, 0.9):
+            h.service._front.delay.rtt_s, h.service._front.delay.sent_at = in_front, None
+            admit(SimpleNamespace(subject=f"{h.prefix}.request", reply=reply_to, data=body_with(), headers=None))
+            time.sleep(0.2)  # noqa: ASYNC251 - on purpose: no worker starts before this task yields (200 ms inside)
+            with trio.fail_after(5):
+                while len(got) < (1 if in_front == 0.0 else 2):
+                    await trio.sleep(0.005)
+        await h.client.bus.unsubscribe(sub)
+    first, second = (msgspec.json.decode(m.data) for m in got)
+    assert "error_code" not in first and first["text"]
+    assert second["error_code"] == "OVERLOADED" and "max_queue_ms=1000" in second["error"], second
+    assert int(second["error"].split("waited ")[1].split(" ms")[0]) >= 1100
 
 
 async def test_mock_is_not_capped_by_a_bulkhead_under_load(nats_url: str) -> None:
