@@ -406,8 +406,7 @@ class Service:
         return guarded
 
     def _refusal(self, waited: float) -> errors.LlmsrvError | None:
-        """Why a request arriving now, after ``waited`` s in front of the instance, is not admitted
-        (CONTRACT section 3), or None."""
+        """Why a request that waited ``waited`` s in front of the instance is refused (CONTRACT 3), or None."""
         server = self.cfg.server
         if self._draining:
             return errors.ShuttingDown("instance is draining; retry on another instance")
@@ -423,16 +422,11 @@ class Service:
 
     def _on_message(self, edge: Edge) -> Handler:
         def admit(msg: Incoming) -> None:
-            now = trio.current_time()
-            waited = self._front.waited(now)
-            refusal = self._refusal(waited)
-            if refusal is not None:
+            if (refusal := self._refusal(waited := self._front.waited(now := trio.current_time()))) is not None:
                 self._requests += 1
                 self._fail(edge, msg, None, refusal, None)
             else:
                 self._inflight += 1
-                # dated when it reached nats-server (as far as the self-ping tells): the wait in front and the
-                # wait for a worker add up to max_queue_ms at most
                 self._pool.submit((msg, now - waited, edge))
 
         return admit
@@ -475,7 +469,7 @@ class Service:
             self._drained.set()
 
     async def _serve(self, msg: Incoming, arrived: float, edge: Edge) -> None:
-        """Serve one request to its one reply: the per-request boundary (nothing escapes it)."""
+        """One request to its one reply: the per-request boundary. ``arrived``: when it reached nats-server."""
         received = trio.current_time()
         self._requests += 1
         decoded: Decoded | None = None
@@ -483,8 +477,7 @@ class Service:
         try:
             if received - arrived > self.cfg.server.max_queue_ms / 1000:
                 raise errors.Overloaded(
-                    f"waited {round((received - arrived) * 1000)} ms to start (in front of this instance and "
-                    f"inside it), over max_queue_ms="
+                    f"waited {round((received - arrived) * 1000)} ms to start (in front and inside), over max_queue_ms="
                     f"{self.cfg.server.max_queue_ms}; retry later", retry_after_ms=self._overload_retry_ms())
             decoded = edge.decode(msg)
             request, cid, trace = decoded.request, decoded.correlation_id, msg.headers
