@@ -11,6 +11,9 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
 * outbound: trio code calls ``publish_nowait`` which is ``asyncio.Queue.put_nowait`` (no
   crossing); one asyncio "pump" task drains the queue into ``nc.publish``, which only appends
   to nats-py's write buffer. ``flush()`` waits until everything queued so far is handed over.
+* trio-asyncio runs one asyncio callback per trio scheduling turn; ``_run_queued_callbacks`` makes it
+  run all those queued, as asyncio itself does, so a message's five or six asyncio hops do not each
+  wait for a trio batch (a health probe during a 10,000-request reply wave: 120-225 ms -> 28-42 ms).
 * connection events (disconnect, reconnect, errors) are logged; nats-py restores every
   subscription, queue groups included, after a reconnect. An asyncio exception handler is
   installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
@@ -34,6 +37,7 @@ Secrets (passwords, tokens, credentials in URLs) are never logged.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import re
 import ssl
@@ -48,6 +52,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 from nats.aio.transport import TcpTransport
 from nats.errors import SlowConsumerError
+from sniffio import thread_local as sniffio_library
 from trio_asyncio import aio_as_trio
 
 from .config import NatsConfig
@@ -55,6 +60,7 @@ from .config import NatsConfig
 log = logging.getLogger("llmsrv.bus")
 DROP_LOG_INTERVAL_S = 1.0  # at most one slow-consumer warning per subject per interval
 CLOSE_WAIT_S = 2.0  # a dropped connection's unsent bytes get this long, then are discarded
+DRAIN_MAX = 1024  # asyncio callbacks run per trio scheduling turn at most (_run_queued_callbacks)
 
 
 class Incoming(Protocol):
@@ -136,7 +142,8 @@ class Bus:
         """Connect and yield a ``Bus``; opens a trio-asyncio loop if none is running."""
         if trio_asyncio.current_loop.get() is None:
             try:
-                async with trio_asyncio.open_loop():
+                async with trio_asyncio.open_loop() as aio_loop:
+                    _run_queued_callbacks(aio_loop)
                     async with cls.connect(cfg, url) as bus:
                         yield bus
             except BaseExceptionGroup as group:
@@ -315,6 +322,46 @@ class _Client(NatsClient):
         await super()._connect_to_server(s)  # nats-py 2.x makes (or reuses) its TcpTransport here
         if type(self._transport) is TcpTransport:
             self._transport.__class__ = _ClosingTransport  # same object and state, bounded wait_closed
+
+
+def _run_queued_callbacks(loop: Any) -> None:
+    """Make trio-asyncio's loop run every asyncio callback already queued in one trio turn, as asyncio's own
+    loop does in one iteration. trio-asyncio 0.16 runs one callback per turn (its queue is a trio memory
+    channel, and each ``receive`` is a checkpoint), so every asyncio hop of a message (socket callback,
+    nats-py's reader, the subscription's task, the publish pump, the flusher) waited for a whole trio
+    scheduling batch. After the library's own step (timers, one callback, the checkpoint), the callbacks
+    queued meanwhile run too, up to ``DRAIN_MAX``; a timer goes to the library's heap, and a trio task to
+    start from asyncio (``trio_as_aio``) ends the turn through the library's own path. A trio-asyncio
+    without these internals runs unchanged."""
+    try:
+        from trio_asyncio._handles import AsyncHandle
+        one, queue, timers = loop._main_loop_one, loop._q_recv, loop._timers
+    except (ImportError, AttributeError):
+        log.info("trio-asyncio internals changed: asyncio callbacks run one per trio turn")
+        return
+
+    async def main_loop_one(no_wait: bool = False) -> None:
+        await one(no_wait)
+        previous, sniffio_library.name = sniffio_library.name, "asyncio"
+        try:
+            for _ in range(DRAIN_MAX):
+                try:
+                    handle = queue.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                if isinstance(handle, asyncio.TimerHandle):
+                    heapq.heappush(timers, handle)
+                elif isinstance(handle, AsyncHandle):
+                    sniffio_library.name = previous
+                    handle._context.run(loop._nursery.start_soon, handle._run, name=handle._callback)
+                    await handle._started.wait()
+                    return
+                elif not handle._cancelled:
+                    handle._run()
+        finally:
+            sniffio_library.name = previous
+
+    loop._main_loop_one = main_loop_one
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

@@ -13,9 +13,11 @@ import time
 from collections import defaultdict
 
 import msgspec
+import pytest
 import trio
+import trio_asyncio
 
-from llmsrv.bus import Incoming
+from llmsrv.bus import Incoming, _run_queued_callbacks
 from llmsrv.messages import LLMResponse
 from llmsrv.workers import FULL_GC_MAX_INTERVAL_S, QUIET_BUSY, FullCollections, WorkerPool
 
@@ -193,3 +195,30 @@ async def test_a_pool_defers_full_collections_once_busy() -> None:
         release.set()
         nursery.cancel_scope.cancel()
     assert gc.get_threshold() == saved
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> None:
+    """The bridge's loop runs every asyncio callback already queued per trio turn (bus._run_queued_callbacks);
+    trio-asyncio's own runs one per turn, so each asyncio hop of a message waited for a whole batch."""
+    async with trio_asyncio.open_loop() as loop:
+        if drain:
+            _run_queued_callbacks(loop)
+        ran: list[int] = []
+        chained = loop.create_future()  # a callback scheduled by a callback: asyncio's own hop
+        chained.add_done_callback(lambda _: ran.append(-1))
+        for i in range(50):
+            loop.call_soon(ran.append, i)
+        loop.call_soon(chained.set_result, None)
+        later = trio.Event()
+        loop.call_later(0.01, later.set)  # a timer still fires
+        turns = 0
+        while len(ran) < 51:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            turns += 1
+        await later.wait()
+    assert ran == [*range(50), -1]
+    if drain:
+        assert turns <= 3, turns
+    else:
+        assert turns >= 50, turns  # what the drain saves: a trio turn per callback
