@@ -187,13 +187,21 @@ def _serve(cfg: Config, configure: Callable[[], Config]) -> int:
 
 
 async def _serve_async(cfg: Config, url: str, configure: Callable[[], Config]) -> None:
+    import contextlib
+
+    import msgspec
     import trio
 
     from .bus import Bus, redact_url
     from .service import Service
 
-    async with Bus.connect(cfg.nats, url) as bus:
-        service = Service(cfg, bus)
+    async with contextlib.AsyncExitStack() as stack:
+        bus = await stack.enter_async_context(Bus.connect(cfg.nats, url))
+        control = bus
+        if cfg.nats.control_connection:  # health and admin are not read behind a flood of requests
+            control_cfg = msgspec.structs.replace(cfg.nats, name=f"{cfg.nats.name}-control")
+            control = await stack.enter_async_context(Bus.connect(control_cfg, url))
+        service = Service(cfg, bus, control=control)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, service, nursery.cancel_scope, configure)
             await nursery.start(service.run)

@@ -56,6 +56,9 @@ class NatsConfig(_Frozen, frozen=True):
     # (a "slow consumer"); drops are counted in llmsrv_nats_dropped_total and logged.
     pending_msgs_limit: PositiveInt = 524288
     pending_bytes_limit: PositiveInt = 134217728
+    # health, admin and $SRV discovery on a second connection (named "<name>-control"), so they are not
+    # read behind every request already waiting on the first (measured: 0.3 s behind a 10,000-request burst)
+    control_connection: bool = True
 
 
 class ServerConfig(_Frozen, frozen=True):

@@ -41,6 +41,7 @@ class ServiceStats(msgspec.Struct, frozen=True):
     processing_ns: int
     last_error: str
     queue_delay_ms: float = 0.0  # how long a request arriving now waits before admission (self-ping)
+    loop_lag_ms: float = 0.0  # the event loop's longest stall lately (LoopLag)
 
 
 class ProviderSnapshot(msgspec.Struct, frozen=True):
@@ -82,6 +83,7 @@ def health_document(snap: InstanceSnapshot) -> dict[str, Any]:
         "version": __version__,
         "inflight": snap.counters.inflight,
         "queue_delay_ms": snap.counters.queue_delay_ms,
+        "loop_lag_ms": snap.counters.loop_lag_ms,
     }
 
 
@@ -142,6 +144,44 @@ def micro_subscriptions(snapshot: Snapshot, publish: Callable[[str, bytes], None
 
         for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{SERVICE_NAME}", f"$SRV.{verb}.{SERVICE_NAME}.{instance_id}"):
             yield subject, handler
+
+
+# ---- event-loop lag ------------------------------------------------------------------------------
+
+LAG_TICK_S = 0.02  # the lag monitor's resolution: a stall shorter than this may go unseen
+LAG_WINDOW_S = 1.0  # recent_ms() is the longest stall in the current and the previous window
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class LoopLag:
+    """How late the event loop runs a task that asked to wake: every ``LAG_TICK_S`` a sleep's overshoot
+    (a stall of the whole loop: a long scheduling batch, a garbage collection, blocking code), kept as the
+    longest of the last one to two ``LAG_WINDOW_S`` and in a histogram (``llmsrv_event_loop_lag_seconds``).
+    ``observe`` is pure (the clock is passed in); ``run`` is the task."""
+
+    def __init__(self) -> None:
+        self.histogram = _Histograms("llmsrv_event_loop_lag_seconds", "How late the event loop woke a "
+                                     f"{LAG_TICK_S * 1000:g} ms timer (every tick)", [], LAG_BUCKETS)
+        self._window_start = 0.0
+        self._current = self._previous = 0.0  # the longest stall in this window and the one before
+
+    def observe(self, now: float, lag_s: float) -> None:
+        if now - self._window_start >= LAG_WINDOW_S:
+            expired = now - self._window_start >= 2 * LAG_WINDOW_S
+            self._previous, self._current = (0.0 if expired else self._current), 0.0
+            self._window_start = now
+        self._current = max(self._current, lag_s)
+        self.histogram.observe((), lag_s)
+
+    def recent_ms(self) -> float:
+        return round(max(self._current, self._previous) * 1000, 1)
+
+    async def run(self) -> None:
+        while True:
+            asked = trio.current_time() + LAG_TICK_S
+            await trio.sleep_until(asked)
+            now = trio.current_time()
+            self.observe(now, max(0.0, now - asked))
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -240,6 +280,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.loop_lag = LoopLag()
         self._requests = _Counts("llmsrv_requests", "Requests answered, by provider, model and outcome",
                                  ["provider", "model", "outcome"])
         self._request_duration = _Histograms("llmsrv_request_duration_seconds", "From receipt to final reply", [])
@@ -254,7 +295,8 @@ class Metrics:
         self._cost = _Counts("llmsrv_cost_cents", "Cost in US cents, from the price table", ["provider"])
         self._cancellations = _Counts("llmsrv_cancellations", "Requests cancelled, by reason", ["reason"])
         families = (self._requests, self._request_duration, self._provider_call, self._first_chunk,
-                    self._transitions, self._rate_limited, self._tokens, self._cost, self._cancellations)
+                    self._transitions, self._rate_limited, self._tokens, self._cost, self._cancellations,
+                    self.loop_lag.histogram)
         self.registry.register(_Families(families))
 
     def watch(self, snapshot: Snapshot, dropped: Callable[[], Mapping[str, int]]) -> None:

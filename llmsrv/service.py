@@ -234,6 +234,20 @@ def force_breaker(pipeline: Pipeline, instance_id: str, data: bytes) -> dict[str
             "action": command.action, "breaker": breaker.statistics()}
 
 
+def control_subscriptions(control: Bus, p: str, queue: str, snapshot: Callable[[], InstanceSnapshot],
+                          pipeline: Pipeline) -> list[tuple[str, Handler, str]]:
+    """(subject, handler, queue group) of health, admin and ``$SRV`` discovery, served on ``control``."""
+    instance_id = snapshot().instance_id
+    return [
+        (f"{p}.health", answer_with(control, lambda: health_document(snapshot())), queue),
+        # admin commands reach every instance (no queue group); NATS permissions guard them
+        (f"{p}.admin.status", answer_with(control, lambda: status_document(snapshot())), ""),
+        (f"{p}.admin.breaker.set", admin_command(control, pipeline, instance_id, tune_breaker), ""),
+        (f"{p}.admin.breaker.state", admin_command(control, pipeline, instance_id, force_breaker), ""),
+        *((subject, handler, "") for subject, handler in micro_subscriptions(snapshot, control.publish_nowait)),
+    ]
+
+
 async def flush_every(interval_s: float, lines: RequestLines) -> None:
     """The request lines waiting are written every ``interval_s`` (logs.RequestLines)."""
     while True:
@@ -255,15 +269,16 @@ async def heartbeat(bus: Bus, subject: str, server: ServerConfig, snapshot: Call
 
 class Service:
     def __init__(self, cfg: Config, bus: Bus, providers: Mapping[str, Provider] | None = None,
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, control: Bus | None = None) -> None:
         self.cfg = cfg
         self.bus = bus
+        self.control = control = control or bus  # health, admin, $SRV: not queued behind requests (bus.py)
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         p = cfg.nats.subject_prefix
         self.subject_request, self.subject_cancel = f"{p}.request", f"{p}.cancel"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
         self.metrics = Metrics() if cfg.server.metrics else UncountedMetrics()
-        self.metrics.watch(self.statistics, lambda: bus.dropped)
+        self.metrics.watch(self.statistics, lambda: {**control.dropped, **bus.dropped})
         self.pipeline = Pipeline(cfg, providers or build_providers(cfg), self.metrics)
         self.providers = self.pipeline.providers
         server = cfg.server
@@ -300,34 +315,30 @@ class Service:
             self.stopped.set()
 
     async def _serve_until_stopped(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Service]) -> None:
-        bus, queue, p = self.bus, self.cfg.nats.queue, self.cfg.nats.subject_prefix
+        bus, control, queue, p = self.bus, self.control, self.cfg.nats.queue, self.cfg.nats.subject_prefix
         self._tasks = nursery
         await nursery.start(self._pool.run)
         request_sub = await bus.subscribe(self.subject_request, self._guarded(self._on_message(self._request_edge)),
                                           queue, on_drop=self._on_dropped)
         worker_sub = await bus.subscribe(f"{p}.req.>", self._guarded(self._on_message(self._worker_edge),
                                                                      self._worker_edge), queue)
-        others: list[tuple[str, Handler, str]] = [
-            (self.subject_cancel, self._on_cancel, ""),
-            (f"{p}.health", answer_with(bus, lambda: health_document(self.statistics())), queue),
-            # admin commands reach every instance (no queue group); NATS permissions guard them
-            (f"{p}.admin.status", answer_with(bus, lambda: status_document(self.statistics())), ""),
-            (f"{p}.admin.breaker.set", admin_command(bus, self.pipeline, self.instance_id, tune_breaker), ""),
-            (f"{p}.admin.breaker.state", admin_command(bus, self.pipeline, self.instance_id, force_breaker), ""),
-            (self._front.subject, self._front.on_ping, ""),
-            *((subject, handler, "") for subject, handler in micro_subscriptions(self.statistics, bus.publish_nowait)),
-        ]
-        other_subs = [await bus.subscribe(subject, self._guarded(handler), group) for subject, handler, group in others]
+        # a cancel travels behind the request it cancels (one connection keeps their order), the ping measures it
+        others = [(bus, self.subject_cancel, self._on_cancel, ""), (bus, self._front.subject, self._front.on_ping, ""),
+                  *((control, *on) for on in control_subscriptions(control, p, queue, self.statistics, self.pipeline))]
+        other_subs = [(b, await b.subscribe(subject, self._guarded(handler), group))
+                      for b, subject, handler, group in others]
         await bus.flush()  # subscriptions are live on the server once this returns
+        await control.flush()
         for name, provider in self.providers.items():
             status = provider.status()
             log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
         nursery.start_soon(self.pipeline.share_breakers)
         nursery.start_soon(self._front.run)
         nursery.start_soon(flush_every, FLUSH_S, self._lines)
+        nursery.start_soon(self.metrics.loop_lag.run)
         server = self.cfg.server
         if server.heartbeat_s:
-            nursery.start_soon(heartbeat, bus, f"{p}.health", server, self.statistics)
+            nursery.start_soon(heartbeat, control, f"{p}.health", server, self.statistics)
         if server.http_port:
             app = httpapi.App(self, documents=lambda path: http_answer(path, self.statistics, self.metrics),
                               metrics=self.metrics.asgi_app(), server=server, api_keys=httpapi.http_api_keys(server),
@@ -351,9 +362,10 @@ class Service:
         self._running.cancel("shutdown")
         with trio.move_on_after(5):
             await self._drained.wait()
-        for sub in other_subs:
-            await bus.unsubscribe(sub)
+        for b, sub in other_subs:
+            await b.unsubscribe(sub)
         await bus.flush()
+        await control.flush()
         await self.pipeline.aclose()
         log.info("drained")
 
@@ -369,9 +381,11 @@ class Service:
         """This instance, its counters and its providers, frozen (no I/O)."""
         counters = ServiceStats(self._inflight, self._pool.workers, self._pool.idle, self._requests, self._errors,
                                 self._processing_ns, self._last_error,
-                                round(self._front.waited(trio.current_time()) * 1000, 1))
-        return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started,
-                                self._draining, self.bus.is_connected, self.subject_request, self.cfg.nats.queue,
+                                round(self._front.waited(trio.current_time()) * 1000, 1),
+                                self.metrics.loop_lag.recent_ms())
+        connected = self.bus.is_connected and self.control.is_connected
+        return InstanceSnapshot(self.instance_id, self.started_wall, time.monotonic() - self._started, self._draining,
+                                connected, self.subject_request, self.cfg.nats.queue,
                                 counters, self.pipeline.statistics(), self._http_api)
 
     # ---- live reload (SIGHUP) -----------------------------------------------------------------

@@ -49,7 +49,8 @@ def _instance(doc: Doc) -> str:
         f"instance {doc.get('instance_id', '?')}  llmsrv {doc.get('version', '?')}  up {_duration(doc.get('uptime_s'))}"
         f"  nats {doc.get('nats', '?')}  draining {'yes' if doc.get('status') == 'draining' else 'no'}",
         f"in-flight {doc.get('inflight', stats.get('inflight', '?'))}  requests {stats.get('requests', '?')}"
-        f"  errors {stats.get('errors', '?')}{last}  queue delay {_ms(delay)}",
+        f"  errors {stats.get('errors', '?')}{last}  queue delay {_ms(delay)}"
+        f"  loop lag {_ms(doc.get('loop_lag_ms', stats.get('loop_lag_ms')))}",
     ]
     rows: list[Sequence[str]] = []
     breakers = doc.get("breakers") or {}

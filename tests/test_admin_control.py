@@ -160,7 +160,8 @@ def _status(instance: str = "a1", **over: Any) -> dict[str, Any]:
             "claude": {"breaker": _breaker(), "rate": {"limited": None, "retry_after_s": 0.0}, "in_flight": 0,
                        "max_concurrency": 64, "models": {}}},
         "stats": {"inflight": 2, "workers": 3, "idle_workers": 1, "requests": 40, "errors": 3,
-                  "processing_ns": 1, "last_error": "PROVIDER_ERROR", "queue_delay_ms": 1.3},
+                  "processing_ns": 1, "last_error": "PROVIDER_ERROR", "queue_delay_ms": 1.3,
+                  "loop_lag_ms": 4.2},
     }
     for path, value in over.items():
         *keys, last = path.split("__")
@@ -172,7 +173,7 @@ def _status(instance: str = "a1", **over: Any) -> dict[str, Any]:
 
 
 HEADER = ("instance a1  llmsrv 0.1.0  up 3m12s  nats connected  draining no\n"
-          "in-flight 2  requests 40  errors 3 (last PROVIDER_ERROR)  queue delay 1.3 ms\n\n")
+          "in-flight 2  requests 40  errors 3 (last PROVIDER_ERROR)  queue delay 1.3 ms  loop lag 4.2 ms\n\n")
 TABLE = "PROVIDER  STATE      BREAKER  FAILURES  RETRY-AFTER  RATE LIMIT  IN-FLIGHT\n"
 
 
@@ -199,12 +200,13 @@ TABLE = "PROVIDER  STATE      BREAKER  FAILURES  RETRY-AFTER  RATE LIMIT  IN-FLI
       _status("a1", providers={}, breakers={})],
      HEADER + "PROVIDER  STATE  BREAKER  FAILURES  RETRY-AFTER  RATE LIMIT  IN-FLIGHT\n\n"
      "instance b2  llmsrv 0.1.0  up 2h02m  nats disconnected  draining yes\n"
-     "in-flight 2  requests 40  errors 0  queue delay 1.3 ms\n\n"
+     "in-flight 2  requests 40  errors 0  queue delay 1.3 ms  loop lag 4.2 ms\n\n"
      "PROVIDER  STATE  BREAKER  FAILURES  RETRY-AFTER  RATE LIMIT  IN-FLIGHT"),
     ([{"error": "no provider 'x'", "error_code": "PROVIDER_NOT_FOUND", "instance_id": "c3"}],
      "instance c3: PROVIDER_NOT_FOUND: no provider 'x'"),
     ([{"instance_id": "old", "providers": {"mock": {"available": True}}}],  # an older instance: little known
-     "instance old  llmsrv ?  up ?  nats ?  draining no\nin-flight ?  requests ?  errors ?  queue delay ?\n\n"
+     "instance old  llmsrv ?  up ?  nats ?  draining no\n"
+     "in-flight ?  requests ?  errors ?  queue delay ?  loop lag ?\n\n"
      "PROVIDER  STATE      BREAKER  FAILURES  RETRY-AFTER  RATE LIMIT  IN-FLIGHT\n"
      "mock      available  ?        ?         -            ?           ?"),
 ], ids=["healthy", "open-and-rate-limited", "model-rows", "two-instances-sorted", "error-reply", "sparse"])

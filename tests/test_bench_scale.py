@@ -53,5 +53,6 @@ def test_scale_smoke(tmp_path: Path) -> None:
         for key in ("health_idle_ms", "health_loaded_ms"):
             assert 0 < f[key]["p50"] <= f[key]["max"]
         assert f["health_loaded_ms"]["n"] >= 1
+        assert f["loop_lag_max_ms"] is not None and f["loop_lag_max_ms"] >= 0  # llmsrv's own, from health
         assert f["wall_s"] >= scale.SMOKE_LATENCY_S
         assert result.series[f"{name}_inflight"] and result.series[f"{name}_rss_mib"]

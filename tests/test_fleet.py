@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
+import pytest
 import trio
 
 from llmsrv.client import Client
 from llmsrv.config import NatsConfig
-from llmsrv.natsserver import NatsServer
+from llmsrv.natsserver import NatsServer, free_port
 
 from .conftest import user
 
@@ -178,3 +180,28 @@ async def test_redis_rate_limit_holds_fleet_wide(nats_server: NatsServer, redis_
     assert outcomes.count("RATE_LIMITED") == 3 * rpm, outcomes
     assert all(count > 0 for count in served.values()), served  # both instances took part
 
+
+
+@pytest.mark.parametrize("control", ["true", "false"])
+async def test_health_and_admin_are_read_on_a_connection_of_their_own(tmp_path: Path, control: str) -> None:
+    """What nats-server itself reports (its monitoring endpoint, ``/connz?subs=1``): requests and cancels on
+    one connection, health, admin and ``$SRV`` discovery on ``<name>-control``, so they are never read behind
+    the requests waiting on the first; with ``nats.control_connection = false``, one connection for all."""
+    monitor = free_port()
+    with NatsServer(args=("-m", str(monitor))) as server, \
+            fleet(server.url, tmp_path, 1, LLMSRV__NATS__CONTROL_CONNECTION=control) as f:
+        async with fleet_client(server.url, f) as client:
+            health = await client.request_json("health")
+            async with httpx.AsyncClient() as http:
+                connz = (await http.get(f"http://127.0.0.1:{monitor}/connz?subs=1")).json()
+    subjects = {c.get("name", ""): set(c.get("subscriptions_list", [])) for c in connz["connections"]}
+    p = f.prefix
+    requests = {f"{p}.request", f"{p}.req.>", f"{p}.cancel", f"{p}.ping.{health['instance_id']}"}
+    controls = {f"{p}.health", f"{p}.admin.status", f"{p}.admin.breaker.set", f"{p}.admin.breaker.state",
+                "$SRV.INFO", "$SRV.PING.llmsrv", f"$SRV.STATS.llmsrv.{health['instance_id']}"}
+    assert health["nats"] == "connected"
+    if control == "true":
+        assert requests <= subjects["llmsrv"] and not controls & subjects["llmsrv"], subjects
+        assert controls <= subjects["llmsrv-control"] and not requests & subjects["llmsrv-control"], subjects
+    else:
+        assert "llmsrv-control" not in subjects and requests | controls <= subjects["llmsrv"], subjects

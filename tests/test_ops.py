@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import httpx
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmsrv.client import ReplyError
 from llmsrv.natsserver import free_port
+from llmsrv.ops import LAG_BUCKETS, LAG_TICK_S, LoopLag
 
 from .conftest import running, user
 from .fakes import wait_for_line
@@ -190,3 +192,37 @@ def test_counted_families_scrape_as_prometheus_clients_own() -> None:
         mine, reference = samples(ours.registry, name), samples(theirs, name)
         assert mine and mine.keys() == reference.keys()
         assert all(mine[k] == pytest.approx(reference[k]) for k in mine), (mine, reference)
+
+
+# ---- event-loop lag ---------------------------------------------------------------------------------
+
+def test_loop_lag_keeps_the_longest_stall_of_the_current_and_the_previous_window() -> None:
+    lag = LoopLag()  # windows of LAG_WINDOW_S = 1 s, the first starting at 0
+    assert lag.recent_ms() == 0.0
+    lag.observe(0.5, 0.030)
+    lag.observe(0.7, 0.002)
+    assert lag.recent_ms() == 30.0
+    lag.observe(1.1, 0.004)  # a new window: the previous one's 30 ms still counts
+    assert lag.recent_ms() == 30.0
+    lag.observe(2.2, 0.001)  # the window with 30 ms is two back now
+    assert lag.recent_ms() == 4.0
+    lag.observe(5.0, 0.003)  # after a gap of more than a window, nothing older counts
+    assert lag.recent_ms() == 3.0
+    counts = lag.histogram.values[()]
+    assert sum(counts[:-1]) == 5 and counts[-1] == pytest.approx(0.040)
+    assert counts[LAG_BUCKETS.index(0.05)] == 1  # 30 ms: the first bucket with le >= 0.03 is 0.05
+
+
+async def test_a_blocked_event_loop_shows_in_health_and_metrics(nats_url: str) -> None:
+    port = free_port()
+    async with running(nats_url, server={"http_port": port}) as h:
+        await trio.sleep(2 * LAG_TICK_S)  # the monitor has ticked
+        time.sleep(0.25)  # noqa: ASYNC251  # the stall to be seen: the whole loop blocked
+        health = await h.client.request_json("health")
+        assert health["loop_lag_ms"] >= 200, health
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    samples = _samples(text)
+    bucket = {le: samples[("llmsrv_event_loop_lag_seconds_bucket", (("le", le),))] for le in ("0.1", "+Inf")}
+    assert bucket["+Inf"] - bucket["0.1"] >= 1  # the stall's tick woke at least 0.23 s late
+    assert samples[("llmsrv_event_loop_lag_seconds_sum", ())] >= 0.2

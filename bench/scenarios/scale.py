@@ -102,8 +102,9 @@ async def main():
         rss, t = rss_kib(), time.monotonic()
         try:
             msg = await nc.request(SUBJECT, b"{}", timeout=TIMEOUT_S)
-            line = {"t": t, "ms": (time.monotonic() - t) * 1000, "inflight": json.loads(msg.data).get("inflight", 0),
-                    "rss": rss}
+            doc = json.loads(msg.data)
+            line = {"t": t, "ms": (time.monotonic() - t) * 1000, "inflight": doc.get("inflight", 0),
+                    "lag": doc.get("loop_lag_ms"), "rss": rss}
         except Exception as exc:
             line = {"t": t, "ms": None, "error": type(exc).__name__, "rss": rss}
         print(json.dumps(line), flush=True)
@@ -145,6 +146,7 @@ class Phase:
     added_ms: list[float] = field(default_factory=list)  # reply time - send time - provider latency
     health_loaded_ms: list[float] = field(default_factory=list)
     health_idle_ms: list[float] = field(default_factory=list)
+    loop_lag_ms: list[float] = field(default_factory=list)  # llmsrv's own (health's loop_lag_ms), while loaded
     inflight_seen: list[tuple[float, float]] = field(default_factory=list)  # (s since first send, inflight)
     rss_seen: list[tuple[float, float]] = field(default_factory=list)  # (s since first send, MiB)
     all_admitted_s: float | None = None
@@ -181,6 +183,7 @@ class Phase:
             "health_loaded_ms": {"p50": r(pct(self.health_loaded_ms, 0.5)),
                                  "max": r(max(self.health_loaded_ms)) if self.health_loaded_ms else None,
                                  "n": len(self.health_loaded_ms), "failures": self.health_failures},
+            "loop_lag_max_ms": r(max(self.loop_lag_ms)) if self.loop_lag_ms else None,
             "wall_s": round(self.wall_s, 2),
             "llmsrv_cpu_s": r(self.llmsrv_cpu_s) if self.llmsrv_cpu_s is not None else None,
             "bench_cpu_s": r(self.bench_cpu_s) if self.bench_cpu_s is not None else None,
@@ -338,6 +341,8 @@ async def _load(phase: Phase, client: Client, pid: int, url: str, log_dir: Path)
             continue
         answered = t + line["ms"] / 1000
         phase.health_loaded_ms.append(line["ms"])
+        if line.get("lag") is not None:
+            phase.loop_lag_ms.append(line["lag"])
         phase.inflight_seen.append((round(answered, 3), line["inflight"]))
         phase.peak_inflight = max(phase.peak_inflight, line["inflight"])
         if line["inflight"] >= phase.n and phase.all_admitted_s is None:
@@ -408,13 +413,15 @@ async def _measure(opts: Options) -> Result:
                      "n/a" if f["all_admitted_s"] is None else f"{f['all_admitted_s']:.2f} s",
                      "n/a" if f["rss_per_inflight_kib"] is None else f"{f['rss_per_inflight_kib']:.1f}",
                      _ms(f["health_idle_ms"]["p50"]), _ms(f["health_loaded_ms"]["p50"]),
-                     _ms(f["health_loaded_ms"]["max"])])
+                     _ms(f["health_loaded_ms"]["max"]), _ms(f["loop_lag_max_ms"])])
     summary = ("Requests sent at once to one llmsrv process; added = time to reply - provider latency; "
                "admitted = first send until `llm.health` shows all in flight; RSS per request = "
-               "(peak - idle VmRSS) / in flight; loop lag = `llm.health` answer time:\n\n"
+               "(peak - idle VmRSS) / in flight; health = `llm.health` answer time seen by a probe process (llmsrv's "
+               "loop, nats-server, the machine); loop lag = llmsrv's own (the health document's `loop_lag_ms`, "
+               "its longest event-loop stall in the last 1-2 s):\n\n"
                + md_table(["phase", "requests", "latency", "ok", "errors", "lost", "added p50", "added p99",
                            "added max", "all admitted", "RSS KiB/req", "health idle p50", "health loaded p50",
-                           "health loaded max"], rows))
+                           "health loaded max", "loop lag max"], rows))
     return Result(NAME, figures, summary, series, problems)
 
 
