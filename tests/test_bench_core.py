@@ -265,6 +265,9 @@ def test_latency_smoke(tmp_path: Path) -> None:
         assert sane(p["rate"]) and p["rate"] <= max_rps[p["target"]]
         values = [p[k] for k in latency.KEYS]
         assert all(sane(v) for v in values) and values == sorted(values), p
+        assert sane(p["cpu_us_per_req"]), p  # the target's CPU from /proc, per request
+    same_rate = result.figures["same_rate"]  # llmsrv / responder where both ran at one rate
+    assert [r["of"] for r in same_rate] == ["50% llmsrv max"] and sane(same_rate[0]["cpu"]), same_rate
     assert result.series and all(len(v) == len(loadgen.SPECTRUM) for v in result.series.values())
     check_written(result, tmp_path)
 

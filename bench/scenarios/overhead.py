@@ -89,7 +89,7 @@ def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
         yield Stack(nats.url, gen, {n: SUBJECTS[n] for n in children}, children, nats.proc.pid, sizes)
 
 
-def _cpu(pid: int | None) -> float | None:
+def cpu_of(pid: int | None) -> float | None:
     return processes.cpu_seconds(pid) if pid else None
 
 
@@ -110,9 +110,9 @@ def closed_point(st: Stack, target: str, opts: Options, concurrency: int = CONCU
     duration, warmup, _ = timing(opts)
     child = st.children[target]
     pids = {"target": child.pid if child else None, "nats": st.nats_pid}
-    before = {k: _cpu(p) for k, p in pids.items()}
+    before = {k: cpu_of(p) for k, p in pids.items()}
     got = st.gen.run(concurrency=concurrency, duration_s=duration, warmup_s=warmup, subject=st.subjects[target])
-    after = {k: _cpu(p) for k, p in pids.items()}
+    after = {k: cpu_of(p) for k, p in pids.items()}
     if child:
         child.check_alive()
     got.pop("latency_hist", None)
