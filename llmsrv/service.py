@@ -18,7 +18,10 @@ The pipeline (``pipeline.py``: route, guard, attempts) runs inside that scope, s
 call is really stopped, not abandoned. ``_serve`` is the one per-request boundary: whatever
 happens, the request gets exactly one reply (its error code, else ``INTERNAL_ERROR``).
 
-Replies leave through the bus's publish pump (no asyncio crossing per message).
+Replies leave through the bus's publish pump (no asyncio crossing per message). Health, admin and
+``$SRV`` discovery are served on a second connection (``control``; ``nats.control_connection``), so a
+probe is not read behind thousands of requests waiting on the first; ``llm.cancel`` and the self-ping stay
+on the request connection (a cancel must not overtake its request; the ping measures that queue).
 """
 
 from __future__ import annotations
