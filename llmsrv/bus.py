@@ -168,7 +168,7 @@ class Bus:
                                 cfg.initial_connect_timeout_s)
                 errors.append(why)
 
-            callbacks = _callbacks(holder, url, failed, refuse)
+            callbacks = _callbacks(holder, f"{redact_url(url)} as {cfg.name!r}", failed, refuse)
             try:
                 nc = _Client()
                 await aio_as_trio(nc.connect)(**_connect_options(cfg, url), **callbacks)
@@ -185,7 +185,7 @@ class Bus:
         bus = cls(nc, url, cfg)
         holder.append(bus)
         bus._pump = loop.create_task(bus._pump_loop())
-        log.info("connected to NATS at %s", redact_url(url))
+        log.info("connected to NATS at %s as %r", redact_url(url), cfg.name)
         try:
             yield bus
         finally:
@@ -374,9 +374,9 @@ def _asyncio_exception_handler(loop: Any, context: dict[str, Any]) -> None:
               f" ({type(exc).__name__}: {exc})" if exc else "")
 
 
-def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
+def _callbacks(holder: list[Bus], where: str, failed: Callable[[str], object],
                refused: Callable[[str], object]) -> dict[str, Any]:
-    where = redact_url(url)
+    """nats-py's callbacks for one connection; ``where`` names it in log lines (URL redacted, name)."""
 
     async def error_cb(exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):  # once per dropped message: keep it cheap
@@ -402,7 +402,7 @@ def _callbacks(holder: list[Bus], url: str, failed: Callable[[str], object],
         log.warning("reconnected to NATS at %s; subscriptions restored", where)
 
     async def closed_cb() -> None:
-        log.info("NATS connection closed")
+        log.info("NATS connection to %s closed", where)
 
     return {"error_cb": error_cb, "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb, "closed_cb": closed_cb}
