@@ -87,15 +87,18 @@ class Pipeline:
     # ---- one request -------------------------------------------------------------------------
 
     async def answer(self, request: LLMRequest, correlation_id: str, on_delta: OnDelta | None = None,
-                     trace: Mapping[str, str] | None = None) -> LLMResponse:
-        """``trace``: the caller's W3C ``traceparent``/``tracestate`` (header name -> value, any case)."""
+                     trace: Mapping[str, str] | None = None, deadline: float | None = None) -> LLMResponse:
+        """``trace``: the caller's W3C ``traceparent``/``tracestate`` (header name -> value, any case);
+        ``deadline``: the request's, when the caller knows it (else trio's effective deadline, looked up)."""
+        if deadline is None:
+            deadline = trio.current_effective_deadline()
         call = Call(model="", messages=request.messages, max_tokens=request.max_tokens,
                     temperature=request.temperature, tools=request.tools or ())
         delivery = _Delivery(on_delta, self.metrics) if on_delta is not None else None
         with tracing.request_span(correlation_id, request, trace) as span:
             attempt = self._traced_attempt if span.recording else self._attempt
             result = await self.router.run(
-                lambda: self.plan(request), lambda target: attempt(target, call, delivery),
+                lambda: self.plan(request), lambda target: attempt(target, call, delivery, deadline),
                 hedge_delay=self._hedge_delay(request) if delivery is None else None,
                 streamed=(lambda: delivery.started) if delivery is not None else (lambda: False))
             done, target = result.completion, result.target
@@ -143,14 +146,16 @@ class Pipeline:
         circuit, rate = guard.breaker.blocked_for(), guard.limiter.blocked_for()
         return UP if circuit is None and rate is None else routing.ProviderState(True, circuit, rate)
 
-    async def _traced_attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None) -> Completion:
+    async def _traced_attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None,
+                              deadline: float) -> Completion:
         """``_attempt`` in a span of its own (current while the provider call runs: it carries ``traceparent``)."""
         with tracing.attempt_span(target.provider, target.model) as span:
-            done = await self._attempt(target, call, delivery)
+            done = await self._attempt(target, call, delivery, deadline)
             span.completed(done)
             return done
 
-    async def _attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None) -> Completion:
+    async def _attempt(self, target: routing.Target, call: Call, delivery: _Delivery | None,
+                       deadline: float) -> Completion:
         provider = self.providers[target.provider]
         call = msgspec.structs.replace(call, model=target.model)
         on_delta = delivery.for_attempt(target.provider) if delivery is not None else None
@@ -163,7 +168,7 @@ class Pipeline:
         called = True
         try:
             return await call_guarded(guard, tokens, timeout_s, lambda: provider.complete(call, on_delta),
-                                      target.model)
+                                      target.model, deadline)
         except errors.CircuitOpen:
             called = False  # refused before any call: no duration to record
             raise

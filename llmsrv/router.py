@@ -68,7 +68,6 @@ class Router:
                   hedge_delay: Callable[[Target], float] | None = None,
                   streamed: Callable[[], bool] = lambda: False) -> Result:
         """Answer with the first successful attempt, or raise the error that ends the request."""
-        deadline = trio.current_effective_deadline()
         attempts: list[Attempt] = []
         spent: set[Target] = set()  # failed in a way that trying them again would repeat
         last: errors.LlmsrvError | None = None
@@ -77,7 +76,7 @@ class Router:
         while True:
             current = plan()
             if not current.candidates:
-                await self._wait_or_raise(current, deadline, last, attempts)
+                await self._wait_or_raise(current, trio.current_effective_deadline(), last, attempts)
                 continue
             todo = [t for t in current.candidates if t not in spent]
             if not todo:
@@ -97,7 +96,7 @@ class Router:
             if isinstance(last, errors.CircuitOpen) and not plan().candidates:
                 continue  # a breaker that opened meanwhile refused: nothing left to try, answer now
             wait = max(backoff_s(round_no, self.retry, self.rng), (last.retry_after_ms or 0) / 1000)
-            if trio.current_time() + wait >= deadline:
+            if trio.current_time() + wait >= trio.current_effective_deadline():  # looked up only after a failure
                 raise self._final(last, attempts)
             round_no += 1
             await trio.sleep(wait)

@@ -292,19 +292,22 @@ async def _slow() -> Completion:
     return OK
 
 
-async def test_call_guarded_attempt_timeout_before_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize("told", [False, True], ids=["looked-up", "told"])  # the request's deadline passed in
+async def test_call_guarded_attempt_timeout_before_the_deadline(told: bool,
+                                                                autojump_clock: trio.testing.MockClock) -> None:
     guard = _guard(rpm=None, tpm=None)
-    with trio.fail_after(30), pytest.raises(errors.ProviderTimeout):
-        await call_guarded(guard, 1, 2, _slow)
+    with trio.fail_after(30) as request, pytest.raises(errors.ProviderTimeout):
+        await call_guarded(guard, 1, 2, _slow, deadline=request.deadline if told else None)
     assert trio.current_time() == 2 and guard.breaker.statistics().failures == 1
 
 
+@pytest.mark.parametrize("told", [False, True], ids=["looked-up", "told"])
 @pytest.mark.parametrize("deadline_s", [1, 2], ids=["deadline-first", "deadline-equal"])
-async def test_call_guarded_request_deadline_is_no_failure(deadline_s: float,
+async def test_call_guarded_request_deadline_is_no_failure(deadline_s: float, told: bool,
                                                            autojump_clock: trio.testing.MockClock) -> None:
     guard = _guard(rpm=None, tpm=None)
     with trio.move_on_after(deadline_s) as request:  # the request's deadline, not the attempt's timeout
-        await call_guarded(guard, 1, 2, _slow)
+        await call_guarded(guard, 1, 2, _slow, deadline=request.deadline if told else None)
     assert request.cancelled_caught and trio.current_time() == deadline_s
     assert guard.breaker.statistics().failures == 0 and guard.bulkhead.borrowed_tokens == 0
 

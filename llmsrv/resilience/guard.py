@@ -212,16 +212,18 @@ class Admission:
 
 
 async def call_guarded(guard: ProviderGuard, estimated_tokens: int, timeout_s: float,
-                       call: Callable[[], Awaitable[Completion]], model: str | None = None) -> Completion:
+                       call: Callable[[], Awaitable[Completion]], model: str | None = None,
+                       deadline: float | None = None) -> Completion:
     """One provider call through its guard, under its per-attempt timeout (``timeout_ms``).
 
-    The request's deadline is the caller's cancel scope (``trio.current_effective_deadline()``):
-    when the attempt's own limit is not earlier, no second cancel scope is needed.
+    The request's deadline is the caller's cancel scope (``deadline`` when the caller knows it, else
+    ``trio.current_effective_deadline()``): when the attempt's own limit is not earlier, no second cancel
+    scope is needed.
     """
     started = trio.current_time()
     async with guard.attempt(estimated_tokens, model) as admission:
         limit = started + timeout_s
-        if limit >= trio.current_effective_deadline():
+        if limit >= (trio.current_effective_deadline() if deadline is None else deadline):
             completion = await call()
         else:
             with trio.move_on_at(limit) as scope:
