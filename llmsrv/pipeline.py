@@ -115,6 +115,9 @@ class Pipeline:
     def plan(self, request: LLMRequest) -> routing.Plan:
         found = self._route(request)
         states = {name: self._state(name) for name in found.providers if name in self.providers}
+        if found.targets and not self._unsettled_models and len(states) == len(found.providers) and all(
+                state is UP for state in states.values()):
+            return routing.Plan(list(found.targets), [], found.complexity)  # what filter_plan finds: every one
         if self._unsettled_models:  # a model whose own breaker is not closed may have to be skipped
             for target in found.targets:
                 if target.spec in self._unsettled_models and target.provider in states:

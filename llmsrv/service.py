@@ -29,8 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -132,20 +131,23 @@ class _Generations:
     def __init__(self) -> None:
         self.current = 0
         self._running: dict[int, int] = {}
-        self._settled = trio.Event()  # set (and replaced) whenever a generation's last request ends
+        self._settled = trio.Event()  # set (and replaced) whenever a retired generation's last request ends
 
-    @contextmanager
-    def request(self) -> Iterator[None]:
+    def enter(self) -> int:
+        """A request starts: the generation it runs under (give it back to ``leave``)."""
         generation = self.current
         self._running[generation] = self._running.get(generation, 0) + 1
-        try:
-            yield
-        finally:
-            self._running[generation] -= 1
-            if not self._running[generation]:
-                del self._running[generation]
-                self._settled.set()
-                self._settled = trio.Event()
+        return generation
+
+    def leave(self, generation: int) -> None:
+        left = self._running[generation] - 1
+        if left:
+            self._running[generation] = left
+            return
+        del self._running[generation]
+        if generation < self.current:  # a retired generation's last request: retire() may go on
+            self._settled.set()
+            self._settled = trio.Event()
 
     async def retire(self, providers: list[Provider]) -> None:
         """Start a new generation; close ``providers`` once the older ones have finished."""
@@ -174,14 +176,16 @@ class _Running:
         live = _Live(received + timeout_ms / 1000)
         lives = self._live.setdefault(cid, [])
         lives.append(live)
+        generation = self.generations.enter()
         try:
-            with self.generations.request(), live.scope:
+            with live.scope:
                 response = await answer(live.scope.deadline)
             if live.scope.cancelled_caught:
                 self._metrics.cancelled(live.reason or "deadline")
                 raise live.error(timeout_ms)
             return response
         finally:
+            self.generations.leave(generation)
             lives.remove(live)
             if not lives:
                 del self._live[cid]

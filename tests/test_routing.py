@@ -185,3 +185,16 @@ def test_inferred_complexity_picks_the_matrix_cell() -> None:
 def test_complexity_thresholds_are_config() -> None:
     cfg = build_config({"routing": {"complexity": {"medium_at": 0, "complex_at": 1}}}, env={})
     assert routing.infer_complexity([Message("user", "compute 2+2")], cfg.routing.complexity) == "medium"
+
+
+@pytest.mark.parametrize("kw", [
+    {"model": "mock:echo"}, {"model": "claude-opus-4-1"}, {"model": "gpt-4o"}, {}, {"complexity": "simple"},
+    {"complexity": "complex", "provider": "claude"}, {"task_type": "planning", "complexity": "medium"},
+    {"complexity": "complex", "capabilities": ["code"]},
+])
+def test_with_every_provider_up_the_plan_is_the_route(kw: dict[str, Any]) -> None:
+    """What ``Pipeline.plan`` answers without ``filter_plan`` when every provider the route reads is up."""
+    found = routing.route(_req(**kw), CFG.routing)
+    assert found.targets
+    plan = routing.filter_plan(found, {name: UP for name in found.providers})
+    assert plan == routing.Plan(list(found.targets), [], found.complexity)
