@@ -217,7 +217,18 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> Non
             await trio.lowlevel.cancel_shielded_checkpoint()
             turns += 1
         await later.wait()
-    assert ran == [*range(50), -1]
+
+        async def asyncio_side() -> str:  # asyncio code calling trio code: trio-asyncio's AsyncHandle path
+            for i in range(5):
+                loop.call_soon(ran.append, 100 + i)  # queued beside the trio task's start
+            return await trio_asyncio.trio_as_aio(trio_side)()
+
+        async def trio_side() -> str:
+            await trio.lowlevel.checkpoint()
+            return "back"
+
+        assert await trio_asyncio.aio_as_trio(asyncio_side)() == "back"
+    assert ran == [*range(50), -1, *range(100, 105)]
     if drain:
         assert turns <= 3, turns
     else:
