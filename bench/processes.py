@@ -133,9 +133,9 @@ def llmsrv(url: str, prefix: str, log_dir: Path, env: dict[str, str] | None = No
 
 
 def responder(url: str, prefix: str, log_dir: Path, reply_bytes: int | None = None,
-              name: str = "responder") -> Child:
-    """The bare responder (``bench/responder.py``) on ``<prefix>.request``."""
-    cmd = [sys.executable, "-m", "bench.responder", "--nats-url", url, "--prefix", prefix]
+              name: str = "responder", stack: str = "asyncio") -> Child:
+    """The bare responder (``bench/responder.py``) on ``<prefix>.request``, on ``stack`` (its ``--stack``)."""
+    cmd = [sys.executable, "-m", "bench.responder", "--nats-url", url, "--prefix", prefix, "--stack", stack]
     if reply_bytes is not None:
         cmd += ["--reply-bytes", str(reply_bytes)]
     return Child(name, cmd, log_dir / f"{name}.log")

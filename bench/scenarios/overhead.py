@@ -1,7 +1,11 @@
 """``overhead``: llmsrv (+ ``mock:echo``) vs the bare responder, same payload, same generator, same run.
 
 One nats-server; llmsrv on ``llm.request`` and the bare responder (``bench/responder.py``, its reply
-padded to the size of llmsrv's, measured first) on ``bench.request``, both up for the whole run;
+padded to the size of llmsrv's, measured first) on ``bench.request``, and the same responder on llmsrv's
+fixed stack (``--stack trio``: trio, trio-asyncio and llmsrv's NATS bridge; ``--stack trio-task``: and
+a trio task per request under a cancel scope with a deadline, the structure of every llmsrv request)
+on ``floor.request`` and ``floortask.request``: what the stack costs before any llmsrv code. All are up
+for the whole run;
 the load generator (``bench/loadgen.py``, ``GENERATORS`` processes sharing the load). Each round
 loads each target in closed loop with ``CONCURRENCY`` outstanding requests (the order alternates
 between rounds), so slow drifts of the shared machine hit both. Per point: throughput, latency,
@@ -37,7 +41,10 @@ NAME = "overhead"
 SUMMARY = "llmsrv + mock:echo vs the bare responder: max throughput, CPU per request, ratios (closed loop)"
 CONCURRENCY = 100
 LLMSRV, RESPONDER, BASE = "llmsrv", "responder", "llmsrv@base"
-SUBJECTS = {LLMSRV: "llm.request", RESPONDER: "bench.request", BASE: "base.request"}
+FLOORS = {"floor: trio": "trio", "floor: trio task": "trio-task"}  # target -> bench.responder --stack
+TASK_FLOOR = "floor: trio task"
+SUBJECTS = {LLMSRV: "llm.request", RESPONDER: "bench.request", BASE: "base.request",
+            "floor: trio": "floor.request", TASK_FLOOR: "floortask.request"}
 
 
 @dataclass
@@ -61,8 +68,9 @@ def timing(opts: Options) -> tuple[float, float, float]:
 
 
 @contextmanager
-def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
-    """Start (or, with ``--nats-url``, reach) everything a scenario loads; stop it all on the way out."""
+def stack(opts: Options, log_dir: Path, floors: bool = False) -> Iterator[Stack]:
+    """Start (or, with ``--nats-url``, reach) everything a scenario loads (``floors``: the responder on
+    llmsrv's stack too); stop it all on the way out."""
     _, _, timeout_s = timing(opts)
     log_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as es:
@@ -80,6 +88,11 @@ def stack(opts: Options, log_dir: Path) -> Iterator[Stack]:
         resp_size = resp.wait_ready(nats.url, SUBJECTS[RESPONDER])
         children: dict[str, processes.Child | None] = {LLMSRV: llm, RESPONDER: resp}
         sizes = {LLMSRV: size, RESPONDER: resp_size}
+        for name, kind in FLOORS.items() if floors else ():
+            prefix = SUBJECTS[name].partition(".")[0]
+            children[name] = es.enter_context(processes.responder(nats.url, prefix, log_dir, reply_bytes=size,
+                                                                   name=f"responder-{kind}", stack=kind))
+            sizes[name] = children[name].wait_ready(nats.url, SUBJECTS[name])
         if opts.base_tree:  # the same llmsrv code path from another checkout: a before/after in the same rounds
             base = es.enter_context(processes.llmsrv(nats.url, "base", log_dir, name="llmsrv-base",
                                                      tree=opts.base_tree.resolve()))
@@ -153,6 +166,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    return {"rps": ratio(a["rps"], b["rps"]), "p99": ratio(a["p99_ms"], b["p99_ms"]),
+            "cpu_us_per_req": ratio(a["target_cpu_us_per_req"], b["target_cpu_us_per_req"])}
+
+
 def fmt(v: float | None, spec: str = ".0f", suffix: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
 
@@ -162,7 +180,7 @@ def run(opts: Options) -> Result:
     log_dir = Path(opts.out_dir) / "logs" / NAME
     runs: dict[str, list[dict[str, Any]]] = {}
     problems: list[str] = []
-    with stack(opts, log_dir) as st:
+    with stack(opts, log_dir, floors=True) as st:
         names = list(st.subjects)
         runs = {n: [] for n in names}
         with progress(opts, rounds * len(names), NAME) as bar:
@@ -186,14 +204,12 @@ def run(opts: Options) -> Result:
         "targets": targets, "rounds": runs,
     }
     if LLMSRV in targets and RESPONDER in targets:
-        a, b = targets[LLMSRV], targets[RESPONDER]
-        figures["ratios"] = {"rps": ratio(a["rps"], b["rps"]), "p99": ratio(a["p99_ms"], b["p99_ms"]),
-                             "cpu_us_per_req": ratio(a["target_cpu_us_per_req"], b["target_cpu_us_per_req"])}
+        figures["ratios"] = _ratios(targets[LLMSRV], targets[RESPONDER])
+    if TASK_FLOOR in targets and RESPONDER in targets:
+        figures["floor_ratios"] = {k: _ratios(targets[a], targets[b]) for k, (a, b) in {
+            "floor / responder": (TASK_FLOOR, RESPONDER), "llmsrv / floor": (LLMSRV, TASK_FLOOR)}.items()}
     if BASE in targets:
-        a, b = targets[LLMSRV], targets[BASE]
-        figures["vs_base"] = {"tree": str(opts.base_tree), "rps": ratio(a["rps"], b["rps"]),
-                              "p99": ratio(a["p99_ms"], b["p99_ms"]),
-                              "cpu_us_per_req": ratio(a["target_cpu_us_per_req"], b["target_cpu_us_per_req"])}
+        figures["vs_base"] = {"tree": str(opts.base_tree), **_ratios(targets[LLMSRV], targets[BASE])}
     for n, t in targets.items():
         if t["errors"]:
             problems.append(f"{n}: {t['errors']} failed requests")
@@ -214,6 +230,7 @@ def run(opts: Options) -> Result:
                    "busiest generator CPU", "cores used", "p50 ms", "p99 ms", "errors"], rows)
     ratio_rows = [[label, fmt(r["rps"], ".2f", "x"), fmt(r["p99"], ".2f", "x"), fmt(r["cpu_us_per_req"], ".2f", "x")]
                   for label, r in (("llmsrv / responder", figures.get("ratios")),
+                                   *((f"{k} (trio task)", r) for k, r in figures.get("floor_ratios", {}).items()),
                                    (f"llmsrv / llmsrv@base ({opts.base_tree})", figures.get("vs_base"))) if r]
     if ratio_rows:
         md += "\n" + md_table(["ratio", "req/s", "p99", "CPU per request"], ratio_rows)
