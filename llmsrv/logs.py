@@ -16,9 +16,10 @@ fields as ``key=value`` after the message.
 The one line per finished request (``RequestLines``, the access log) is the only line written per
 request, and through ``logging`` it cost about 80 us of CPU per request in ``llmsrv serve`` (a
 ``LogRecord``, the formatter, a write per line): a third of a whole ``mock:echo`` request. So, when
-the lines are JSON, it is encoded at once from a msgspec struct in the same shape (same fields, same
-``ts``) and the lines are written in batches, redacted as a whole, under the handler's lock, at least
-every ``FLUSH_S`` and at once past ``MAX_PENDING`` (Envoy's access log is buffered the same way). As
+the lines are JSON, a request's fields and time are only noted as it finishes, and the lines are
+encoded in batches from a msgspec struct in the same shape (same fields, same ``ts``), redacted as a
+whole and written under the handler's lock, at least every ``FLUSH_S`` and at once past
+``MAX_PENDING`` (Envoy's access log is buffered the same way). As
 text (a person at a terminal) or under a logging set-up of someone else's, it goes through ``logging``.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import sys
+import time
 from contextvars import ContextVar
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -92,7 +94,7 @@ class RequestLine(msgspec.Struct):
 
 FLUSH_S = 0.2  # request lines wait at most about this long to be written
 MAX_PENDING = 1000
-_encode = msgspec.json.Encoder().encode
+_encode_lines = msgspec.json.Encoder().encode_lines
 _json_handler: logging.StreamHandler[Any] | None = None  # set by setup() when the lines are JSON
 
 
@@ -101,7 +103,7 @@ class RequestLines:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[str, str, str, str, str | None, float | None, float]] = []  # ..., time.time()
         self._handler: logging.StreamHandler[Any] | None = None
 
     def finished(self, cid: str, provider: str, model: str, outcome: str, error_code: str | None,
@@ -117,9 +119,7 @@ class RequestLines:
         if handler is not self._handler:
             self.flush()
             self._handler = handler
-        self._pending.append(_encode(RequestLine(
-            "INFO", self._log.name, f"request finished: {outcome}", cid, provider, model, outcome, error_code,
-            duration_ms, _dt.datetime.now(_dt.UTC))))
+        self._pending.append((cid, provider, model, outcome, error_code, duration_ms, time.time()))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 
@@ -129,7 +129,11 @@ class RequestLines:
         if handler is None or not pending:
             return
         self._pending = []
-        text = redact.redact_known(b"\n".join(pending).decode() + "\n")
+        name, at, utc = self._log.name, _dt.datetime.fromtimestamp, _dt.UTC
+        text = redact.redact_known(_encode_lines([
+            RequestLine("INFO", name, f"request finished: {outcome}", cid, provider, model, outcome, error_code,
+                        duration_ms, at(ts, utc))
+            for cid, provider, model, outcome, error_code, duration_ms, ts in pending]).decode())
         handler.acquire()
         try:
             handler.stream.write(text)

@@ -194,6 +194,28 @@ def test_counted_families_scrape_as_prometheus_clients_own() -> None:
         assert all(mine[k] == pytest.approx(reference[k]) for k in mine), (mine, reference)
 
 
+def test_noted_requests_are_counted_at_a_scrape_and_never_pile_up() -> None:
+    """A request is noted (a tuple appended) and counted later: every one shows at the next scrape, and
+    those waiting for a scrape are counted once ``MAX_PENDING`` of them are noted (memory stays bounded)."""
+    from llmsrv.ops import MAX_PENDING, Metrics
+
+    metrics = Metrics()
+    n = 2 * MAX_PENDING + 3
+    for i in range(n):
+        metrics.request("mock", "echo", "ok", 0.001)
+        metrics.provider_call("mock", 0.001)
+        metrics.usage("mock", 3, 4, 0.5)
+        waiting = len(metrics._finished), len(metrics._calls), len(metrics._used)
+        assert max(waiting) <= MAX_PENDING, (i, waiting)
+    text = metrics.render().decode()
+    assert max(len(metrics._finished), len(metrics._calls), len(metrics._used)) == 0
+    assert f'llmsrv_requests_total{{model="echo",outcome="ok",provider="mock"}} {float(n)}' in text
+    assert f'llmsrv_provider_call_duration_seconds_count{{provider="mock"}} {float(n)}' in text
+    assert f'llmsrv_request_duration_seconds_count {float(n)}' in text
+    assert f'llmsrv_tokens_total{{direction="output",provider="mock"}} {float(4 * n)}' in text
+    assert f'llmsrv_cost_cents_total{{provider="mock"}} {0.5 * n}' in text
+
+
 # ---- event-loop lag ---------------------------------------------------------------------------------
 
 def test_loop_lag_keeps_the_longest_stall_of_the_current_and_the_previous_window() -> None:
