@@ -201,7 +201,7 @@ async def test_cancel_at_every_stage_leaks_nothing(stage: str, virtual_wall: Cal
                 async with guard.attempt(10):
                     raise errors.ProviderError("x")
         await trio.sleep(6)
-    before = (guard.breaker.statistics().failures, guard.limiter.check(1000), guard.bulkhead.borrowed_tokens)
+    before = (guard.breaker.statistics().failures, guard.limiter.check(1000), guard.statistics().in_flight)
     blocker_done = trio.Event()
 
     async def blocker() -> None:
@@ -217,7 +217,7 @@ async def test_cancel_at_every_stage_leaks_nothing(stage: str, virtual_wall: Cal
                 await trio.sleep(100)
         blocker_done.set()
     snap = guard.breaker.statistics()
-    assert snap.probes_in_flight == 0 and guard.bulkhead.borrowed_tokens == 0
+    assert snap.probes_in_flight == 0 and guard.statistics().in_flight == 0
     assert snap.failures == before[0]
     if stage == "queued":  # never sent: no rate-limit budget spent by the cancelled attempt
         assert guard.limiter.check(1000) == before[1]
@@ -309,7 +309,7 @@ async def test_call_guarded_request_deadline_is_no_failure(deadline_s: float, to
     with trio.move_on_after(deadline_s) as request:  # the request's deadline, not the attempt's timeout
         await call_guarded(guard, 1, 2, _slow, deadline=request.deadline if told else None)
     assert request.cancelled_caught and trio.current_time() == deadline_s
-    assert guard.breaker.statistics().failures == 0 and guard.bulkhead.borrowed_tokens == 0
+    assert guard.breaker.statistics().failures == 0 and guard.statistics().in_flight == 0
 
 
 async def test_call_guarded_without_deadline_records_latency(autojump_clock: trio.testing.MockClock) -> None:

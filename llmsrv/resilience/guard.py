@@ -60,7 +60,9 @@ class ProviderGuard:
         self.per_model = cfg.breaker_scope == "model"
         self.models: dict[str, Breaker] = {}
         self.limiter = RateLimiter(name, cfg.rpm, cfg.tpm, storage_uri, wall, limit_key)
-        self.bulkhead = trio.CapacityLimiter(cfg.max_concurrency)
+        # a semaphore, not trio's CapacityLimiter: Admission knows whether it holds a slot, so the
+        # limiter's per-task borrower bookkeeping would only cost (0.9 vs 0.2 us a call)
+        self.bulkhead = trio.Semaphore(cfg.max_concurrency, max_value=cfg.max_concurrency)
         self.latency = LatencyWindow()
 
     def model_breaker(self, model: str | None) -> Breaker | None:
@@ -128,10 +130,12 @@ class ProviderGuard:
 
     def statistics(self) -> GuardSnapshot:
         """A frozen snapshot; no I/O (the rate limit part is what the last refusal taught)."""
-        stats = self.bulkhead.statistics()
+        bulkhead = self.bulkhead
+        size = bulkhead.max_value
+        assert size is not None
         models = {m: b.statistics() for m, b in self.models.items() if not b.is_clean()}
-        return GuardSnapshot(self.breaker.statistics(), self.limiter.statistics(),
-                             stats.borrowed_tokens, int(stats.total_tokens), models)
+        return GuardSnapshot(self.breaker.statistics(), self.limiter.statistics(), size - bulkhead.value, size,
+                             models)
 
     def attempt(self, estimated_tokens: int, model: str | None = None) -> Admission:
         """``async with guard.attempt(tokens, model) as admission:`` admits one call (see the package doc)."""
