@@ -103,7 +103,8 @@ class RequestLines:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        self._pending: list[tuple[str, str, str, str, str | None, float | None, float]] = []  # ..., time.time()
+        # per finished request: (cid, provider, model, outcome, error_code, duration_ms, time.time())
+        self._pending: list[tuple[str, str, str, str, str | None, float | None, float]] = []
         self._handler: logging.StreamHandler[Any] | None = None
 
     def finished(self, cid: str, provider: str, model: str, outcome: str, error_code: str | None,

@@ -63,6 +63,7 @@ class ProviderGuard:
         # a semaphore, not trio's CapacityLimiter: Admission knows whether it holds a slot, so the
         # limiter's per-task borrower bookkeeping would only cost (0.9 vs 0.2 us a call)
         self.bulkhead = trio.Semaphore(cfg.max_concurrency, max_value=cfg.max_concurrency)
+        self.max_concurrency = cfg.max_concurrency
         self.latency = LatencyWindow()
 
     def model_breaker(self, model: str | None) -> Breaker | None:
@@ -130,11 +131,9 @@ class ProviderGuard:
 
     def statistics(self) -> GuardSnapshot:
         """A frozen snapshot; no I/O (the rate limit part is what the last refusal taught)."""
-        bulkhead = self.bulkhead
-        size = bulkhead.max_value
-        assert size is not None
+        size = self.max_concurrency
         models = {m: b.statistics() for m, b in self.models.items() if not b.is_clean()}
-        return GuardSnapshot(self.breaker.statistics(), self.limiter.statistics(), size - bulkhead.value, size,
+        return GuardSnapshot(self.breaker.statistics(), self.limiter.statistics(), size - self.bulkhead.value, size,
                              models)
 
     def attempt(self, estimated_tokens: int, model: str | None = None) -> Admission:
