@@ -189,7 +189,7 @@ async def test_cancel_during_backoff_leaves_guard_clean(autojump_clock: trio.tes
         request.cancel()
     assert request.cancelled_caught
     snap = guard.breaker.statistics()
-    assert guard.bulkhead.borrowed_tokens == 0 and snap.probes_in_flight == 0 and snap.failures == 1
+    assert guard.statistics().in_flight == 0 and snap.probes_in_flight == 0 and snap.failures == 1
 
 
 async def test_own_failure_beats_the_breaker_it_opened(autojump_clock: trio.testing.MockClock) -> None:
