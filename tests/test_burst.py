@@ -233,3 +233,25 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> Non
         assert turns <= 3, turns
     else:
         assert turns >= 50, turns  # what the drain saves: a trio turn per callback
+
+
+async def test_a_request_that_does_not_block_is_served_in_one_task_step(nats_url: str) -> None:
+    """A ``mock:echo`` request takes one trio step of its worker (no needless round trip through the scheduler):
+    what ``bench/responder.py --stack trio-task``, the stack's floor in ``bench overhead``, is built to match."""
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.by_task: defaultdict[str, int] = defaultdict(int)
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.by_task[task.name.rpartition(".")[2]] += 1
+
+    async with running(nats_url) as h:
+        await h.client.complete({"messages": user("x"), "model": "mock:echo"})  # a worker is parked
+        steps = Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for _ in range(20):
+                await h.client.complete({"messages": user("x"), "model": "mock:echo"})
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+    assert steps.by_task["_worker"] == 20, dict(steps.by_task)
