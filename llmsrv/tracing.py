@@ -44,6 +44,7 @@ import trio
 
 from . import __version__, errors
 from .config import ConfigError, TracingConfig
+from .messages import DEFAULT_TASK
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -306,19 +307,17 @@ class _RequestSpan(_Span):
 
     def __init__(self, rt: _Runtime, correlation_id: str, request: LLMRequest,
                  carrier: Mapping[str, str] | None) -> None:
-        super().__init__(rt, rt.tracer.start_span(REQUEST_SPAN, rt.parent(carrier), rt.server, {
-            "llmsrv.correlation_id": correlation_id, "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": request.model, "gen_ai.request.max_tokens": request.max_tokens,
-            "gen_ai.request.temperature": request.temperature, "llmsrv.stream": request.stream,
-            "llmsrv.task_type": request.task_type}))
+        attributes: dict[str, str | bool] = {"llmsrv.correlation_id": correlation_id,
+                                             "gen_ai.request.model": request.model}
+        if request.stream:
+            attributes["llmsrv.stream"] = True
+        if request.task_type != DEFAULT_TASK:
+            attributes["llmsrv.task_type"] = request.task_type
+        super().__init__(rt, rt.tracer.start_span(REQUEST_SPAN, rt.parent(carrier), rt.server, attributes))
 
     def answered(self, response: LLMResponse) -> None:
-        self._span.set_attributes({
-            "llmsrv.outcome": "ok", "gen_ai.response.model": response.model,
-            "gen_ai.usage.input_tokens": response.usage.prompt_tokens,
-            "gen_ai.usage.output_tokens": response.usage.completion_tokens,
-            "gen_ai.response.finish_reasons": (response.finish_reason,),
-            "llmsrv.attempts": len(response.attempts), "llmsrv.cost_cents": response.cost_cents})
+        self._span.set_attributes({"llmsrv.outcome": "ok", "gen_ai.response.model": response.model,
+                                   "llmsrv.attempts": len(response.attempts), "llmsrv.cost_cents": response.cost_cents})
 
     def _ended_by(self, exc: BaseException) -> None:
         cancelled = _cancelled(exc)
@@ -332,15 +331,16 @@ class _AttemptSpan(_Span):
 
     def __init__(self, rt: _Runtime, provider: str, model: str) -> None:
         super().__init__(rt, rt.tracer.start_span(ATTEMPT_SPAN, None, rt.client, {
-            "gen_ai.operation.name": "chat", "gen_ai.system": provider, "gen_ai.provider.name": provider,
-            "gen_ai.request.model": model}))
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider, "gen_ai.request.model": model}))
 
     def completed(self, completion: Completion) -> None:
-        self._span.set_attributes({
+        attributes: dict[str, str | int | bool | tuple[str, ...]] = {
             "llmsrv.outcome": "ok", "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
             "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
-            "gen_ai.response.finish_reasons": (completion.finish_reason,),
-            "llmsrv.subscription": completion.subscription})
+            "gen_ai.response.finish_reasons": (completion.finish_reason,)}
+        if completion.subscription:
+            attributes["llmsrv.subscription"] = True
+        self._span.set_attributes(attributes)
 
 
 def _cancelled(exc: BaseException) -> trio.Cancelled | None:
