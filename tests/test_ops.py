@@ -9,11 +9,13 @@ import httpx
 import msgspec
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmsrv.client import ReplyError
 from llmsrv.natsserver import free_port
-from llmsrv.ops import LAG_BUCKETS, LAG_TICK_S, LoopLag
+from llmsrv.ops import LAG_BUCKETS, LAG_TICK_S, LATENCY_BUCKETS, LoopLag, _Histograms
 
 from .conftest import running, user
 from .fakes import wait_for_line
@@ -205,15 +207,29 @@ def test_noted_requests_are_counted_at_a_scrape_and_never_pile_up() -> None:
         metrics.request("mock", "echo", "ok", 0.001)
         metrics.provider_call("mock", 0.001)
         metrics.usage("mock", 3, 4, 0.5)
-        waiting = len(metrics._finished), len(metrics._calls), len(metrics._used)
+        waiting = (len(metrics._finished), len(metrics._durations), sum(map(len, metrics._calls.values())),
+                   sum(map(len, metrics._used.values())))
         assert max(waiting) <= MAX_PENDING, (i, waiting)
     text = metrics.render().decode()
-    assert max(len(metrics._finished), len(metrics._calls), len(metrics._used)) == 0
+    assert not (metrics._finished or metrics._durations or metrics._calls or metrics._used)
     assert f'llmsrv_requests_total{{model="echo",outcome="ok",provider="mock"}} {float(n)}' in text
     assert f'llmsrv_provider_call_duration_seconds_count{{provider="mock"}} {float(n)}' in text
     assert f'llmsrv_request_duration_seconds_count {float(n)}' in text
     assert f'llmsrv_tokens_total{{direction="output",provider="mock"}} {float(4 * n)}' in text
     assert f'llmsrv_cost_cents_total{{provider="mock"}} {0.5 * n}' in text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(LATENCY_BUCKETS),  # exactly on a bound: counted in that bucket (le)
+                          st.floats(min_value=0, max_value=1000, allow_nan=False)), max_size=60))
+def test_a_histogram_counts_a_batch_as_it_counts_each_value(values: list[float]) -> None:
+    one_by_one = _Histograms("h", "", [])
+    for value in values:
+        one_by_one.observe((), value)
+    batch = _Histograms("h", "", [])
+    batch.observe_all((), list(values))
+    assert batch.values[()][:-1] == one_by_one.values[()][:-1]
+    assert batch.values[()][-1] == pytest.approx(one_by_one.values[()][-1])
 
 
 # ---- event-loop lag ---------------------------------------------------------------------------------
