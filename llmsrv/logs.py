@@ -92,6 +92,19 @@ class RequestLine(msgspec.Struct):
     ts: _dt.datetime
 
 
+class _Finished(msgspec.Struct, gc=False):
+    """What a finished request's line says, noted until the next flush (never in a reference cycle: kept
+    out of the garbage collector, whose young collections a tuple per request would trigger and walk)."""
+
+    correlation_id: str
+    provider: str
+    model: str
+    outcome: str
+    error_code: str | None
+    duration_ms: float | None
+    at: float  # time.time()
+
+
 FLUSH_S = 0.2  # request lines wait at most about this long to be written
 MAX_PENDING = 1000
 _encode_lines = msgspec.json.Encoder().encode_lines
@@ -103,8 +116,7 @@ class RequestLines:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        # per finished request: (cid, provider, model, outcome, error_code, duration_ms, time.time())
-        self._pending: list[tuple[str, str, str, str, str | None, float | None, float]] = []
+        self._pending: list[_Finished] = []
         self._handler: logging.StreamHandler[Any] | None = None
 
     def finished(self, cid: str, provider: str, model: str, outcome: str, error_code: str | None,
@@ -120,7 +132,7 @@ class RequestLines:
         if handler is not self._handler:
             self.flush()
             self._handler = handler
-        self._pending.append((cid, provider, model, outcome, error_code, duration_ms, time.time()))
+        self._pending.append(_Finished(cid, provider, model, outcome, error_code, duration_ms, time.time()))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 
@@ -132,9 +144,9 @@ class RequestLines:
         self._pending = []
         name, at, utc = self._log.name, _dt.datetime.fromtimestamp, _dt.UTC
         text = redact.redact_known(_encode_lines([
-            RequestLine("INFO", name, f"request finished: {outcome}", cid, provider, model, outcome, error_code,
-                        duration_ms, at(ts, utc))
-            for cid, provider, model, outcome, error_code, duration_ms, ts in pending]).decode())
+            RequestLine("INFO", name, f"request finished: {f.outcome}", f.correlation_id, f.provider, f.model,
+                        f.outcome, f.error_code, f.duration_ms, at(f.at, utc))
+            for f in pending]).decode())
         handler.acquire()
         try:
             handler.stream.write(text)

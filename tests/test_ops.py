@@ -197,8 +197,9 @@ def test_counted_families_scrape_as_prometheus_clients_own() -> None:
 
 
 def test_noted_requests_are_counted_at_a_scrape_and_never_pile_up() -> None:
-    """A request is noted (a tuple appended) and counted later: every one shows at the next scrape, and
-    those waiting for a scrape are counted once ``MAX_PENDING`` of them are noted (memory stays bounded)."""
+    """A request is noted (counted by label values, its seconds appended) and counted into the families
+    later: every one shows at the next scrape, and those waiting for a scrape are counted once
+    ``MAX_PENDING`` of them are noted (memory stays bounded)."""
     from llmsrv.ops import MAX_PENDING, Metrics
 
     metrics = Metrics()
@@ -207,11 +208,10 @@ def test_noted_requests_are_counted_at_a_scrape_and_never_pile_up() -> None:
         metrics.request("mock", "echo", "ok", 0.001)
         metrics.provider_call("mock", 0.001)
         metrics.usage("mock", 3, 4, 0.5)
-        waiting = (len(metrics._finished), len(metrics._durations), sum(map(len, metrics._calls.values())),
-                   sum(map(len, metrics._used.values())))
+        waiting = (metrics._noted, len(metrics._durations), sum(map(len, metrics._calls.values())))
         assert max(waiting) <= MAX_PENDING, (i, waiting)
     text = metrics.render().decode()
-    assert not (metrics._finished or metrics._durations or metrics._calls or metrics._used)
+    assert not (metrics._noted or metrics._finished or metrics._durations or metrics._calls or metrics._used)
     assert f'llmsrv_requests_total{{model="echo",outcome="ok",provider="mock"}} {float(n)}' in text
     assert f'llmsrv_provider_call_duration_seconds_count{{provider="mock"}} {float(n)}' in text
     assert f'llmsrv_request_duration_seconds_count {float(n)}' in text
