@@ -10,6 +10,9 @@ Theory of operation
   is the caller's ``traceparent``/``tracestate`` (W3C TraceContext), else it starts a trace.
   ``attempt_span`` (``llm.provider_call``, kind CLIENT) wraps one provider attempt. Attributes use
   the OpenTelemetry GenAI names where they fit (``gen_ai.*``, ``error.type``), ``llmsrv.*`` otherwise.
+  Each costs a sampled request ~3 us (the SDK's checks, then OTLP encoding): what the answering
+  attempt's span says (tokens, finish reasons) is not repeated on the request's, and request fields
+  at their defaults are left out (12 attributes on a plain request, 23 before).
   A failure sets status ERROR; a ``trio.Cancelled`` (hedging loser, client cancel, deadline) ends the
   span with ``llmsrv.cancelled = true`` and ``llmsrv.cancel_source`` instead: a cancellation is not a
   failure (a request cut by its deadline is answered ``TIMEOUT``, so its span says so).
@@ -22,7 +25,7 @@ Theory of operation
 * **Sampling.** A request with a ``traceparent`` follows its parent's decision; one that starts a
   trace is kept with probability ``sample_ratio``, decided in ``request_span`` before the SDK is
   asked (an unsampled SDK span still costs about 35 us; a sampled request and its attempt about
-  290 us on the bench machine). An unsampled request gets no attempt spans. ``OTEL_TRACES_SAMPLER``
+  55 us to build and 55 us to encode in a tight loop, 170-300 us in the loaded server). An unsampled request gets no attempt spans. ``OTEL_TRACES_SAMPLER``
   replaces all of this.
 * **Export.** ``setup`` builds a ``TracerProvider`` (``service.name``) with a ``BatchSpanProcessor``
   (a thread of its own: no I/O in a trio task) and the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*``
