@@ -38,8 +38,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", action="store_true",
                    help="peers: install LiteLLM into bench/.peers-venv if it is not there (a download)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (they need the plot extra: matplotlib)")
-    p.add_argument("--base-tree", type=Path, help="overhead, latency: also load llmsrv from this checkout "
-                   "(e.g. `git worktree add /tmp/base HEAD~3`), as target llmsrv@base in the same rounds")
+    p.add_argument("--base-tree", type=Path, help="overhead, latency, observability: also load llmsrv from this "
+                   "checkout (e.g. `git worktree add /tmp/base HEAD~3`), as target llmsrv@base in the same rounds")
     return p.parse_args(argv)
 
 

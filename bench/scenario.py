@@ -25,7 +25,7 @@ class Options:
     progress: bool = True  # a progress bar on anything longer than a few seconds
     peers: bool = False  # consent to install the peers scenario's LiteLLM into bench/.peers-venv
     plots: bool = True  # PNGs next to the JSON (bench/plots.py), when matplotlib is installed
-    base_tree: Path | None = None  # overhead/latency: also load llmsrv from this checkout (before/after)
+    base_tree: Path | None = None  # overhead/latency/observability: also load llmsrv from this checkout (before/after)
 
 
 @dataclass

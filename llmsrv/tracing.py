@@ -25,8 +25,8 @@ Theory of operation
 * **Sampling.** A request with a ``traceparent`` follows its parent's decision; one that starts a
   trace is kept with probability ``sample_ratio``, decided in ``request_span`` before the SDK is
   asked (an unsampled SDK span still costs about 35 us; a sampled request and its attempt about
-  55 us to build and 55 us to encode in a tight loop, 170-300 us in the loaded server). An unsampled request gets no attempt spans. ``OTEL_TRACES_SAMPLER``
-  replaces all of this.
+  55 us to build and 55 us to encode in a tight loop, 170-300 us in the loaded server). An unsampled
+  request gets no attempt spans. ``OTEL_TRACES_SAMPLER`` replaces all of this.
 * **Export.** ``setup`` builds a ``TracerProvider`` (``service.name``) with a ``BatchSpanProcessor``
   (a thread of its own: no I/O in a trio task) and the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*``
   honoured). It returns the shutdown function, which flushes: call it after ``trio.run`` returns (or

@@ -93,11 +93,13 @@ def test_provider_smoke() -> None:
 
 
 def test_observability_smoke() -> None:
-    result = observability.run(SMOKE)
+    # --base-tree: this checkout again (a before/after run loads the older one the same way)
+    result = observability.run(dataclasses.replace(SMOKE, base_tree=Path(__file__).resolve().parents[1]))
     check_result(result, "observability")  # problems == []: no failed request, spans reached the collector
     names = result.figures["settings"]["configurations"]
     assert names == ["off", "off, again", "logs", "metrics", "logs + metrics", "tracing", "tracing 1%", "all",
-                     "all, tracing 1%", "upstream: off", "upstream: all", "upstream: all, tracing 1%"]  # OTel: in dev
+                     "all, tracing 1%", "upstream: off", "upstream: all", "upstream: all, tracing 1%",
+                     "off @base", "all, tracing 1% @base"]  # OTel: in dev
     vs_off = result.figures["vs_off"]
     for base in ("off", "upstream: off"):
         assert vs_off[base]["rps"]["median"] == vs_off[base]["target_cpu_us_per_req"]["median"] == 1.0

@@ -11,7 +11,10 @@ them) and one ``llmsrv serve`` per configuration, all up for the whole run:
 * ``tracing``: OpenTelemetry spans (a request span and an attempt span) exported over OTLP to the
   collector, every request sampled; ``tracing 1%`` keeps one new trace in a hundred (``sample_ratio``);
 * ``all``: logs, metrics and tracing (every request sampled) together; ``all, tracing 1%`` as a busy
-  deployment would run it.
+  deployment would run it;
+* with ``--base-tree DIR``, ``off @base`` and ``all, tracing 1% @base`` are the same from that checkout:
+  the before of a change and its after in the same rounds (``off @base`` beside ``off`` shows whether the
+  request itself changed too).
 
 These answer ``mock:echo``: no provider work to hide behind, the worst case. ``upstream: ...`` are the
 real-provider path: ``openai_compat`` over HTTP to a fake OpenAI upstream (``provider.py --fake echo``, a
@@ -56,6 +59,7 @@ OFF = "off"
 UPSTREAM = "upstream: "  # the names of the real-provider path's configurations start with it
 UPSTREAM_OFF = UPSTREAM + OFF
 UPSTREAM_MODEL = "openai_compat:m"
+AT_BASE = " @base"  # configurations run from the --base-tree checkout: a before/after in the same rounds
 
 
 def baseline(name: str) -> str:
@@ -66,8 +70,9 @@ def model(name: str) -> str:
     return UPSTREAM_MODEL if name.startswith(UPSTREAM) else MODEL
 
 
-def configurations(collector: str, upstream: str) -> dict[str, dict[str, str]]:
-    """Name -> the ``llmsrv serve`` environment of that configuration (on top of the bench's own)."""
+def configurations(collector: str, upstream: str, base: bool = False) -> dict[str, dict[str, str]]:
+    """Name -> the ``llmsrv serve`` environment of that configuration (on top of the bench's own); with
+    ``base``, ``off`` and ``all, tracing 1%`` again from the ``--base-tree`` checkout (names ending ``@base``)."""
     quiet = {"LLMSRV__SERVER__LOG_LEVEL": "warning", "LLMSRV__SERVER__METRICS": "false"}
     logs = {"LLMSRV__SERVER__LOG_LEVEL": "info", "LLMSRV__SERVER__LOG_FORMAT": "json"}
     metrics = {"LLMSRV__SERVER__METRICS": "true"}
@@ -85,6 +90,8 @@ def configurations(collector: str, upstream: str) -> dict[str, dict[str, str]]:
     for name in ("all", "all, tracing 1%"):
         if name in found:
             found[UPSTREAM + name] = {**found[name], **up}
+    if base:
+        found.update({name + AT_BASE: found[name] for name in (OFF, "all, tracing 1%") if name in found})
     return found
 
 
@@ -138,9 +145,11 @@ def stack(opts: Options, log_dir: Path) -> Iterator[tuple[Stack, _Collector]]:
         assert upstream is not None
         children: dict[str, processes.Child | None] = {}
         subjects, sizes = {}, {}
-        for i, (name, env) in enumerate(configurations(collector.url, upstream[1].decode()).items()):
+        found = configurations(collector.url, upstream[1].decode(), base=opts.base_tree is not None)
+        for i, (name, env) in enumerate(found.items()):
             prefix = f"obs{i}"
-            child = es.enter_context(processes.llmsrv(nats.url, prefix, log_dir, env=env,
+            tree = opts.base_tree.resolve() if opts.base_tree and name.endswith(AT_BASE) else None
+            child = es.enter_context(processes.llmsrv(nats.url, prefix, log_dir, env=env, tree=tree,
                                                       name=f"llmsrv-{name.replace(' ', '').replace('%', 'pct')}"))
             subjects[name] = f"{prefix}.request"
             children[name] = child
