@@ -35,7 +35,6 @@ TaskType = Literal[
     "code_analysis", "refactoring", "pattern_analyzer", "web_search", "planner", "analysis",
     "developer", "implementation", "tester", "validation",
 ]
-DEFAULT_TASK: TaskType = "general"
 
 
 CallId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -86,7 +85,7 @@ class LLMRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     correlation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     tools: list[Tool] | None = None
     complexity: Complexity | None = None
-    task_type: TaskType = DEFAULT_TASK
+    task_type: TaskType = "general"
     capabilities: list[Capability] | None = None
     timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600000)] | None = None
 

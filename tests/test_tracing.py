@@ -282,10 +282,13 @@ async def test_request_attributes_say_what_differs_from_the_defaults(spans: InMe
     """A sampled request costs ~3 us per attribute (build and OTLP encoding): defaults are left out."""
     cfg = build_config({}, env={})
     pipeline = Pipeline(cfg, build_providers(cfg, env={}, only={"mock"}))
-    await pipeline.answer(ask("mock:echo", task_type="coder"), "cid-coder")
-    await pipeline.answer(ask("mock:echo"), "cid-plain")
+    await pipeline.answer(ask("mock:echo", task_type="coder", max_tokens=50, temperature=0.0), "cid-coder")
+    await pipeline.answer(ask("mock:echo", max_tokens=4000, temperature=0.7), "cid-plain")  # the defaults, sent
     coder, plain = sorted(named(spans, tracing.REQUEST_SPAN), key=lambda s: s.start_time or 0)
-    assert attrs(coder)["llmsrv.task_type"] == "coder" and attrs(coder)["llmsrv.correlation_id"] == "cid-coder"
+    assert {key: attrs(coder).get(key) for key in ("llmsrv.correlation_id", "llmsrv.task_type",
+                                                   "gen_ai.request.max_tokens", "gen_ai.request.temperature")} == {
+        "llmsrv.correlation_id": "cid-coder", "llmsrv.task_type": "coder", "gen_ai.request.max_tokens": 50,
+        "gen_ai.request.temperature": 0.0}
     assert attrs(plain) == {"llmsrv.correlation_id": "cid-plain", "gen_ai.request.model": "mock:echo",
                             "llmsrv.outcome": "ok", "gen_ai.response.model": "mock:echo", "llmsrv.attempts": 1,
                             "llmsrv.cost_cents": 0.0}
