@@ -16,8 +16,8 @@ fields as ``key=value`` after the message.
 The one line per finished request (``RequestLines``, the access log) is the only line written per
 request, and through ``logging`` it cost about 80 us of CPU per request in ``llmsrv serve`` (a
 ``LogRecord``, the formatter, a write per line): a third of a whole ``mock:echo`` request. So, when
-the lines are JSON, a request's fields and time are only noted as it finishes, and the lines are
-encoded in batches from a msgspec struct in the same shape (same fields, same ``ts``), redacted as a
+the lines are JSON, a request's line is only noted as it finishes, a msgspec struct in the
+formatter's shape (same fields, same ``ts``), and the lines are encoded in batches, redacted as a
 whole and written under the handler's lock, at least every ``FLUSH_S`` and at once past
 ``MAX_PENDING`` (Envoy's access log is buffered the same way). As
 text (a person at a terminal) or under a logging set-up of someone else's, it goes through ``logging``.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import sys
-import time
 from contextvars import ContextVar
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -77,8 +76,10 @@ def json_formatter() -> logging.Formatter:
                             rename_fields={"levelname": "level", "name": "logger", "message": "event"})
 
 
-class RequestLine(msgspec.Struct):
-    """One finished request, in the fields and order the JSON formatter writes."""
+class RequestLine(msgspec.Struct, gc=False):
+    """One finished request, in the fields and order the JSON formatter writes (never in a reference
+    cycle: kept out of the garbage collector, whose young collections a container per request waiting
+    to be written would trigger and walk)."""
 
     level: str
     logger: str
@@ -92,19 +93,6 @@ class RequestLine(msgspec.Struct):
     ts: _dt.datetime
 
 
-class _Finished(msgspec.Struct, gc=False):
-    """What a finished request's line says, noted until the next flush (never in a reference cycle: kept
-    out of the garbage collector, whose young collections a tuple per request would trigger and walk)."""
-
-    correlation_id: str
-    provider: str
-    model: str
-    outcome: str
-    error_code: str | None
-    duration_ms: float | None
-    at: float  # time.time()
-
-
 FLUSH_S = 0.2  # request lines wait at most about this long to be written
 MAX_PENDING = 1000
 _encode_lines = msgspec.json.Encoder().encode_lines
@@ -116,7 +104,7 @@ class RequestLines:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        self._pending: list[_Finished] = []
+        self._pending: list[RequestLine] = []
         self._handler: logging.StreamHandler[Any] | None = None
 
     def finished(self, cid: str, provider: str, model: str, outcome: str, error_code: str | None,
@@ -132,7 +120,8 @@ class RequestLines:
         if handler is not self._handler:
             self.flush()
             self._handler = handler
-        self._pending.append(_Finished(cid, provider, model, outcome, error_code, duration_ms, time.time()))
+        self._pending.append(RequestLine("INFO", self._log.name, f"request finished: {outcome}", cid, provider, model,
+                                         outcome, error_code, duration_ms, _dt.datetime.now(_dt.UTC)))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 
@@ -142,11 +131,7 @@ class RequestLines:
         if handler is None or not pending:
             return
         self._pending = []
-        name, at, utc = self._log.name, _dt.datetime.fromtimestamp, _dt.UTC
-        text = redact.redact_known(_encode_lines([
-            RequestLine("INFO", name, f"request finished: {f.outcome}", f.correlation_id, f.provider, f.model,
-                        f.outcome, f.error_code, f.duration_ms, at(f.at, utc))
-            for f in pending]).decode())
+        text = redact.redact_known(_encode_lines(pending).decode())
         handler.acquire()
         try:
             handler.stream.write(text)
