@@ -347,7 +347,8 @@ class Metrics:
 
     def fold(self) -> None:
         """Count what was noted since the last time, a batch at a time (a histogram's values sorted and
-        bisected once per bucket): ~0.3 us a request, where counting each as it came cost ~1 us."""
+        bisected once per bucket): noting and counting a request ~0.4 us in a tight loop, 1.1 us when each
+        was counted as it came."""
         finished, durations, calls, used = self._finished, self._durations, self._calls, self._used
         self._noted, self._finished, self._durations, self._calls, self._used = 0, {}, [], {}, {}
         for key, count in finished.items():
