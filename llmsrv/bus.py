@@ -205,7 +205,10 @@ class Bus:
                 await aio_as_trio(self._nc.drain)()
             except Exception as exc:
                 log.warning("NATS drain failed (%s); closing", type(exc).__name__)
-                await aio_as_trio(self._nc.close)()
+                try:  # nats-py writes what it still holds to the old socket first: it may be gone
+                    await aio_as_trio(self._nc.close)()
+                except Exception as exc:
+                    log.warning("NATS close failed (%s: %s); connection dropped", type(exc).__name__, exc)
 
     # ---- inbound ---------------------------------------------------------------------------
 

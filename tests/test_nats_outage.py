@@ -226,6 +226,26 @@ async def test_a_server_that_stops_reading_is_left_and_reconnected(caplog: pytes
     assert f"NATS connection not closed within {CLOSE_WAIT_S:g}s" in caplog.text
 
 
+async def test_leaving_while_nats_is_down_with_messages_unsent_closes_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py's close writes what it still holds to the dead connection's socket and raises
+    ``ConnectionResetError``: leaving ``Bus.connect`` then must not raise (nor hang)."""
+    from llmsrv.bus import Bus
+
+    server = NatsServer(port=free_port()).start()
+    try:
+        with trio.fail_after(60):  # a hang guard only
+            async with Bus.connect(NatsConfig(reconnect_time_wait_s=5), server.url) as bus:
+                server.kill()
+                while bus.is_connected:
+                    await trio.sleep(0.01)
+                for i in range(20):  # held by nats-py while it reconnects
+                    bus.publish_nowait("lost", b"x%d" % i)
+                await bus.flush()
+    finally:
+        server.stop()
+    assert "NATS close failed (ConnectionResetError" in caplog.text
+
+
 # ---- slow consumers ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("limits", [{"pending_msgs_limit": 5}, {"pending_bytes_limit": 2000}],
