@@ -144,8 +144,11 @@ class Bus:
             try:
                 async with trio_asyncio.open_loop() as aio_loop:
                     _run_queued_callbacks(aio_loop)
-                    async with cls.connect(cfg, url) as bus:
-                        yield bus
+                    try:
+                        async with cls.connect(cfg, url) as bus:
+                            yield bus
+                    finally:  # the loop's own teardown (stop, drain, cancel) runs the library's step
+                        vars(aio_loop).pop("_main_loop_one", None)
             except BaseExceptionGroup as group:
                 raise bus_error_in(group) or group from None
             return
@@ -335,7 +338,8 @@ def _run_queued_callbacks(loop: Any) -> None:
     scheduling batch. After the library's own step (timers, one callback, the checkpoint), the callbacks
     queued meanwhile run too, up to ``DRAIN_MAX``; a timer goes to the library's heap, and a trio task to
     start from asyncio (``trio_as_aio``) ends the turn through the library's own path. A trio-asyncio
-    without these internals runs unchanged."""
+    without these internals runs unchanged. For the life of the connection only: ``Bus.connect`` takes it
+    away before the loop's teardown, which then runs the library's own step."""
     try:
         from trio_asyncio._handles import AsyncHandle
         one, queue, timers = loop._main_loop_one, loop._q_recv, loop._timers

@@ -17,7 +17,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from llmsrv.bus import Incoming, _run_queued_callbacks
+from llmsrv.bus import Bus, Incoming, _run_queued_callbacks
+from llmsrv.config import NatsConfig
 from llmsrv.messages import LLMResponse
 from llmsrv.workers import FULL_GC_MAX_INTERVAL_S, QUIET_BUSY, FullCollections, WorkerPool
 
@@ -233,6 +234,18 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> Non
         assert turns <= 3, turns
     else:
         assert turns >= 50, turns  # what the drain saves: a trio turn per callback
+
+
+async def test_the_bridge_loop_is_torn_down_by_trio_asyncios_own_step(nats_url: str) -> None:
+    """The drain is for the life of the connection: the loop's teardown (stop, the last callbacks, cancelling
+    the asyncio tasks) runs the library's own step, the path trio-asyncio itself tests."""
+
+    async with Bus.connect(NatsConfig(), nats_url) as bus:
+        loop = trio_asyncio.current_loop.get()
+        assert "_main_loop_one" in vars(loop)  # the drain in place
+        await bus.flush()
+    assert "_main_loop_one" not in vars(loop)
+    assert loop.is_closed()
 
 
 async def test_a_request_that_does_not_block_is_served_in_one_task_step(nats_url: str) -> None:
