@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from . import __version__, config, errors, httpapi, messages, openai_wire, worker_wire
+from . import __version__, config, errors, httpapi, messages, openai_wire, tracing, worker_wire
 from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
 from .config import Config, ServerConfig
@@ -257,10 +257,12 @@ def control_subscriptions(control: Bus, p: str, queue: str, snapshot: Callable[[
 
 
 async def flush_every(interval_s: float, lines: RequestLines) -> None:
-    """The request lines waiting are written every ``interval_s`` (logs.RequestLines)."""
+    """The request lines waiting are written (logs.RequestLines), and the spans recorded handed to OpenTelemetry
+    (tracing.hand_over), every ``interval_s``."""
     while True:
         await trio.sleep(interval_s)
         lines.flush()
+        await tracing.hand_over()
 
 
 async def heartbeat(bus: Bus, subject: str, server: ServerConfig, snapshot: Callable[[], InstanceSnapshot]) -> None:

@@ -35,6 +35,7 @@ from llmsrv.pipeline import Pipeline  # noqa: E402
 from llmsrv.providers import OnDelta  # noqa: E402
 from llmsrv.providers.registry import build_providers  # noqa: E402
 
+from .conftest import running, user  # noqa: E402
 from .fakes import FakeUpstream, Json, Request  # noqa: E402
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -62,6 +63,7 @@ def ask(model: str = "auto", **fields: Any) -> LLMRequest:
 
 
 def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    tracing.flush()  # the spans recorded so far, made SDK spans (the service does it every FLUSH_S)
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
 
@@ -364,6 +366,77 @@ async def test_http_api_request_joins_the_callers_trace(spans: InMemorySpanExpor
     joined, alone = sorted(named(spans, tracing.REQUEST_SPAN), key=lambda s: s.start_time or 0)
     assert joined.parent is not None and f"{joined.parent.span_id:016x}" == PARENT_ID
     assert alone.parent is None and attrs(alone)["llmsrv.stream"] is True and "llmsrv.stream" not in attrs(joined)
+
+
+# ---- recorded now, handed to the SDK later --------------------------------------------------------------
+
+async def test_the_service_hands_recorded_spans_over_by_itself(spans: InMemorySpanExporter, nats_url: str) -> None:
+    """No ``tracing.flush`` here: the service's flush task makes the SDK spans (every FLUSH_S)."""
+    async with running(nats_url) as h:
+        reply = await h.client.complete({"messages": user("hi"), "model": "mock:echo"}, timeout_s=FAILSAFE_S)
+        assert reply.text == "hi"
+        with trio.fail_after(FAILSAFE_S):
+            while len(spans.get_finished_spans()) < 2:  # waits for the flush task, whenever it runs
+                await trio.sleep(0.02)
+    assert sorted(s.name for s in spans.get_finished_spans()) == sorted([tracing.REQUEST_SPAN, tracing.ATTEMPT_SPAN])
+
+
+async def test_hand_over_in_chunks_and_past_the_cap(spans: InMemorySpanExporter,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    count = 2 * tracing.HAND_OVER_CHUNK + 5
+    for _ in range(count):
+        with tracing.attempt_span("mock", "echo"):
+            pass
+    assert spans.get_finished_spans() == ()  # recorded, not yet made
+    await tracing.hand_over()  # a trio checkpoint between chunks: the loop is never held long
+    made = spans.get_finished_spans()
+    assert len(made) == count and len({s.context.span_id for s in made if s.context}) == count
+    for span in made:  # the recorded times, in order
+        assert span.start_time is not None and span.end_time is not None and span.start_time <= span.end_time
+    spans.clear()
+    monkeypatch.setattr(tracing, "MAX_RECORDED", 3)  # nobody hands them over: the third one to end does
+    for _ in range(3):
+        with tracing.attempt_span("mock", "echo"):
+            pass
+    assert len(spans.get_finished_spans()) == 3
+
+
+async def test_an_unsampled_callers_context_goes_upstream_as_it_came(spans: InMemorySpanExporter) -> None:
+    unsampled = INCOMING[:-2] + "00"
+    with trio.fail_after(FAILSAFE_S):
+        async with FakeUpstream(upstream) as fake:
+            cfg = build_config({"providers": {"openai_compat": {"base_url": fake.url}}}, env={})
+            pipeline = Pipeline(cfg, build_providers(cfg, env={}))
+            try:
+                await pipeline.answer(ask("openai_compat:good"), "cid-u",
+                                      trace={"traceparent": unsampled, "tracestate": "vendor=x"})
+            finally:
+                await pipeline.aclose()
+    assert [(r.headers.get("traceparent"), r.headers.get("tracestate")) for r in fake.requests] == [
+        (unsampled, "vendor=x")]
+    assert named(spans, tracing.REQUEST_SPAN) == named(spans, tracing.ATTEMPT_SPAN) == []
+
+
+@pytest.mark.parametrize("sampler_name", ["always_off", "always_on"])
+async def test_otel_traces_samplers_sampler_decides(sampler_name: str) -> None:
+    """With ``OTEL_TRACES_SAMPLER`` set, its sampler decides each request, the caller's flag included."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    sampler = ALWAYS_ON if sampler_name == "always_on" else ALWAYS_OFF
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    uninstall = tracing.install(provider, 1.0, sampler)
+    try:
+        cfg = build_config({}, env={})
+        pipeline = Pipeline(cfg, build_providers(cfg, env={}, only={"mock"}))
+        await pipeline.answer(ask("mock:echo"), "cid-new")
+        await pipeline.answer(ask("mock:echo"), "cid-unsampled-caller", trace={"traceparent": INCOMING[:-2] + "00"})
+    finally:
+        uninstall()  # hands the recorded spans over
+        provider.shutdown()
+    kept = sorted(attrs(s)["llmsrv.correlation_id"] for s in named(exporter, tracing.REQUEST_SPAN))
+    assert kept == ([] if sampler_name == "always_off" else ["cid-new", "cid-unsampled-caller"])
 
 
 # ---- setup: when tracing is on, and the real exporter --------------------------------------------------
