@@ -401,6 +401,33 @@ async def test_hand_over_in_chunks_and_past_the_cap(spans: InMemorySpanExporter,
     assert len(spans.get_finished_spans()) == 3
 
 
+def test_a_span_the_sdk_fails_on_is_lost_alone_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class FailsOnce(SpanProcessor):
+        failed = False
+
+        def on_end(self, span: ReadableSpan) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("exporter bug")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(FailsOnce())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    uninstall = tracing.install(provider)
+    try:
+        for model in ("a", "b", "c"):
+            with tracing.attempt_span("mock", model):
+                pass
+    finally:
+        uninstall()
+        provider.shutdown()
+    assert sorted(attrs(s)["gen_ai.request.model"] for s in exporter.get_finished_spans()) == ["b", "c"]
+    assert "a recorded span could not be handed to OpenTelemetry" in caplog.text
+
+
 async def test_an_unsampled_callers_context_goes_upstream_as_it_came(spans: InMemorySpanExporter) -> None:
     unsampled = INCOMING[:-2] + "00"
     with trio.fail_after(FAILSAFE_S):
