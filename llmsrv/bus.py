@@ -210,8 +210,8 @@ class Bus:
                 log.warning("NATS drain failed (%s); closing", type(exc).__name__)
                 try:  # nats-py writes what it still holds to the old socket first: it may be gone
                     await aio_as_trio(self._nc.close)()
-                except Exception as exc:
-                    log.warning("NATS close failed (%s: %s); connection dropped", type(exc).__name__, exc)
+                except Exception as failed:
+                    log.warning("NATS close failed (%s: %s); connection dropped", type(failed).__name__, failed)
 
     # ---- inbound ---------------------------------------------------------------------------
 
