@@ -6,6 +6,7 @@ other's requests.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,22 @@ from llmsrv.client import Client
 from llmsrv.config import Config, build_config
 from llmsrv.natsserver import NatsServer
 from llmsrv.service import Service
+
+from . import hangs
+
+_HANG_TIMERS = pytest.StashKey[threading.Timer]()
+
+
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Beside pytest-timeout's own timer (returns None: it still sets it), the trio tasks' dump (hangs.py)."""
+    if settings.timeout:
+        item.stash[_HANG_TIMERS] = hangs.arm(settings.timeout)
+
+
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    timer = item.stash.get(_HANG_TIMERS, None)
+    if timer is not None:
+        timer.cancel()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+"""A hung test's diagnosis: every trio task's await stack, printed before pytest-timeout ends the run.
+
+pytest-timeout (``timeout`` in pyproject) stops a test that runs too long, dumping each thread's stack
+and exiting: CI then fails in minutes, not at its own limit. A thread's stack only shows trio's run
+loop, so ``DUMP_BEFORE_S`` earlier (half-way, for a short timeout) a timer sends the process SIGUSR1,
+whose handler (run by the main thread, between two bytecodes of whatever trio is doing) prints the
+tree of trio tasks, each with the frames it waits in, and the suspended async generators (an
+``async with`` exit hides its generator from the task's chain) to stderr, where pytest-timeout's
+report shows it.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import trio
+
+DUMP_BEFORE_S = 10.0
+
+
+def _frames(awaitable: Any) -> list[str]:
+    lines = []
+    while awaitable is not None:
+        frame = next((f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(awaitable, a, None))), None)
+        if frame is not None:
+            lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaitable = next((n for a in ("cr_await", "gi_yieldfrom", "ag_await") if (n := getattr(awaitable, a, None))),
+                         None)
+    return lines
+
+
+def trio_tasks() -> str:
+    """The trio tasks (a tree) and suspended async generators of this thread's trio run, as text."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        lines.append(f"{'  ' * depth}task {task.name}")
+        lines.extend("  " * depth + line for line in _frames(task.coro))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        root = None
+    if root is None:
+        lines.append("(no trio run in progress)")
+    else:
+        walk(root, 0)
+    for obj in gc.get_objects():
+        if inspect.isasyncgen(obj) and obj.ag_frame is not None and obj.ag_await is not None:
+            lines.append(f"async generator {obj.ag_frame.f_code.co_name}")
+            lines.extend(_frames(obj))
+    return "\n".join(lines)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    print(f"\n==== trio tasks, the test's timeout near ====\n{trio_tasks()}\n", file=sys.stderr,
+          flush=True)
+
+
+def arm(timeout_s: float) -> threading.Timer:
+    """Print the trio tasks ``DUMP_BEFORE_S`` before ``timeout_s`` from now (half-way, for a short one)."""
+    signal.signal(signal.SIGUSR1, _on_signal)
+    timer = threading.Timer(max(timeout_s - DUMP_BEFORE_S, timeout_s / 2), os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -1,0 +1,43 @@
+"""A hung test ends the run within pytest's ``timeout``, its trio tasks printed (tests/hangs.py): run for real,
+a pytest in a subprocess on a test that waits forever inside an ``async with``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+HUNG = textwrap.dedent("""
+    import contextlib
+    import trio
+
+    @contextlib.asynccontextmanager
+    async def holding():
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep_forever()  # a teardown that never ends, as a hang looks
+
+    async def test_waits_forever():
+        async with holding():
+            pass
+""")
+
+
+def test_a_hung_test_ends_the_run_with_its_trio_tasks(tmp_path: Path) -> None:
+    (tmp_path / "test_hung.py").write_text(HUNG)
+    (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_timeout_set_timer, "
+                                          "pytest_timeout_cancel_timer  # noqa: F401\n")
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "trio", "-o", "trio_mode=true",
+                          "--timeout", "4", "-o", "timeout_method=thread", "--rootdir", str(tmp_path), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out
+    assert "Timeout" in out, out  # pytest-timeout's own report
+    assert "==== trio tasks, the test's timeout near ====" in out, out
+    dump = out[out.index("==== trio tasks"):]
+    assert "task <test 'test_waits_forever'>" in dump, dump  # the test's task, waiting in its `async with` exit
+    assert "async generator holding\n" in dump and "test_hung.py:11 holding" in dump, dump  # and where: line 11
