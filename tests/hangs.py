@@ -11,6 +11,7 @@ report shows it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import os
@@ -58,6 +59,13 @@ def trio_tasks() -> str:
         if inspect.isasyncgen(obj) and obj.ag_frame is not None and obj.ag_await is not None:
             lines.append(f"async generator {obj.ag_frame.f_code.co_name}")
             lines.extend(_frames(obj))
+        elif isinstance(obj, asyncio.Task) and not obj.done():  # trio-asyncio's side: what nats-py waits in
+            lines.append(f"asyncio task {obj.get_name()} {getattr(obj.get_coro(), '__qualname__', '?')}"
+                         f"{' (cancelling)' if obj.cancelling() else ''}")
+            lines.extend(f"    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in obj.get_stack())
+        elif type(obj).__name__ == "TrioEventLoop":
+            lines.append(f"trio-asyncio loop: closed {obj.is_closed()}, running {obj.is_running()}, "
+                         f"{obj._q_recv.statistics().current_buffer_used} callbacks queued, {len(obj._timers)} timers")
     return "\n".join(lines)
 
 
