@@ -4,9 +4,9 @@ pytest-timeout (``timeout`` in pyproject) stops a test that runs too long, dumpi
 and exiting: CI then fails in minutes, not at its own limit. A thread's stack only shows trio's run
 loop, so ``DUMP_BEFORE_S`` earlier (half-way, for a short timeout) a timer sends the process SIGUSR1,
 whose handler (run by the main thread, between two bytecodes of whatever trio is doing) prints the
-tree of trio tasks, each with the frames it waits in, and the suspended async generators (an
-``async with`` exit hides its generator from the task's chain) to stderr, where pytest-timeout's
-report shows it.
+tree of trio tasks, each with the frames it waits in, the suspended async generators (an ``async with``
+exit hides its generator from the task's chain), the asyncio tasks not done (trio-asyncio's side) and
+the last warnings logged to stderr, where pytest-timeout's report shows it.
 """
 
 from __future__ import annotations
@@ -14,15 +14,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import logging
 import os
 import signal
 import sys
 import threading
+from collections import deque
 from typing import Any
 
 import trio
 
 DUMP_BEFORE_S = 10.0
+RECENT_RECORDS = 50
+
+
+class _Recent(logging.Handler):
+    """The last log records at WARNING and above (pytest's report of a test killed by the timeout has none)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: deque[str] = deque(maxlen=RECENT_RECORDS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+_recent = _Recent()
 
 
 def _frames(awaitable: Any) -> list[str]:
@@ -66,6 +83,8 @@ def trio_tasks() -> str:
         elif type(obj).__name__ == "TrioEventLoop":
             lines.append(f"trio-asyncio loop: closed {obj.is_closed()}, running {obj.is_running()}, "
                          f"{obj._q_recv.statistics().current_buffer_used} callbacks queued, {len(obj._timers)} timers")
+    lines.append(f"last {RECENT_RECORDS} log records at WARNING and above:")
+    lines.extend(f"    {line}" for line in _recent.lines)
     return "\n".join(lines)
 
 
@@ -77,6 +96,9 @@ def _on_signal(signum: int, frame: Any) -> None:
 def arm(timeout_s: float) -> threading.Timer:
     """Print the trio tasks ``DUMP_BEFORE_S`` before ``timeout_s`` from now (half-way, for a short one)."""
     signal.signal(signal.SIGUSR1, _on_signal)
+    root = logging.getLogger()
+    if _recent not in root.handlers:  # pytest's logging plugin may have replaced the handlers
+        root.addHandler(_recent)
     timer = threading.Timer(max(timeout_s - DUMP_BEFORE_S, timeout_s / 2), os.kill, (os.getpid(), signal.SIGUSR1))
     timer.daemon = True
     timer.start()

@@ -11,6 +11,7 @@ from pathlib import Path
 HUNG = textwrap.dedent("""
     import asyncio
     import contextlib
+    import logging
     import trio
     import trio_asyncio
 
@@ -23,6 +24,7 @@ HUNG = textwrap.dedent("""
                 await trio.sleep_forever()  # a teardown that never ends, as a hang looks
 
     async def test_waits_forever():
+        logging.getLogger("hung").warning("about to hang")
         async with trio_asyncio.open_loop() as loop:
             loop.create_task(asyncio.sleep(3600), name="aio-sleeper")  # nats-py's side of a hang
             async with holding():
@@ -44,5 +46,6 @@ def test_a_hung_test_ends_the_run_with_its_trio_tasks(tmp_path: Path) -> None:
     assert "==== trio tasks, the test's timeout near ====" in out, out
     dump = out[out.index("==== trio tasks"):]
     assert "task <test 'test_waits_forever'>" in dump, dump  # the test's task, waiting in its `async with` exit
-    assert "async generator holding\n" in dump and "test_hung.py:13 holding" in dump, dump  # and where: line 13
+    assert "async generator holding\n" in dump and "test_hung.py:14 holding" in dump, dump  # and where: line 14
+    assert "WARNING hung: about to hang" in dump, dump
     assert "asyncio task aio-sleeper sleep" in dump and "trio-asyncio loop: closed False, running True" in dump, dump
