@@ -104,7 +104,9 @@ def test_observability_smoke() -> None:
     for base in ("off", "upstream: off"):
         assert vs_off[base]["rps"]["median"] == vs_off[base]["target_cpu_us_per_req"]["median"] == 1.0
     for name in set(names) - {"off", "upstream: off"}:  # measured beside its off: ratios of positive figures
-        for figure in vs_off[name].values():
+        for key, figure in vs_off[name].items():
+            if key == "target_cpu_us_per_req" and not figure["rounds"]:
+                continue  # no 10 ms CPU tick in the smoke's window (a busy machine): not measured, never 0
             assert figure["rounds"] and figure["min"] <= figure["median"] <= figure["max"], (name, figure)
             assert figure["min"] > 0, (name, figure)
     for name in names:

@@ -174,7 +174,8 @@ def paired_point(st: Stack, beside: LoadGen, name: str, opts: Options) -> dict[s
         st.children[n].check_alive()  # type: ignore[union-attr]
         point.pop("latency_hist", None)
         point.pop("service_hist", None)
-        point["target_cpu_us_per_req"] = per_req(before[n], processes.cpu_seconds(pids[n]), point["answered"])
+        # None, not 0, when no 10 ms CPU tick fell in the window (a short one, under load): not measured
+        point["target_cpu_us_per_req"] = per_req(before[n], processes.cpu_seconds(pids[n]), point["answered"]) or None
     return got
 
 
