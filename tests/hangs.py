@@ -54,7 +54,8 @@ def _frames(awaitable: Any) -> list[str]:
 
 
 def trio_tasks() -> str:
-    """The trio tasks (a tree) and suspended async generators of this thread's trio run, as text."""
+    """This thread's trio tasks (a tree), the suspended async generators, the asyncio tasks not done, the
+    trio-asyncio loops and the last warnings logged, as text."""
     lines: list[str] = []
 
     def walk(task: trio.lowlevel.Task, depth: int) -> None:
