@@ -129,7 +129,7 @@ def request_span(correlation_id: str, request: LLMRequest, carrier: Mapping[str,
         value = getattr(request, field)
         if value != _DEFAULTS[field]:
             attributes[name] = value
-    trace_id = _new_id(128) if parent is None else parent.trace_id
+    trace_id = rt.new_trace_id() if parent is None else parent.trace_id
     if rt.sampler is not None and not rt.sampler_keeps(caller, trace_id, attributes):
         return NOOP if caller is None else _Current(rt, caller)
     return _RequestSpan(rt, parent, trace_id, attributes)
@@ -140,8 +140,8 @@ def attempt_span(provider: str, model: str) -> SpanHandle:
     rt = _runtime
     if not ENABLED or rt is None:
         return NOOP
-    parent = rt.current_span_context()
-    return _AttemptSpan(rt, parent, _new_id(128) if parent is None else parent.trace_id, {
+    parent = rt.span_context(None)  # the current span's
+    return _AttemptSpan(rt, parent, rt.new_trace_id() if parent is None else parent.trace_id, {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider, "gen_ai.request.model": model})
 
 
@@ -273,14 +273,6 @@ def _nothing() -> None:
     return None
 
 
-def _new_id(bits: int) -> int:
-    """A random trace (128 bits) or span (64 bits) id, never the invalid 0 (as the SDK's own generator)."""
-    found = random.getrandbits(bits)
-    while not found:
-        found = random.getrandbits(bits)
-    return found
-
-
 # ---- the OpenTelemetry side (only reached once installed) ------------------------------------------
 
 class _Runtime:
@@ -311,6 +303,8 @@ class _Runtime:
         if not isinstance(tracer, SdkTracer):
             raise TypeError(f"tracing needs OpenTelemetry's SDK TracerProvider, not {type(provider).__name__}")
         self.ids = tracer.id_generator = Ids()
+        fresh = RandomIdGenerator()  # the ids a recorded span draws as it starts
+        self.new_trace_id, self.new_span_id = fresh.generate_trace_id, fresh.generate_span_id
         self.tracer, self.root_ratio, self.sampler = tracer, root_ratio, sampler
         self.recorded: list[_Recorded] = []
         self.propagator = TraceContextTextMapPropagator()
@@ -340,9 +334,6 @@ class _Runtime:
     def span_context(self, ctx: Context | None) -> SpanContext | None:
         found = self.current_span(ctx).get_span_context()
         return found if found.is_valid else None
-
-    def current_span_context(self) -> SpanContext | None:
-        return self.span_context(None)
 
     def sampler_keeps(self, caller: Context | None, trace_id: int, attributes: Mapping[str, AttributeValue]) -> bool:
         """``OTEL_TRACES_SAMPLER``'s decision for a request span."""
@@ -419,7 +410,7 @@ class _Recorded(_Current):
             flags, state = _SAMPLED_RANDOM, None
         else:  # as the SDK sets them: sampled, the parent's random-trace-id flag, the parent's tracestate
             flags, state = _SAMPLED | (parent.trace_flags & _RANDOM), parent.trace_state
-        self.context = rt.SpanContext(trace_id, _new_id(64), False, rt.TraceFlags(flags), state)
+        self.context = rt.SpanContext(trace_id, rt.new_span_id(), False, rt.TraceFlags(flags), state)
         super().__init__(rt, rt.current(rt.span_of(self.context)))
         self.name, self.kind, self.parent, self.attributes = name, kind, parent, attributes
         self.error: str | None = None
