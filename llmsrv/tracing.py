@@ -23,19 +23,20 @@ Theory of operation
   are children of the request span, and ``inject`` (the HTTP transport: ``traceparent`` on every
   upstream request; the subprocess transport: ``TRACEPARENT`` in the child's environment) sees the
   attempt's span.
-* **Recorded now, made later.** A sampled span is only recorded while it runs (``_Recorded``): its
-  ids are drawn at once (random, as the SDK's), its context is current as a ``NonRecordingSpan``,
-  and its times, attributes and status are kept. The service hands what was recorded to the SDK
-  every ``FLUSH_S`` (``hand_over``, 64 spans per trio turn): ``start_span``/``end`` with the recorded
-  times, and an id generator that gives each SDK span the ids its context already carried upstream.
-  A sampled request pays ~11 us in a tight loop (the SDK's own spans ~55 us, and 2-3x that with their
-  code gone cold between sampled requests); the SDK's work, done a batch at a time, ~53 us. Span
-  processors see a span start and end when it is handed over (0.2 s late at most).
+* **Recorded now, handed over later.** A sampled span is only recorded while it runs (``_Recorded``):
+  its ids are drawn at once (the SDK's ``RandomIdGenerator``), its context is current as a
+  ``NonRecordingSpan``, and its times, attributes and status are kept. The service hands what was
+  recorded to the provider's span processors every ``FLUSH_S`` (``hand_over``, 64 spans per trio turn)
+  as the SDK's finished spans (``ReadableSpan``: the ids sent upstream, the recorded times, status and,
+  for a bug, the ``exception`` event ``record_exception`` makes), without building the SDK's live
+  ``Span`` first: 0.5 us a request and its attempt in a tight loop instead of 6-9 (33 us a span in the
+  loaded server). A sampled request pays ~11 us (the SDK's own spans ~55 us). Span processors see
+  each span once it has ended (``on_end``, 0.2 s late at most), never its start (``on_start``).
 * **Sampling.** A request with a ``traceparent`` follows its parent's decision (an unsampled caller's
   context is made current as it came, so it goes on upstream unchanged, and nothing is recorded);
   one that starts a trace is kept with probability ``sample_ratio``, decided in ``request_span``.
   An unsampled request gets no attempt spans. With ``OTEL_TRACES_SAMPLER`` set, that sampler decides
-  each request instead (asked in ``request_span``, and by the SDK again at the hand-over).
+  each request span instead (asked in ``request_span``; its attempt spans follow it).
 * **Export.** ``setup`` builds a ``TracerProvider`` (``service.name``) with a ``BatchSpanProcessor``
   (a thread of its own: no I/O in a trio task) and the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*``
   honoured). It returns the shutdown function, which flushes: call it after ``trio.run`` returns (or
@@ -49,6 +50,7 @@ import logging
 import os
 import random
 import time
+import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -62,6 +64,7 @@ from .messages import LLMRequest
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import Event
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import SpanContext, SpanKind, TracerProvider
     from opentelemetry.util.types import AttributeValue
@@ -78,7 +81,7 @@ ATTEMPT_SPAN = "llm.provider_call"
 TRACES_PATH = "/v1/traces"
 INSTALL_HINT = "pip install 'llmsrv[otel]'"
 _CARRIER_KEYS = ("traceparent", "tracestate")
-HAND_OVER_CHUNK = 64  # recorded spans made SDK spans per trio turn (~3 ms)
+HAND_OVER_CHUNK = 64  # recorded spans handed to the span processors per trio turn
 MAX_RECORDED = 4096  # recorded spans waiting at most: past it, the request that ends one hands them over
 
 
@@ -161,7 +164,7 @@ def inject_env(env: MutableMapping[str, str]) -> None:
 
 
 async def hand_over() -> None:
-    """Hand the spans recorded so far to OpenTelemetry's SDK (the service calls it every ``FLUSH_S``),
+    """Hand the spans recorded so far to the span processors (the service calls it every ``FLUSH_S``),
     ``HAND_OVER_CHUNK`` at a time with a trio checkpoint between: no long stall of the loop."""
     rt = _runtime
     while rt is not None and rt.recorded:
@@ -170,7 +173,7 @@ async def hand_over() -> None:
 
 
 def flush() -> None:
-    """Hand every span recorded so far to OpenTelemetry's SDK now (tests; ``uninstall`` does it too)."""
+    """Hand every span recorded so far to the span processors now (tests; ``uninstall`` does it too)."""
     if _runtime is not None:
         _runtime.hand_over()
 
@@ -220,7 +223,6 @@ def setup(cfg: TracingConfig, env: Mapping[str, str] | None = None) -> Callable[
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
         if "otlp" in wanted:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -230,10 +232,10 @@ def setup(cfg: TracingConfig, env: Mapping[str, str] | None = None) -> Callable[
     name = env.get("OTEL_SERVICE_NAME") if cfg.service_name == TracingConfig().service_name else None
     resource = Resource.create({"service.name": name or cfg.service_name, "service.version": __version__})
     # A new trace is sampled by request_span (root_ratio, before any SDK call); a request with a
-    # traceparent follows its parent's decision (ParentBased), as OpenTelemetry's default does.
-    # OTEL_TRACES_SAMPLER, when set, decides everything instead.
+    # traceparent follows its parent's decision, as OpenTelemetry's default sampler (ParentBased) does.
+    # OTEL_TRACES_SAMPLER, when set, decides each request instead (the provider builds that sampler).
     own = not env.get("OTEL_TRACES_SAMPLER")
-    provider = SdkTracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON) if own else None)
+    provider = SdkTracerProvider(resource=resource)
     for kind in wanted:
         exporter: SpanExporter = (ConsoleSpanExporter() if kind == "console" else
                                   OTLPSpanExporter(endpoint=traces_url(cfg.endpoint) if cfg.endpoint else None))
@@ -281,38 +283,41 @@ class _Runtime:
 
     def __init__(self, provider: TracerProvider, root_ratio: float, sampler: Sampler | None) -> None:
         from opentelemetry import context, trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.sdk.trace import Tracer as SdkTracer
         from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.trace.sampling import Decision
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        class Ids(RandomIdGenerator):
-            """The SDK's random ids, or the ones a recorded span was given, set just before it is handed over."""
-
-            trace_id = span_id = 0
-
-            def generate_trace_id(self) -> int:
-                found, self.trace_id = self.trace_id, 0
-                return found or super().generate_trace_id()
-
-            def generate_span_id(self) -> int:
-                found, self.span_id = self.span_id, 0
-                return found or super().generate_span_id()
 
         tracer = provider.get_tracer("llmsrv", __version__)
         if not isinstance(tracer, SdkTracer):
             raise TypeError(f"tracing needs OpenTelemetry's SDK TracerProvider, not {type(provider).__name__}")
-        self.ids = tracer.id_generator = Ids()
-        fresh = RandomIdGenerator()  # the ids a recorded span draws as it starts
-        self.new_trace_id, self.new_span_id = fresh.generate_trace_id, fresh.generate_span_id
-        self.tracer, self.root_ratio, self.sampler = tracer, root_ratio, sampler
+        hashed = hash(tracer.resource)
+
+        class HashedOnce(Resource):
+            """The provider's resource, hashed once: OTLP's encoder groups spans by resource, and the SDK's
+            ``Resource.__hash__`` JSON-encodes the attributes on every call (~5 us a span; see
+            open-telemetry/opentelemetry-python#5577)."""
+
+            def __hash__(self) -> int:
+                return hashed
+
+        self.processor = tracer.span_processor  # the provider's, as its own spans use
+        self.resource = HashedOnce(tracer.resource.attributes, tracer.resource.schema_url)
+        self.scope = InstrumentationScope("llmsrv", __version__)
+        self.ReadableSpan, self.Event, self.Status = ReadableSpan, Event, trace.Status
+        ids = RandomIdGenerator()  # the ids a recorded span draws as it starts, as the SDK's own
+        self.new_trace_id, self.new_span_id = ids.generate_trace_id, ids.generate_span_id
+        self.root_ratio, self.sampler = root_ratio, sampler
         self.recorded: list[_Recorded] = []
         self.propagator = TraceContextTextMapPropagator()
-        self.attach, self.detach, self.empty = context.attach, context.detach, context.Context()
+        self.attach, self.detach = context.attach, context.detach
         self.current, self.current_span = trace.set_span_in_context, trace.get_current_span
         self.span_of, self.SpanContext, self.TraceFlags = trace.NonRecordingSpan, trace.SpanContext, trace.TraceFlags
         self.server, self.client = trace.SpanKind.SERVER, trace.SpanKind.CLIENT
-        self.error = trace.StatusCode.ERROR
+        self.ok, self.error = trace.Status(trace.StatusCode.UNSET), trace.StatusCode.ERROR
         self.sampled_decisions = (Decision.RECORD_AND_SAMPLE,)
 
     def parent(self, carrier: Mapping[str, str]) -> Context | None:
@@ -347,31 +352,35 @@ class _Runtime:
             self.hand_over()
 
     def hand_over(self, most: int | None = None) -> None:
-        """Make the SDK spans of (at most ``most`` of) the recorded ones: same ids, times, attributes, status."""
+        """Hand (at most ``most`` of) the recorded spans to the provider's span processors, as the finished
+        spans the SDK would have made of them: same ids, times, attributes, status, exception event."""
         spans = self.recorded
         if most is not None and len(spans) > most:
             spans, self.recorded = spans[:most], spans[most:]
         else:
             self.recorded = []
-        ids, tracer, lost = self.ids, self.tracer, 0
+        lost = 0
         for span in spans:
             try:
-                ids.trace_id, ids.span_id = span.context.trace_id, span.context.span_id
-                parent = self.empty if span.parent is None else self.current(self.span_of(span.parent))
-                made = tracer.start_span(span.name, parent, span.kind, span.attributes, start_time=span.start)
-                if span.exception is not None:
-                    made.record_exception(span.exception, timestamp=span.end)
-                if span.error is not None:
-                    made.set_status(self.error, span.error)
-                made.end(span.end)
+                self.processor.on_end(self.ReadableSpan(
+                    span.name, span.context, span.parent, self.resource, span.attributes,
+                    () if span.exception is None else (self.exception_event(span.exception, span.end),), (),
+                    span.kind, None, self.ok if span.error is None else self.Status(self.error, span.error),
+                    span.start, span.end, self.scope))
             except Exception:  # a tracing fault never reaches a request: the span is lost, and said so
                 lost += 1
                 if lost == 1:
                     log.exception("tracing: a recorded span could not be handed to OpenTelemetry")
-            finally:
-                ids.trace_id = ids.span_id = 0
         if lost > 1:
             log.error("tracing: %d of %d recorded spans could not be handed to OpenTelemetry", lost, len(spans))
+
+    def exception_event(self, exc: BaseException, at: int) -> Event:
+        """The ``exception`` event OpenTelemetry's ``record_exception`` adds (semantic conventions' names)."""
+        module, name = type(exc).__module__, type(exc).__qualname__
+        return self.Event("exception", {
+            "exception.type": name if module == "builtins" else f"{module}.{name}",
+            "exception.message": str(exc), "exception.stacktrace": "".join(traceback.format_exception(exc)),
+            "exception.escaped": "False"}, at)
 
 
 _runtime: _Runtime | None = None
@@ -396,11 +405,9 @@ class _Current(SpanHandle):
 
 
 class _Recorded(_Current):
-    """A sampled span, recorded here and made an SDK span later (``_Runtime.hand_over``, from the service's
-    flush task): its ids are drawn now, so while it runs its context is current, children and ``inject``
-    see it, and the SDK span is given the same ids, start and end times, attributes and status. The
-    request pays ~11 us in a tight loop; the SDK's work (~55 us for a request and its attempt, 2-3x that
-    with its code gone cold between sampled requests) is done a batch at a time."""
+    """A sampled span, recorded here and handed over later (``_Runtime.hand_over``, from the service's
+    flush task) as the SDK's finished span with the same ids, start and end times, attributes and status:
+    its ids are drawn now, so while it runs its context is current, and children and ``inject`` see it."""
 
     __slots__ = ("name", "kind", "parent", "context", "attributes", "start", "end", "error", "exception")
 

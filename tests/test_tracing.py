@@ -37,6 +37,7 @@ from llmsrv.providers.registry import build_providers  # noqa: E402
 
 from .conftest import running, user  # noqa: E402
 from .fakes import FakeUpstream, Json, Request  # noqa: E402
+from .test_hardening import BuggyProvider  # noqa: E402
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -307,6 +308,30 @@ async def test_a_failed_request_is_an_error_span(spans: InMemorySpanExporter, au
     for span in (request, attempt):
         assert span.status.status_code is StatusCode.ERROR and attrs(span)["error.type"] == "PROVIDER_ERROR"
     assert attrs(request)["llmsrv.attempts"] == 1
+
+
+async def test_a_bug_is_an_error_span_with_the_exception_event_the_sdk_records(
+        spans: InMemorySpanExporter, autojump_clock: trio.abc.Clock) -> None:
+    cfg = build_config({"routing": {"retry": {"max_attempts": 1}}}, env={})
+    pipeline = Pipeline(cfg, {**build_providers(cfg, env={}, only={"mock"}), "openai_compat": BuggyProvider()})  # type: ignore[dict-item]
+    with pytest.raises(RuntimeError) as raised:
+        await pipeline.answer(ask("openai_compat:m"), "cid-bug")
+    reference = TracerProvider().get_tracer("reference").start_span("reference")
+    reference.record_exception(raised.value)  # what OpenTelemetry's own span records for it
+    [expected] = reference.events
+    [request] = named(spans, tracing.REQUEST_SPAN)
+    [attempt] = named(spans, tracing.ATTEMPT_SPAN)
+    for span in (request, attempt):
+        assert span.status.status_code is StatusCode.ERROR and attrs(span)["error.type"] == "INTERNAL_ERROR"
+        assert span.status.description == "RuntimeError: bug in m"
+        [event] = span.events
+        assert event.name == "exception" and event.timestamp == span.end_time
+        assert event.attributes is not None and expected.attributes is not None
+        assert {k: v for k, v in event.attributes.items() if k != "exception.stacktrace"} == {
+            k: v for k, v in expected.attributes.items() if k != "exception.stacktrace"}
+        stacktrace = event.attributes["exception.stacktrace"]
+        assert isinstance(stacktrace, str) and stacktrace.startswith("Traceback") and stacktrace.endswith(
+            "RuntimeError: bug in m\n")
 
 
 @pytest.mark.parametrize("carrier", [
