@@ -38,9 +38,10 @@ Theory of operation
   An unsampled request gets no attempt spans. With ``OTEL_TRACES_SAMPLER`` set, that sampler decides
   each request span instead (asked in ``request_span``; its attempt spans follow it).
 * **Export.** ``setup`` builds a ``TracerProvider`` (``service.name``) with a ``BatchSpanProcessor``
-  (a thread of its own: no I/O in a trio task) and the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*``
-  honoured). It returns the shutdown function, which flushes: call it after ``trio.run`` returns (or
-  in a thread), since it blocks. ``OTEL_SDK_DISABLED=true`` and ``OTEL_TRACES_EXPORTER=none`` turn
+  (a thread of its own: no I/O in a trio task; its queue room for two hand-overs, unless
+  ``OTEL_BSP_MAX_QUEUE_SIZE`` says) and the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*`` honoured).
+  It returns the shutdown function, which flushes: call it after ``trio.run`` returns (or in a
+  thread), since it blocks. ``OTEL_SDK_DISABLED=true`` and ``OTEL_TRACES_EXPORTER=none`` turn
   tracing off whatever the config says.
 """
 
@@ -239,7 +240,9 @@ def setup(cfg: TracingConfig, env: Mapping[str, str] | None = None) -> Callable[
     for kind in wanted:
         exporter: SpanExporter = (ConsoleSpanExporter() if kind == "console" else
                                   OTLPSpanExporter(endpoint=traces_url(cfg.endpoint) if cfg.endpoint else None))
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        # spans come a hand-over (up to MAX_RECORDED) at a time: room for two, unless OTEL_BSP_MAX_QUEUE_SIZE says
+        queued = None if env.get("OTEL_BSP_MAX_QUEUE_SIZE") else 2 * MAX_RECORDED
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=queued))
     uninstall = install(provider, cfg.sample_ratio if own else 1.0, None if own else provider.sampler)
     where = cfg.endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     log.info("tracing: on, service %s, exporting with %s%s", name or cfg.service_name, ", ".join(wanted),

@@ -584,3 +584,25 @@ async def test_setup_exports_over_otlp_http(monkeypatch: pytest.MonkeyPatch) -> 
     assert set(names) == {tracing.REQUEST_SPAN, tracing.ATTEMPT_SPAN}
     assert names[tracing.REQUEST_SPAN].trace_id.hex() == TRACE_ID
     assert names[tracing.REQUEST_SPAN].parent_span_id.hex() == PARENT_ID
+
+
+async def test_a_whole_hand_over_reaches_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans reach the batch processor a hand-over at a time (up to ``MAX_RECORDED``): its queue takes one whole,
+    where OpenTelemetry's default (2,048) dropped the rest."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    monkeypatch.delenv("OTEL_BSP_MAX_QUEUE_SIZE", raising=False)
+    recorded = tracing.MAX_RECORDED - 1  # one short of the cap: handed over by the flush below, all at once
+    with trio.fail_after(FAILSAFE_S):
+        async with FakeUpstream(lambda request: Json({})) as collector:
+            cfg = build_config({"tracing": {"enabled": True, "endpoint": collector.url}}, env={})
+            shutdown = tracing.setup(cfg.tracing, env={})
+            try:
+                for i in range(recorded):
+                    with tracing.request_span(f"cid-{i}", ask("mock:echo")):
+                        pass
+                tracing.flush()
+            finally:
+                await trio.to_thread.run_sync(shutdown)
+    exported = [ExportTraceServiceRequest.FromString(r.body) for r in collector.requests]
+    assert sum(len(s.spans) for e in exported for r in e.resource_spans for s in r.scope_spans) == recorded

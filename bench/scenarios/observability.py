@@ -100,12 +100,15 @@ def tracing_installed() -> bool:
 
 
 class _Collector:
-    """An OTLP/HTTP trace sink on loopback (the standard library's HTTP server, a thread of its own)."""
+    """An OTLP/HTTP trace sink on loopback (the standard library's HTTP server, a thread of its own), keeping
+    connections alive as a collector does (HTTP/1.1): the exporter does not reconnect for every export."""
 
     def __init__(self) -> None:
         counts = self.counts = {"exports": 0, "bytes": 0}
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 counts["exports"] += 1
