@@ -84,9 +84,46 @@ def trio_tasks() -> str:
         elif type(obj).__name__ == "TrioEventLoop":
             lines.append(f"trio-asyncio loop: closed {obj.is_closed()}, running {obj.is_running()}, "
                          f"{obj._q_recv.statistics().current_buffer_used} callbacks queued, {len(obj._timers)} timers")
+            for fd, key in obj._selector.get_map().items():  # which fds asyncio waits on, and with which handles
+                lines.append(f"    fd {fd}: reader {key.data[0]!r}, writer {key.data[1]!r}")
+    lines.extend(_io_state())
     lines.append(f"last {RECENT_RECORDS} log records at WARNING and above:")
     lines.extend(f"    {line}" for line in _recent.lines)
     return "\n".join(lines)
+
+
+def _io_state() -> list[str]:
+    """trio's epoll registrations (fd: the tasks waiting, the flags armed) and this process's TCP sockets (fd:
+    ports, state, bytes queued to send and unread): a reader that stopped shows as unread bytes on a socket
+    nobody waits on."""
+    lines = ["trio epoll registrations:"]
+    try:
+        registered = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager._registered
+        for fd, waiters in registered.items():
+            lines.append(f"    fd {fd}: read {getattr(waiters.read_task, 'name', None)}, "
+                         f"write {getattr(waiters.write_task, 'name', None)}, armed {waiters.current_flags}")
+    except AttributeError as exc:
+        lines.append(f"    (not readable: {exc})")
+    sockets: dict[str, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                for row in list(rows)[1:]:
+                    f = row.split()
+                    sockets[f[9]] = (f"{int(f[1].rsplit(':', 1)[1], 16)} -> {int(f[2].rsplit(':', 1)[1], 16)} "
+                                     f"state {f[3]}, send/unread {f[4]}")
+        except OSError:
+            pass
+    lines.append("TCP sockets (local -> remote port, state 01 = established, queues in hex):")
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        inode = target[8:-1] if target.startswith("socket:[") else ""
+        if inode in sockets:
+            lines.append(f"    fd {fd}: {sockets[inode]}")
+    return lines
 
 
 def _on_signal(signum: int, frame: Any) -> None:
