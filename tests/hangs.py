@@ -115,14 +115,14 @@ def _io_state() -> list[str]:
         except OSError:
             pass
     lines.append("TCP sockets (local -> remote port, state 01 = established, queues in hex):")
-    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
         inode = target[8:-1] if target.startswith("socket:[") else ""
         if inode in sockets:
-            lines.append(f"    fd {fd}: {sockets[inode]}")
+            lines.append(f"    fd {name}: {sockets[inode]}")
     return lines
 
 
