@@ -232,7 +232,7 @@ class Pipeline:
         log.warning("circuit breaker of %s: %s by admin, now %s", breaker.name, action,
                     "open (forced)" if breaker.forced else breaker.state)
         if action != "open" and self.board is not None:  # a published opening would be adopted again
-            in_background(self.board.clear, sorted(before | {breaker.name}))
+            self.board.withdraw(sorted(before | {breaker.name}))
         return breaker
 
     def _on_transition(self, name: str, old: str, new: str) -> None:
@@ -245,7 +245,8 @@ class Pipeline:
         breaker = self.guards[provider].breakers().get(name) if provider in self.guards else None
         until = breaker.open_until() if breaker is not None else None
         if self.board is not None and until is not None:
-            in_background(self.board.publish_open, name, time.time() + until - trio.current_time())
+            now = time.time()
+            in_background(self.board.publish_open, name, now + until - trio.current_time(), now)
 
     async def share_breakers(self) -> None:
         """With a Redis ``storage_uri``: adopt the openings other instances publish (runs until cancelled)."""

@@ -100,7 +100,7 @@ async def test_redis_calls_do_not_block_the_trio_loop(nats_url: str, redis_url: 
 async def test_sync_breakers_adopts_what_another_instance_published(redis_url: str) -> None:
     board = RedisBreakerBoard(redis_url, f"{_name()}:breaker:")
     breaker, other = Breaker("mock:echo", threshold=1, ttl_s=30), Breaker("mock:other", threshold=1, ttl_s=30)
-    await trio.to_thread.run_sync(board.publish_open, "mock:echo", time.time() + 20)
+    await trio.to_thread.run_sync(board.publish_open, "mock:echo", time.time() + 20, time.time())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sync_breakers, board, lambda: {b.name: b for b in (breaker, other)}, 0.01)
         with trio.fail_after(5):
@@ -109,6 +109,35 @@ async def test_sync_breakers_adopts_what_another_instance_published(redis_url: s
         nursery.cancel_scope.cancel()
     blocked = breaker.blocked_for()
     assert blocked is not None and 15 < blocked <= 20 and other.state == CLOSED
+
+
+async def test_a_withdrawn_opening_is_not_adopted_again_even_if_the_board_still_holds_it(redis_url: str) -> None:
+    """An operator's close withdraws the openings from before it: a round that read the board before the close,
+    or a key deleted late, opens nothing again; an opening published after the close still counts."""
+    board = RedisBreakerBoard(redis_url, f"{_name()}:breaker:")
+    breaker = Breaker("mock:echo", threshold=1, ttl_s=30)
+    rounds = trio.Semaphore(0)
+
+    def breakers() -> dict[str, Breaker]:
+        rounds.release()
+        return {breaker.name: breaker}
+
+    async def publish(opened: float) -> None:
+        await trio.to_thread.run_sync(board.publish_open, breaker.name, time.time() + 20, opened)
+
+    opened_before = time.time()
+    board.withdraw([breaker.name])  # what `llmsrv breaker close mock:echo` does on this instance
+    await publish(opened_before)  # the board still holds the opening (read before the close, or deleted late)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sync_breakers, board, breakers, 0.01)
+        with trio.fail_after(10):
+            for _ in range(3):  # a round that fetched it, and two more
+                await rounds.acquire()
+            assert breaker.state == CLOSED
+            await publish(time.time())  # a new opening, after the close
+            while breaker.state != OPEN:
+                await rounds.acquire()
+        nursery.cancel_scope.cancel()
 
 
 async def test_sync_breakers_keeps_going_while_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
