@@ -14,6 +14,9 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
 * trio-asyncio runs one asyncio callback per trio scheduling turn; ``_run_queued_callbacks`` makes it
   run all those queued, as asyncio itself does, so a message's five or six asyncio hops do not each
   wait for a trio batch (a health probe during a 10,000-request reply wave: 120-225 ms -> 28-42 ms).
+* an asyncio call from another thread (a finalizer the garbage collector runs in whatever thread
+  allocates: ``StreamWriter.__del__`` closes its transport) is handed to the trio thread
+  (``_from_other_threads``): trio-asyncio would touch trio's state from that thread and the process hang.
 * connection events (disconnect, reconnect, errors) are logged; nats-py restores every
   subscription, queue groups included, after a reconnect. An asyncio exception handler is
   installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
@@ -41,6 +44,7 @@ import heapq
 import logging
 import re
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -143,6 +147,7 @@ class Bus:
         if trio_asyncio.current_loop.get() is None:
             try:
                 async with trio_asyncio.open_loop() as aio_loop:
+                    _from_other_threads(aio_loop)
                     _run_queued_callbacks(aio_loop)
                     try:
                         async with cls.connect(cfg, url) as bus:
@@ -369,6 +374,38 @@ def _run_queued_callbacks(loop: Any) -> None:
             sniffio_library.name = previous
 
     loop._main_loop_one = main_loop_one
+
+
+def _from_other_threads(loop: Any) -> None:
+    """Make an asyncio call that comes from another thread reach trio-asyncio's loop through the trio thread.
+
+    ``call_soon`` is not thread-safe in asyncio either, but a finalizer the garbage collector runs in
+    whatever thread allocates does call it (``StreamWriter.__del__`` closes its transport: ``call_soon``
+    and ``remove_reader``); trio-asyncio then touches trio's state from that thread: the loop's task,
+    waiting for a callback, is taken off its channel and never woken (or a callback is left there
+    unseen), asyncio stops, and the process hangs, ``move_on_after`` included (``tests/test_burst.py``).
+    Such a call is handed to the trio thread (``TrioToken.run_sync_soon``); the trio thread's own calls go
+    on directly."""
+    try:
+        queue, cancel, token = loop._queue_handle, loop._trio_io_cancel, loop._token
+    except AttributeError:
+        log.info("trio-asyncio internals changed: asyncio calls from other threads are not made safe")
+        return
+    trio_thread = threading.get_ident()
+
+    def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
+        if threading.get_ident() == trio_thread:
+            return queue(handle)  # type: ignore[no-any-return]
+        token.run_sync_soon(queue, handle)
+        return handle
+
+    def trio_io_cancel(scope: trio.CancelScope) -> None:
+        if threading.get_ident() == trio_thread:
+            cancel(scope)
+        else:
+            token.run_sync_soon(cancel, scope)
+
+    loop._queue_handle, loop._trio_io_cancel = queue_handle, trio_io_cancel
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

@@ -9,6 +9,9 @@ cost CPU to start, a short busy loop stands in for it (its length is never asser
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 import time
 from collections import defaultdict
 
@@ -234,6 +237,49 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> Non
         assert turns <= 3, turns
     else:
         assert turns >= 50, turns  # what the drain saves: a trio turn per callback
+
+
+FINALIZED_ELSEWHERE = textwrap.dedent("""
+    import asyncio, socket, sys, threading
+    import trio, trio_asyncio
+    from trio_asyncio import aio_as_trio
+    from llmsrv.bus import _from_other_threads
+
+    async def main(bridged):
+        async with trio_asyncio.open_loop() as loop:
+            if bridged:
+                _from_other_threads(loop)
+            server = socket.create_server(("127.0.0.1", 0))
+            reader, writer = await aio_as_trio(asyncio.open_connection)(*server.getsockname())
+            await trio.sleep(0.1)  # the loop idle, its task waiting for a callback
+            # the garbage collector finalizes an unclosed StreamWriter in whatever thread allocates: this one
+            finalizer = threading.Thread(target=writer.__del__)  # transport.close(): remove_reader, call_soon
+            finalizer.start()
+            finalizer.join()
+            assert await aio_as_trio(reader.read)() == b""  # the transport's close reached the reader (EOF)
+            server.close()
+        print("went on")
+
+    trio.run(main, sys.argv[1] == "bridged")
+""")
+
+
+@pytest.mark.parametrize("bridged", [True, False], ids=["bridged", "trio-asyncio-alone"])
+def test_an_asyncio_finalizer_run_in_another_thread_does_not_hang_the_loop(bridged: bool) -> None:
+    """A StreamWriter the garbage collector finalizes in another thread closes its transport from there:
+    trio-asyncio alone then loses its loop's task and the whole process hangs (what the kill-and-restart
+    test hit, ~1 CI run in 30); the bridge hands such calls to the trio thread (bus._from_other_threads).
+    Run in a subprocess: a hang is a timeout here, not a hung suite."""
+    try:
+        run = subprocess.run([sys.executable, "-c", FINALIZED_ELSEWHERE, "bridged" if bridged else "alone"],
+                             capture_output=True, text=True, timeout=20 if bridged else 5)
+    except subprocess.TimeoutExpired:
+        hung = True
+    else:
+        hung = False
+        assert run.returncode == 0 and run.stdout == "went on\n", run.stdout + run.stderr
+    # if trio-asyncio alone stops hanging here, it made such calls safe itself: _from_other_threads can go
+    assert hung is not bridged
 
 
 async def test_the_bridge_loop_is_torn_down_by_trio_asyncios_own_step(nats_url: str) -> None:
