@@ -14,9 +14,9 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
 * trio-asyncio runs one asyncio callback per trio scheduling turn; ``_run_queued_callbacks`` makes it
   run all those queued, as asyncio itself does, so a message's five or six asyncio hops do not each
   wait for a trio batch (a health probe during a 10,000-request reply wave: 120-225 ms -> 28-42 ms).
-* an asyncio call from another thread (a finalizer the garbage collector runs in whatever thread
-  allocates: ``StreamWriter.__del__`` closes its transport) is handed to the trio thread
-  (``_from_other_threads``): trio-asyncio would touch trio's state from that thread and the process hang.
+* an asyncio call made by a finalizer the garbage collector runs (``StreamWriter.__del__`` closes its
+  transport), in another thread or in the middle of trio's own code, is deferred to the trio thread's
+  run loop (``_from_other_threads``): trio-asyncio would lose its loop's wakeup and the process hang.
 * connection events (disconnect, reconnect, errors) are logged; nats-py restores every
   subscription, queue groups included, after a reconnect. An asyncio exception handler is
   installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
@@ -40,6 +40,7 @@ Secrets (passwords, tokens, credentials in URLs) are never logged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import logging
 import re
@@ -377,35 +378,47 @@ def _run_queued_callbacks(loop: Any) -> None:
 
 
 def _from_other_threads(loop: Any) -> None:
-    """Make an asyncio call that comes from another thread reach trio-asyncio's loop through the trio thread.
+    """Make an asyncio call made by a finalizer, or from another thread, reach trio-asyncio's loop later, from
+    the trio thread's own run loop (``TrioToken.run_sync_soon``, safe from anywhere).
 
-    ``call_soon`` is not thread-safe in asyncio either, but a finalizer the garbage collector runs in
-    whatever thread allocates does call it (``StreamWriter.__del__`` closes its transport: ``call_soon``
-    and ``remove_reader``); trio-asyncio then touches trio's state from that thread: the loop's task,
-    waiting for a callback, is taken off its channel and never woken (or a callback is left there
-    unseen), asyncio stops, and the process hangs, ``move_on_after`` included (``tests/test_burst.py``).
-    Such a call is handed to the trio thread (``TrioToken.run_sync_soon``); the trio thread's own calls go
-    on directly."""
+    An unclosed ``StreamWriter`` the garbage collector finalizes closes its transport (``call_soon``,
+    ``remove_reader``) wherever the collection runs: in another thread, or in the trio thread in the
+    middle of any code, trio's own included, such as the loop's task entering its wait for a callback
+    (between finding the channel empty and registering as its receiver). trio-asyncio's ``call_soon``
+    goes straight to a trio memory channel, so the loop's task is then never woken (the callback left in
+    the channel, or the task taken off it by a thread that cannot wake it): asyncio stops, and the process
+    hangs, ``move_on_after`` included (``tests/test_burst.py``). Calls made while a collection runs
+    (``gc.callbacks``) or from another thread are deferred; the trio thread's own go on directly."""
     try:
         queue, cancel, token = loop._queue_handle, loop._trio_io_cancel, loop._token
     except AttributeError:
-        log.info("trio-asyncio internals changed: asyncio calls from other threads are not made safe")
+        log.info("trio-asyncio internals changed: asyncio calls from finalizers are not deferred")
         return
+    if _note_collections not in gc.callbacks:
+        gc.callbacks.append(_note_collections)
     trio_thread = threading.get_ident()
 
     def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
-        if threading.get_ident() == trio_thread:
-            return queue(handle)  # type: ignore[no-any-return]
-        token.run_sync_soon(queue, handle)
-        return handle
+        if _collecting or threading.get_ident() != trio_thread:
+            token.run_sync_soon(queue, handle)
+            return handle
+        return queue(handle)  # type: ignore[no-any-return]
 
     def trio_io_cancel(scope: trio.CancelScope) -> None:
-        if threading.get_ident() == trio_thread:
-            cancel(scope)
-        else:
+        if _collecting or threading.get_ident() != trio_thread:
             token.run_sync_soon(cancel, scope)
+        else:
+            cancel(scope)
 
     loop._queue_handle, loop._trio_io_cancel = queue_handle, trio_io_cancel
+
+
+_collecting = False  # the garbage collector is running (its finalizers with it), in some thread
+
+
+def _note_collections(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

@@ -239,39 +239,69 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn(drain: bool) -> Non
         assert turns >= 50, turns  # what the drain saves: a trio turn per callback
 
 
-FINALIZED_ELSEWHERE = textwrap.dedent("""
-    import asyncio, socket, sys, threading
-    import trio, trio_asyncio
-    from trio_asyncio import aio_as_trio
-    from llmsrv.bus import _from_other_threads
+FINALIZERS = {  # an unclosed StreamWriter's finalizer closes its transport (call_soon, remove_reader)...
+    "in-another-thread": """
+        server = socket.create_server(("127.0.0.1", 0))
+        reader, writer = await aio_as_trio(asyncio.open_connection)(*server.getsockname())
+        await trio.sleep(0.1)  # the loop idle, its task waiting for a callback
+        finalizer = threading.Thread(target=writer.__del__)  # ...in whatever thread the collector runs
+        finalizer.start()
+        finalizer.join()
+        assert await aio_as_trio(reader.read)() == b""  # the transport's close reached the reader (EOF)
+        server.close()
+    """,
+    "as-the-loop-waits": """
+        class Finalized:  # garbage in a cycle whose finalizer calls into asyncio
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                loop.call_soon(done.set)
 
-    async def main(bridged):
-        async with trio_asyncio.open_loop() as loop:
-            if bridged:
-                _from_other_threads(loop)
-            server = socket.create_server(("127.0.0.1", 0))
-            reader, writer = await aio_as_trio(asyncio.open_connection)(*server.getsockname())
-            await trio.sleep(0.1)  # the loop idle, its task waiting for a callback
-            # the garbage collector finalizes an unclosed StreamWriter in whatever thread allocates: this one
-            finalizer = threading.Thread(target=writer.__del__)  # transport.close(): remove_reader, call_soon
-            finalizer.start()
-            finalizer.join()
-            assert await aio_as_trio(reader.read)() == b""  # the transport's close reached the reader (EOF)
-            server.close()
-        print("went on")
+        done, channel, armed = trio.Event(), loop._q_recv, [True]
+        empty = channel.receive_nowait
+        def receive_nowait():  # ...or in the trio thread, as the loop's task finds no callback and goes to wait
+            try:
+                return empty()
+            except trio.WouldBlock:
+                if armed:
+                    armed.clear()
+                    Finalized()
+                    gc.collect()
+                raise
+        await trio.sleep(0.1)
+        channel.receive_nowait = receive_nowait
+        loop.call_soon(lambda: None)  # wakes the loop's task: its next wait is the one the collector interrupts
+        await done.wait()
+    """,
+}
+FINALIZED = """
+import asyncio, gc, socket, sys, threading
+import trio, trio_asyncio
+from trio_asyncio import aio_as_trio
+from llmsrv.bus import _from_other_threads
 
-    trio.run(main, sys.argv[1] == "bridged")
-""")
+async def main(bridged):
+    async with trio_asyncio.open_loop() as loop:
+        if bridged:
+            _from_other_threads(loop)
+{body}
+        await aio_as_trio(asyncio.sleep)(0)  # asyncio goes on
+    print("went on")
+
+trio.run(main, sys.argv[1] == "bridged")
+"""
 
 
 @pytest.mark.parametrize("bridged", [True, False], ids=["bridged", "trio-asyncio-alone"])
-def test_an_asyncio_finalizer_run_in_another_thread_does_not_hang_the_loop(bridged: bool) -> None:
-    """A StreamWriter the garbage collector finalizes in another thread closes its transport from there:
-    trio-asyncio alone then loses its loop's task and the whole process hangs (what the kill-and-restart
-    test hit, ~1 CI run in 30); the bridge hands such calls to the trio thread (bus._from_other_threads).
-    Run in a subprocess: a hang is a timeout here, not a hung suite."""
+@pytest.mark.parametrize("where", list(FINALIZERS))
+def test_an_asyncio_call_from_a_finalizer_does_not_hang_the_loop(where: str, bridged: bool) -> None:
+    """A finalizer the garbage collector runs calls into asyncio: trio-asyncio alone then loses its loop's wakeup
+    and the whole process hangs (what the kill-and-restart test hit, ~1 CI run in 30); the bridge defers such
+    calls to the trio thread's run loop (bus._from_other_threads). Run in a subprocess: a hang is a timeout
+    here, not a hung suite."""
+    script = FINALIZED.format(body=textwrap.indent(textwrap.dedent(FINALIZERS[where]), " " * 8))
     try:
-        run = subprocess.run([sys.executable, "-c", FINALIZED_ELSEWHERE, "bridged" if bridged else "alone"],
+        run = subprocess.run([sys.executable, "-c", script, "bridged" if bridged else "alone"],
                              capture_output=True, text=True, timeout=20 if bridged else 5)
     except subprocess.TimeoutExpired:
         hung = True
