@@ -29,8 +29,8 @@ Theory of operation
   recorded to the provider's span processors every ``FLUSH_S`` (``hand_over``, 64 spans per trio turn)
   as the SDK's finished spans (``ReadableSpan``: the ids sent upstream, the recorded times, status and,
   for a bug, the ``exception`` event ``record_exception`` makes), without building the SDK's live
-  ``Span`` first: 0.5 us a request and its attempt in a tight loop instead of 6-9 (33 us a span in the
-  loaded server). A sampled request pays ~11 us (the SDK's own spans ~55 us). Span processors see
+  ``Span`` first: 0.5 us a request and its attempt in a tight loop instead of 6-9 (those took 33 us a
+  span in the loaded server). A sampled request pays ~11 us (the SDK's own spans ~55 us). Span processors see
   each span once it has ended (``on_end``, 0.2 s late at most), never its start (``on_start``).
 * **Sampling.** A request with a ``traceparent`` follows its parent's decision (an unsampled caller's
   context is made current as it came, so it goes on upstream unchanged, and nothing is recorded);
