@@ -387,8 +387,9 @@ def _from_other_threads(loop: Any) -> None:
     (between finding the channel empty and registering as its receiver). trio-asyncio's ``call_soon``
     goes straight to a trio memory channel, so the loop's task is then never woken (the callback left in
     the channel, or the task taken off it by a thread that cannot wake it): asyncio stops, and the process
-    hangs, ``move_on_after`` included (``tests/test_burst.py``). Calls made while a collection runs
-    (``gc.callbacks``) or from another thread are deferred; the trio thread's own go on directly."""
+    hangs, ``move_on_after`` included (``tests/test_burst.py``). Calls made by a collection the trio thread
+    runs (``gc.callbacks``), or from another thread, are deferred; the trio thread's others go on directly,
+    in order (another thread's collection defers none of them)."""
     try:
         queue, cancel, token = loop._queue_handle, loop._trio_io_cancel, loop._token
     except AttributeError:
@@ -398,14 +399,18 @@ def _from_other_threads(loop: Any) -> None:
         gc.callbacks.append(_note_collections)
     trio_thread = threading.get_ident()
 
+    def unsafe() -> bool:  # called by a finalizer, or from another thread
+        caller = threading.get_ident()
+        return caller != trio_thread or caller == _collector
+
     def queue_handle(handle: asyncio.Handle) -> asyncio.Handle:
-        if _collecting or threading.get_ident() != trio_thread:
+        if unsafe():
             token.run_sync_soon(queue, handle)
             return handle
         return queue(handle)  # type: ignore[no-any-return]
 
     def trio_io_cancel(scope: trio.CancelScope) -> None:
-        if _collecting or threading.get_ident() != trio_thread:
+        if unsafe():
             token.run_sync_soon(cancel, scope)
         else:
             cancel(scope)
@@ -413,12 +418,12 @@ def _from_other_threads(loop: Any) -> None:
     loop._queue_handle, loop._trio_io_cancel = queue_handle, trio_io_cancel
 
 
-_collecting = False  # the garbage collector is running (its finalizers with it), in some thread
+_collector: int | None = None  # the thread the garbage collector runs in (its finalizers with it), if it runs
 
 
 def _note_collections(phase: str, info: dict[str, int]) -> None:
-    global _collecting
-    _collecting = phase == "start"
+    global _collector
+    _collector = threading.get_ident() if phase == "start" else None
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

@@ -12,6 +12,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import defaultdict
 
@@ -20,7 +21,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from llmsrv.bus import Bus, Incoming, _run_queued_callbacks
+from llmsrv.bus import Bus, Incoming, _from_other_threads, _note_collections, _run_queued_callbacks
 from llmsrv.config import NatsConfig
 from llmsrv.messages import LLMResponse
 from llmsrv.workers import FULL_GC_MAX_INTERVAL_S, QUIET_BUSY, FullCollections, WorkerPool
@@ -310,6 +311,29 @@ def test_an_asyncio_call_from_a_finalizer_does_not_hang_the_loop(where: str, bri
         assert run.returncode == 0 and run.stdout == "went on\n", run.stdout + run.stderr
     # if trio-asyncio alone stops hanging here, it made such calls safe itself: _from_other_threads can go
     assert hung is not bridged
+
+
+async def test_the_trio_threads_own_asyncio_calls_stay_direct_and_in_order() -> None:
+    """Only a collection the trio thread itself runs defers its calls (after the direct ones); one running in
+    another thread (an exporter's, a worker's) leaves them direct, so asyncio's callbacks keep their order."""
+    ran: list[str] = []
+    async with trio_asyncio.open_loop() as loop:
+        _from_other_threads(loop)
+        elsewhere = threading.Thread(target=_note_collections, args=("start", {}))  # another thread collects
+        elsewhere.start()
+        elsewhere.join()
+        loop.call_soon(ran.append, "during another thread's collection")
+        _note_collections("stop", {})
+        loop.call_soon(ran.append, "after it")
+        await trio.sleep(0.01)
+        _note_collections("start", {})  # the trio thread's own collection: what its finalizers call
+        try:
+            loop.call_soon(ran.append, "during this thread's collection")
+        finally:
+            _note_collections("stop", {})
+        loop.call_soon(ran.append, "after that")
+        await trio.sleep(0.01)
+    assert ran == ["during another thread's collection", "after it", "after that", "during this thread's collection"]
 
 
 async def test_the_bridge_loop_is_torn_down_by_trio_asyncios_own_step(nats_url: str) -> None:
