@@ -16,7 +16,7 @@ nats-py is asyncio; llmsrv is trio. trio-asyncio runs an asyncio loop inside tri
   wait for a trio batch (a health probe during a 10,000-request reply wave: 120-225 ms -> 28-42 ms).
 * an asyncio call made by a finalizer the garbage collector runs (``StreamWriter.__del__`` closes its
   transport), in another thread or in the middle of trio's own code, is deferred to the trio thread's
-  run loop (``_from_other_threads``): trio-asyncio would lose its loop's wakeup and the process hang.
+  run loop (``_defer_finalizer_calls``): trio-asyncio would lose its loop's wakeup and the process hang.
 * connection events (disconnect, reconnect, errors) are logged; nats-py restores every
   subscription, queue groups included, after a reconnect. An asyncio exception handler is
   installed, because an unretrieved asyncio exception would otherwise crash ``trio.run``.
@@ -148,7 +148,7 @@ class Bus:
         if trio_asyncio.current_loop.get() is None:
             try:
                 async with trio_asyncio.open_loop() as aio_loop:
-                    _from_other_threads(aio_loop)
+                    _defer_finalizer_calls(aio_loop)
                     _run_queued_callbacks(aio_loop)
                     try:
                         async with cls.connect(cfg, url) as bus:
@@ -377,14 +377,16 @@ def _run_queued_callbacks(loop: Any) -> None:
     loop._main_loop_one = main_loop_one
 
 
-def _from_other_threads(loop: Any) -> None:
+def _defer_finalizer_calls(loop: Any) -> None:
     """Make an asyncio call made by a finalizer, or from another thread, reach trio-asyncio's loop later, from
     the trio thread's own run loop (``TrioToken.run_sync_soon``, safe from anywhere).
 
     An unclosed ``StreamWriter`` the garbage collector finalizes closes its transport (``call_soon``,
-    ``remove_reader``) wherever the collection runs: in another thread, or in the trio thread in the
-    middle of any code, trio's own included, such as the loop's task entering its wait for a callback
-    (between finding the channel empty and registering as its receiver). trio-asyncio's ``call_soon``
+    ``remove_reader``), an unclosed ``openai.AsyncOpenAI`` creates a task (what hung the suite: one left
+    by an earlier test, collected in the next one as its client connected), wherever the collection
+    runs: in another thread, or in the trio thread in the middle of any code, trio's own included, such
+    as the loop's task entering its wait for a callback (between finding the channel empty and
+    registering as its receiver). trio-asyncio's ``call_soon``
     goes straight to a trio memory channel, so the loop's task is then never woken (the callback left in
     the channel, or the task taken off it by a thread that cannot wake it): asyncio stops, and the process
     hangs, ``move_on_after`` included (``tests/test_burst.py``). Calls made by a collection the trio thread

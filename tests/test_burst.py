@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from llmsrv.bus import Bus, Incoming, _from_other_threads, _note_collections, _run_queued_callbacks
+from llmsrv.bus import Bus, Incoming, _defer_finalizer_calls, _note_collections, _run_queued_callbacks
 from llmsrv.config import NatsConfig
 from llmsrv.messages import LLMResponse
 from llmsrv.workers import FULL_GC_MAX_INTERVAL_S, QUIET_BUSY, FullCollections, WorkerPool
@@ -279,12 +279,12 @@ FINALIZED = """
 import asyncio, gc, socket, sys, threading
 import trio, trio_asyncio
 from trio_asyncio import aio_as_trio
-from llmsrv.bus import _from_other_threads
+from llmsrv.bus import _defer_finalizer_calls
 
 async def main(bridged):
     async with trio_asyncio.open_loop() as loop:
         if bridged:
-            _from_other_threads(loop)
+            _defer_finalizer_calls(loop)
 {body}
         await aio_as_trio(asyncio.sleep)(0)  # asyncio goes on
     print("went on")
@@ -298,7 +298,7 @@ trio.run(main, sys.argv[1] == "bridged")
 def test_an_asyncio_call_from_a_finalizer_does_not_hang_the_loop(where: str, bridged: bool) -> None:
     """A finalizer the garbage collector runs calls into asyncio: trio-asyncio alone then loses its loop's wakeup
     and the whole process hangs (what the kill-and-restart test hit, ~1 CI run in 30); the bridge defers such
-    calls to the trio thread's run loop (bus._from_other_threads). Run in a subprocess: a hang is a timeout
+    calls to the trio thread's run loop (bus._defer_finalizer_calls). Run in a subprocess: a hang is a timeout
     here, not a hung suite."""
     script = FINALIZED.format(body=textwrap.indent(textwrap.dedent(FINALIZERS[where]), " " * 8))
     try:
@@ -309,7 +309,7 @@ def test_an_asyncio_call_from_a_finalizer_does_not_hang_the_loop(where: str, bri
     else:
         hung = False
         assert run.returncode == 0 and run.stdout == "went on\n", run.stdout + run.stderr
-    # if trio-asyncio alone stops hanging here, it made such calls safe itself: _from_other_threads can go
+    # if trio-asyncio alone stops hanging here, it made such calls safe itself: _defer_finalizer_calls can go
     assert hung is not bridged
 
 
@@ -318,7 +318,7 @@ async def test_the_trio_threads_own_asyncio_calls_stay_direct_and_in_order() -> 
     another thread (an exporter's, a worker's) leaves them direct, so asyncio's callbacks keep their order."""
     ran: list[str] = []
     async with trio_asyncio.open_loop() as loop:
-        _from_other_threads(loop)
+        _defer_finalizer_calls(loop)
         elsewhere = threading.Thread(target=_note_collections, args=("start", {}))  # another thread collects
         elsewhere.start()
         elsewhere.join()
