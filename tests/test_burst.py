@@ -325,14 +325,15 @@ async def test_the_trio_threads_own_asyncio_calls_stay_direct_and_in_order() -> 
         loop.call_soon(ran.append, "during another thread's collection")
         _note_collections("stop", {})
         loop.call_soon(ran.append, "after it")
-        await trio.sleep(0.01)
         _note_collections("start", {})  # the trio thread's own collection: what its finalizers call
         try:
             loop.call_soon(ran.append, "during this thread's collection")
         finally:
             _note_collections("stop", {})
         loop.call_soon(ran.append, "after that")
-        await trio.sleep(0.01)
+        with trio.fail_after(10):  # a hang guard only
+            while len(ran) < 4:
+                await trio.sleep(0.01)
     assert ran == ["during another thread's collection", "after it", "after that", "during this thread's collection"]
 
 
