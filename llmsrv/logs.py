@@ -13,14 +13,15 @@ through it), and its encoder is msgspec, the JSON codec llmsrv already uses. A l
 Text (``[server] log_format = "text"``, or ``"auto"`` with a terminal on stderr) writes the same
 fields as ``key=value`` after the message.
 
-The one line per finished request (``RequestLines``, the access log) is the only line written per
-request, and through ``logging`` it cost about 80 us of CPU per request in ``llmsrv serve`` (a
-``LogRecord``, the formatter, a write per line): a third of a whole ``mock:echo`` request. So, when
-the lines are JSON, a request's line is only noted as it finishes, a msgspec struct in the
-formatter's shape (same fields, same ``ts``), and the lines are encoded in batches, redacted as a
-whole and written under the handler's lock, at least every ``FLUSH_S`` and at once past
-``MAX_PENDING`` (Envoy's access log is buffered the same way). As
-text (a person at a terminal) or under a logging set-up of someone else's, it goes through ``logging``.
+The one line per finished request (the access log) is the only line written per request, and through
+``logging`` it cost about 80 us of CPU per request in ``llmsrv serve`` (a ``LogRecord``, the formatter, a
+write per line): a third of a whole ``mock:echo`` request. So a request's end is only noted as it
+finishes (``RequestEnds.note``: one ``RequestEnd`` struct appended, what the metrics need too), and the
+ends are handed on in batches, at least every ``FLUSH_S`` and at once past ``MAX_PENDING``: counted
+into the metrics, and, as JSON, made lines in the formatter's shape (same fields, ``ts`` the request's
+end), encoded, redacted as a whole and written under the handler's lock (Envoy's access log is buffered
+the same way). As text (a person at a terminal) or under a logging set-up of someone else's, the lines
+go through ``logging`` as they are handed on (``ts`` then up to ``FLUSH_S`` after the end).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import sys
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -77,9 +80,7 @@ def json_formatter() -> logging.Formatter:
 
 
 class RequestLine(msgspec.Struct, gc=False):
-    """One finished request, in the fields and order the JSON formatter writes (never in a reference
-    cycle: kept out of the garbage collector, whose young collections a container per request waiting
-    to be written would trigger and walk)."""
+    """One finished request's line, in the fields and order the JSON formatter writes."""
 
     level: str
     logger: str
@@ -93,51 +94,84 @@ class RequestLine(msgspec.Struct, gc=False):
     ts: _dt.datetime
 
 
-FLUSH_S = 0.2  # request lines wait at most about this long to be written
+class RequestEnd(msgspec.Struct, gc=False):
+    """A request as it ended, noted for its metrics and its line (``RequestEnds``): what the caller knew then, nothing
+    derived (kept out of the garbage collector too)."""
+
+    correlation_id: str
+    spec: str  # provider:model of the attempt that answered or failed last ("" if none)
+    outcome: str
+    error_code: str | None
+    seconds: float | None  # since it was received, if it was
+    wall: float  # time.time() as it ended
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_cents: float = 0.0
+
+
+FLUSH_S = 0.2  # ends wait at most about this long to be counted and written
 MAX_PENDING = 1000
 _encode_lines = msgspec.json.Encoder().encode_lines
 _json_handler: logging.StreamHandler[Any] | None = None  # set by setup() when the lines are JSON
 
 
-class RequestLines:
-    """The one info line per finished request, written in batches when the lines are JSON (see above)."""
+class RequestEnds:
+    """Every finished request, noted as it ends (``note``: one struct appended) and handed on a batch at a time
+    (``hand_on``: every ``FLUSH_S``, at once past ``MAX_PENDING``, before a scrape and at the end) to the metrics
+    (``count``) and to the one info line per request (see the module doc). While neither wants them (metrics off,
+    the logger above info) nothing is noted; that is looked at again at each hand-on."""
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self._log = logger
-        self._pending: list[RequestLine] = []
-        self._handler: logging.StreamHandler[Any] | None = None
+    def __init__(self, logger: logging.Logger, count: Callable[[list[RequestEnd]], None] | None) -> None:
+        self._log, self._count = logger, count
+        self._pending: list[RequestEnd] = []
+        self._noting = True
 
-    def finished(self, cid: str, provider: str, model: str, outcome: str, error_code: str | None,
-                 duration_ms: float | None) -> None:
-        if not self._log.isEnabledFor(logging.INFO):
+    def note(self, cid: str, spec: str, outcome: str, error_code: str | None, seconds: float | None,
+             prompt_tokens: int = 0, completion_tokens: int = 0, cost_cents: float = 0.0) -> None:
+        if self._noting:
+            pending = self._pending
+            pending.append(RequestEnd(cid, spec, outcome, error_code, seconds, time.time(), prompt_tokens,
+                                      completion_tokens, cost_cents))
+            if len(pending) >= MAX_PENDING:
+                self.hand_on()
+
+    def hand_on(self) -> None:
+        ends, self._pending = self._pending, []
+        lines = self._log.isEnabledFor(logging.INFO)
+        self._noting = lines or self._count is not None
+        if not ends:
             return
+        if self._count is not None:
+            self._count(ends)
+        if lines:
+            self._write(ends)
+
+    def _write(self, ends: list[RequestEnd]) -> None:
         handler = _json_handler
-        if handler is None:
-            self._log.info("request finished: %s", outcome, extra={
-                "correlation_id": cid, "provider": provider, "model": model, "outcome": outcome,
-                "error_code": error_code, "duration_ms": duration_ms})
+        if handler is None:  # text, or someone else's logging: through logging (timed as written)
+            for end in ends:
+                provider, _, model = end.spec.partition(":")
+                self._log.info("request finished: %s", end.outcome, extra={
+                    "correlation_id": end.correlation_id, "provider": provider, "model": model, "outcome": end.outcome,
+                    "error_code": end.error_code, "duration_ms": _ms(end.seconds)})
             return
-        if handler is not self._handler:
-            self.flush()
-            self._handler = handler
-        self._pending.append(RequestLine("INFO", self._log.name, f"request finished: {outcome}", cid, provider, model,
-                                         outcome, error_code, duration_ms, _dt.datetime.now(_dt.UTC)))
-        if len(self._pending) >= MAX_PENDING:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the lines waiting (the service calls it every ``FLUSH_S`` and when it stops)."""
-        handler, pending = self._handler, self._pending
-        if handler is None or not pending:
-            return
-        self._pending = []
-        text = redact.redact_known(_encode_lines(pending).decode())
+        name, utc, at = self._log.name, _dt.UTC, _dt.datetime.fromtimestamp
+        lines = []
+        for end in ends:
+            provider, _, model = end.spec.partition(":")
+            lines.append(RequestLine("INFO", name, f"request finished: {end.outcome}", end.correlation_id, provider,
+                                     model, end.outcome, end.error_code, _ms(end.seconds), at(end.wall, utc)))
+        text = redact.redact_known(_encode_lines(lines).decode())
         handler.acquire()
         try:
             handler.stream.write(text)
             handler.flush()
         finally:
             handler.release()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def wants_text(log_format: str, stream: IO[Any]) -> bool:

@@ -24,6 +24,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .bus import Handler, Incoming
+from .logs import RequestEnd
 from .messages import encode
 from .providers import ProviderStatus
 from .resilience import STATE_CODE, GuardSnapshot
@@ -188,7 +189,7 @@ class LoopLag:
 # ---- metrics -----------------------------------------------------------------------------------
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the output for nothing
-MAX_PENDING = 4096  # requests noted and not yet counted: past this, they are counted at once
+MAX_PENDING = 4096  # provider calls noted and not yet counted: past this, they are counted at once
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -296,23 +297,23 @@ class Metrics:
 
     The pipeline and the service count into plain numbers (``_Counts``, ``_Histograms``) that become
     Prometheus samples when ``/metrics`` is scraped; ``watch`` adds the series read from the instance
-    at scrape time (in-flight gauge, breaker states, NATS drops). What every request records (its
-    outcome and duration, its provider call, its tokens) is only noted as it happens, appended to a
-    list or summed, and counted into the families by ``fold()``: at each scrape, and at once past
-    ``MAX_PENDING`` requests.
+    at scrape time (in-flight gauge, breaker states, NATS drops). What every request records is counted
+    a batch at a time: its outcome, duration, tokens and cost from the service's noted ends
+    (``count_ends``, ``logs.RequestEnds``, handed on before each scrape), its provider calls noted as
+    they happen (a list per provider) and counted by ``fold()``: at each scrape, and at once past
+    ``MAX_PENDING`` calls.
     """
+
+    counting = True  # whether the per-request series are kept (UncountedMetrics: not)
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.loop_lag = LoopLag()
-        # noted, not yet counted (fold): requests finished by (provider, model, outcome) and their seconds;
-        # seconds per provider call and [prompt tokens, completion tokens, cents] summed, by provider. No
-        # container is kept per request: each would be walked by the garbage collector until the fold.
+        # noted, not yet counted (fold): seconds per provider call, by provider (no container per call: each
+        # would be walked by the garbage collector until the fold)
         self._noted = 0
-        self._finished: dict[tuple[str, str, str], int] = {}
-        self._durations: list[float] = []
         self._calls: dict[str, list[float]] = {}
-        self._used: dict[str, list[float]] = {}
+        self.before_scrape: Callable[[], None] = lambda: None  # hands on what is noted elsewhere (the service's ends)
         self._requests = _Counts("llmsrv_requests", "Requests answered, by provider, model and outcome",
                                  ["provider", "model", "outcome"])
         self._request_duration = _Histograms("llmsrv_request_duration_seconds", "From receipt to final reply", [])
@@ -329,7 +330,7 @@ class Metrics:
         families = (self._requests, self._request_duration, self._provider_call, self._first_chunk,
                     self._transitions, self._rate_limited, self._tokens, self._cost, self._cancellations,
                     self.loop_lag.histogram)
-        self.registry.register(_Families(families, self.fold))
+        self.registry.register(_Families(families, self._scraped))
 
     def watch(self, snapshot: Snapshot, dropped: Callable[[], Mapping[str, int]]) -> None:
         Gauge("llmsrv_inflight_requests", "Requests admitted and not yet answered",
@@ -337,25 +338,30 @@ class Metrics:
         self.registry.register(_Watched(snapshot, dropped))
 
     def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
-        key = (provider, model, outcome)
-        self._finished[key] = self._finished.get(key, 0) + 1
+        """One request refused before it was noted as a service's (the HTTP API's own refusals)."""
+        self._requests.inc((provider, model, outcome))
         if seconds is not None:
-            self._durations.append(seconds)
-        self._noted += 1
-        if self._noted >= MAX_PENDING:
-            self.fold()
+            self._request_duration.observe((), seconds)
 
-    def fold(self) -> None:
-        """Count what was noted since the last time, a batch at a time (a histogram's values sorted and
-        bisected once per bucket): noting and counting a request ~0.4 us in a tight loop, 1.1 us when each
-        was counted as it came."""
-        finished, durations, calls, used = self._finished, self._durations, self._calls, self._used
-        self._noted, self._finished, self._durations, self._calls, self._used = 0, {}, [], {}, {}
+    def count_ends(self, ends: list[RequestEnd]) -> None:
+        """Count a batch of finished requests (a histogram's values sorted and bisected once per bucket)."""
+        finished: dict[tuple[str, str, str], int] = {}
+        durations: list[float] = []
+        used: dict[str, list[float]] = {}
+        for end in ends:
+            provider, _, model = end.spec.partition(":")
+            key = (provider, model, end.outcome)
+            finished[key] = finished.get(key, 0) + 1
+            if end.seconds is not None:
+                durations.append(end.seconds)
+            if end.prompt_tokens or end.completion_tokens or end.cost_cents:
+                found = used.setdefault(provider, [0, 0, 0.0])
+                found[0] += end.prompt_tokens
+                found[1] += end.completion_tokens
+                found[2] += end.cost_cents
         for key, count in finished.items():
             self._requests.inc(key, count)
         self._request_duration.observe_all((), durations)
-        for provider, seconds in calls.items():
-            self._provider_call.observe_all((provider,), seconds)
         for provider, (prompt_tokens, completion_tokens, cost_cents) in used.items():
             if prompt_tokens:
                 self._tokens.inc((provider, "input"), prompt_tokens)
@@ -363,6 +369,16 @@ class Metrics:
                 self._tokens.inc((provider, "output"), completion_tokens)
             if cost_cents:
                 self._cost.inc((provider,), cost_cents)
+
+    def _scraped(self) -> None:
+        self.before_scrape()
+        self.fold()
+
+    def fold(self) -> None:
+        """Count the provider calls noted since the last time, a batch at a time."""
+        calls, self._noted, self._calls = self._calls, 0, {}
+        for provider, seconds in calls.items():
+            self._provider_call.observe_all((provider,), seconds)
 
     def cancelled(self, reason: str) -> None:
         self._cancellations.inc((reason,))
@@ -372,6 +388,9 @@ class Metrics:
         if found is None:
             found = self._calls[provider] = []
         found.append(seconds)
+        self._noted += 1
+        if self._noted >= MAX_PENDING:
+            self.fold()
 
     def first_chunk(self, provider: str, seconds: float) -> None:
         self._first_chunk.observe((provider,), seconds)
@@ -381,14 +400,6 @@ class Metrics:
 
     def transition(self, provider: str, to: str) -> None:
         self._transitions.inc((provider, to))
-
-    def usage(self, provider: str, prompt_tokens: int, completion_tokens: int, cost_cents: float) -> None:
-        found = self._used.get(provider)
-        if found is None:
-            found = self._used[provider] = [0, 0, 0.0]
-        found[0] += prompt_tokens
-        found[1] += completion_tokens
-        found[2] += cost_cents
 
     def render(self) -> bytes:
         return bytes(prometheus_client.generate_latest(self.registry))
@@ -401,16 +412,18 @@ class Metrics:
 class UncountedMetrics(Metrics):
     """``[server] metrics = false``: the per-request series are not kept (the scrape-time ones still are)."""
 
+    counting = False
+
     def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
+        pass
+
+    def count_ends(self, ends: list[RequestEnd]) -> None:
         pass
 
     def provider_call(self, provider: str, seconds: float) -> None:
         pass
 
     def first_chunk(self, provider: str, seconds: float) -> None:
-        pass
-
-    def usage(self, provider: str, prompt_tokens: int, completion_tokens: int, cost_cents: float) -> None:
         pass
 
 

@@ -103,7 +103,6 @@ class Pipeline:
                 streamed=(lambda: delivery.started) if delivery is not None else (lambda: False))
             done, target = result.completion, result.target
             cost = self._cost_cents(target, done)
-            self.metrics.usage(target.provider, done.usage.prompt_tokens, done.usage.completion_tokens, cost)
             response = LLMResponse(
                 text=done.text, model=target.spec, tokens_used=done.usage.prompt_tokens + done.usage.completion_tokens,
                 cost_cents=cost, timestamp=messages.timestamp(), correlation_id=correlation_id, usage=done.usage,

@@ -38,7 +38,7 @@ from .admission import QueueDelay
 from .bus import Bus, Handler, Incoming
 from .config import Config, ServerConfig
 from .edges import Decoded, Edge, RequestEdge, WorkerEdge
-from .logs import CORRELATION_ID, FLUSH_S, RequestLines
+from .logs import CORRELATION_ID, FLUSH_S, RequestEnds
 from .messages import LLMRequest, LLMResponse, encode
 from .ops import (
     InstanceSnapshot,
@@ -256,12 +256,12 @@ def control_subscriptions(control: Bus, p: str, queue: str, snapshot: Callable[[
     ]
 
 
-async def flush_every(interval_s: float, lines: RequestLines) -> None:
-    """The request lines waiting are written (logs.RequestLines), and the spans recorded handed to OpenTelemetry
-    (tracing.hand_over), every ``interval_s``."""
+async def flush_every(interval_s: float, ends: RequestEnds) -> None:
+    """The requests ended are counted and their lines written (logs.RequestEnds), and the spans recorded handed to
+    OpenTelemetry (tracing.hand_over), every ``interval_s``."""
     while True:
         await trio.sleep(interval_s)
-        lines.flush()
+        ends.hand_on()
         await tracing.hand_over()
 
 
@@ -288,7 +288,9 @@ class Service:
         self.subject_request, self.subject_cancel = f"{p}.request", f"{p}.cancel"
         self.subject_response, self.subject_error = f"{p}.response", f"{p}.error"
         self.metrics = Metrics() if cfg.server.metrics else UncountedMetrics()
+        self._ends = RequestEnds(log, self.metrics.count_ends if self.metrics.counting else None)
         self.metrics.watch(self.statistics, lambda: {**control.dropped, **bus.dropped})
+        self.metrics.before_scrape = self._ends.hand_on
         self.pipeline = Pipeline(cfg, providers or build_providers(cfg), self.metrics)
         self.providers = self.pipeline.providers
         server = cfg.server
@@ -297,7 +299,6 @@ class Service:
             self._work, max_workers=server.max_inflight, idle_s=server.worker_idle_s,
             min_idle=server.min_idle_workers, defer_full_gc=True)
         self._running = _Running(self.metrics)
-        self._lines = RequestLines(log)
         # a subject of its own under the prefix (NATS permissions: docs/nats-permissions.conf)
         self._front = _FrontQueue(bus, f"{p}.ping.{self.instance_id}", server.max_queue_ms / 1000)
         self._inflight = self._requests = self._errors = self._processing_ns = 0
@@ -321,7 +322,7 @@ class Service:
                 await self._serve_until_stopped(nursery, task_status)
                 nursery.cancel_scope.cancel()
         finally:
-            self._lines.flush()
+            self._ends.hand_on()
             self.stopped.set()
 
     async def _serve_until_stopped(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Service]) -> None:
@@ -344,7 +345,7 @@ class Service:
             log.info("provider %s: %s%s", name, status.state, f" ({status.reason})" if status.reason else "")
         nursery.start_soon(self.pipeline.share_breakers)
         nursery.start_soon(self._front.run)
-        nursery.start_soon(flush_every, FLUSH_S, self._lines)
+        nursery.start_soon(flush_every, FLUSH_S, self._ends)
         nursery.start_soon(self.metrics.loop_lag.run)
         server = self.cfg.server
         if server.heartbeat_s:
@@ -515,7 +516,7 @@ class Service:
                 response = await self._running.run(cid, decoded.timeout_ms, received,
                                            lambda deadline: self.pipeline.answer(request, cid, None, trace, deadline))
             edge.reply(msg, decoded, response, streamer)
-            self._finished(cid, response.model, "ok", received)
+            self._answered(cid, response, received)
         except errors.LlmsrvError as exc:
             self._fail(edge, msg, decoded, exc, streamer, received)
         except Exception:
@@ -524,14 +525,11 @@ class Service:
         finally:
             CORRELATION_ID.set(None)
 
-    def _finished(self, cid: str, spec: str, outcome: str, received: float | None,
-                  error: errors.LlmsrvError | None = None) -> None:
-        """A request's end in the metrics and its one info line (CONTRACT section 6)."""
-        provider, _, model = spec.partition(":")
-        duration = None if received is None else trio.current_time() - received
-        self.metrics.request(provider, model, outcome, duration)
-        self._lines.finished(cid, provider, model, outcome, error.error_code if error is not None else None,
-                             None if duration is None else round(duration * 1000, 2))
+    def _answered(self, cid: str, response: LLMResponse, received: float) -> None:
+        """A request's answer noted for the metrics and its one info line (CONTRACT section 6)."""
+        usage = response.usage
+        self._ends.note(cid, response.model, "ok", None, trio.current_time() - received,
+                        usage.prompt_tokens, usage.completion_tokens, response.cost_cents)
 
     def _fail(self, edge: Edge, msg: Incoming, decoded: Decoded | None, exc: errors.LlmsrvError,
               streamer: Streamer | None, received: float | None = None) -> None:
@@ -543,7 +541,8 @@ class Service:
         self._errors += 1
         self._last_error = exc.error_code
         last = exc.attempts[-1] if exc.attempts else None
-        self._finished(cid, f"{last.provider}:{last.model}" if last else "", exc.error_code.lower(), received, exc)
+        self._ends.note(cid, f"{last.provider}:{last.model}" if last else "", exc.error_code.lower(), exc.error_code,
+                        None if received is None else trio.current_time() - received)
 
     # ---- the OpenAI-compatible HTTP API (httpapi.Backend) ----------------------------------
 
@@ -572,7 +571,7 @@ class Service:
         except trio.Cancelled:
             self.metrics.cancelled("client")  # the HTTP client went away
             raise
-        self._finished(correlation_id, response.model, "ok", received)
+        self._answered(correlation_id, response, received)
         return response
 
     def models(self) -> list[tuple[str, str]]:

@@ -160,26 +160,46 @@ def test_the_cli_keeps_logs_for_serve_only() -> None:
 
 
 def test_a_noted_request_keeps_nothing_the_garbage_collector_walks(captured: io.StringIO) -> None:
-    """Until they are written or counted, a finished request's line and metrics are kept in forms the
-    collector does not track: a young collection would otherwise come every few hundred requests and
+    """Until they are written and counted, a finished request's end (and its provider call) are kept in forms
+    the collector does not track: a young collection would otherwise come every few hundred requests and
     walk them (the loaded server's GC time: 0.29 -> 0.13 s per ~150k requests)."""
     import gc
 
     from llmsrv.ops import Metrics
 
-    request_lines, metrics = logs.RequestLines(logging.getLogger("llmsrv.service")), Metrics()
+    metrics = Metrics()
+    ends = logs.RequestEnds(logging.getLogger("llmsrv.service"), metrics.count_ends)
     n = 500
     gc.disable()
     try:
         before = gc.get_count()[0]
         for i in range(n):
-            request_lines.finished(f"cid-{i}", "mock", "echo", "ok", None, 1.5)
             metrics.provider_call("mock", 0.001)
-            metrics.usage("mock", 3, 4, 0.5)
-            metrics.request("mock", "echo", "ok", 0.002)
+            ends.note(f"cid-{i}", "mock:echo", "ok", None, 0.0015, 3, 4, 0.5)
         kept = gc.get_count()[0] - before  # containers allocated and still alive (none are freed by a collection)
     finally:
         gc.enable()
     assert kept < n // 10, f"{kept} tracked objects kept for {n} requests"
-    request_lines.flush()
+    ends.hand_on()
     assert captured.getvalue().count('"event":"request finished: ok"') == n
+    assert f'llmsrv_tokens_total{{direction="output",provider="mock"}} {float(4 * n)}' in metrics.render().decode()
+
+
+def test_ends_are_noted_only_while_something_wants_them(captured: io.StringIO) -> None:
+    """Metrics off and the logger above info: nothing is noted (after the first hand-on finds it so); info
+    again: noted again from the next hand-on."""
+    logger = logging.getLogger("llmsrv.service")
+    ends = logs.RequestEnds(logger, None)
+    logger.setLevel(logging.WARNING)
+    try:
+        ends.hand_on()
+        ends.note("c-quiet", "mock:echo", "ok", None, 0.001)
+        assert ends._pending == []
+        logger.setLevel(logging.INFO)
+        ends.hand_on()
+        ends.note("c-loud", "mock:echo", "ok", None, 0.001)
+        ends.hand_on()
+    finally:
+        logger.setLevel(logging.NOTSET)
+    line, = lines(captured)
+    assert line["correlation_id"] == "c-loud" and line["duration_ms"] == 1.0, line

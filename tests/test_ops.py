@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -196,22 +197,25 @@ def test_counted_families_scrape_as_prometheus_clients_own() -> None:
         assert all(mine[k] == pytest.approx(reference[k]) for k in mine), (mine, reference)
 
 
-def test_noted_requests_are_counted_at_a_scrape_and_never_pile_up() -> None:
-    """A request is noted (counted by label values, its seconds appended) and counted into the families
-    later: every one shows at the next scrape, and those waiting for a scrape are counted once
-    ``MAX_PENDING`` of them are noted (memory stays bounded)."""
+def test_noted_calls_are_counted_at_a_scrape_and_never_pile_up() -> None:
+    """A provider call is noted (its seconds appended) and counted into the families later: every one shows
+    at the next scrape, and those waiting for a scrape are counted once ``MAX_PENDING`` of them are noted
+    (memory stays bounded); requests' ends come in batches (``count_ends``), and what is noted elsewhere is
+    handed on before the scrape."""
+    from llmsrv.logs import RequestEnds
     from llmsrv.ops import MAX_PENDING, Metrics
 
     metrics = Metrics()
+    ends = RequestEnds(logging.getLogger("test.ends"), metrics.count_ends)
+    metrics.before_scrape = ends.hand_on
     n = 2 * MAX_PENDING + 3
     for i in range(n):
-        metrics.request("mock", "echo", "ok", 0.001)
         metrics.provider_call("mock", 0.001)
-        metrics.usage("mock", 3, 4, 0.5)
-        waiting = (metrics._noted, len(metrics._durations), sum(map(len, metrics._calls.values())))
+        ends.note(f"c{i}", "mock:echo", "ok", None, 0.001, 3, 4, 0.5)
+        waiting = (metrics._noted, sum(map(len, metrics._calls.values())))
         assert max(waiting) <= MAX_PENDING, (i, waiting)
     text = metrics.render().decode()
-    assert not (metrics._noted or metrics._finished or metrics._durations or metrics._calls or metrics._used)
+    assert not (metrics._noted or metrics._calls or ends._pending)
     assert f'llmsrv_requests_total{{model="echo",outcome="ok",provider="mock"}} {float(n)}' in text
     assert f'llmsrv_provider_call_duration_seconds_count{{provider="mock"}} {float(n)}' in text
     assert f'llmsrv_request_duration_seconds_count {float(n)}' in text
