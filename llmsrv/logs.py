@@ -156,11 +156,19 @@ class RequestEnds:
                     "error_code": end.error_code, "duration_ms": _ms(end.seconds)})
             return
         name, utc, at = self._log.name, _dt.UTC, _dt.datetime.fromtimestamp
+        split: dict[str, tuple[str, str]] = {}  # spec -> (provider, model), and outcome -> event: a batch has few
+        events: dict[str, str] = {}
         lines = []
         for end in ends:
-            provider, _, model = end.spec.partition(":")
-            lines.append(RequestLine("INFO", name, f"request finished: {end.outcome}", end.correlation_id, provider,
-                                     model, end.outcome, end.error_code, _ms(end.seconds), at(end.wall, utc)))
+            spec, outcome, seconds = end.spec, end.outcome, end.seconds
+            if (parts := split.get(spec)) is None:
+                provider, _, model = spec.partition(":")
+                parts = split[spec] = (provider, model)
+            if (event := events.get(outcome)) is None:
+                event = events[outcome] = f"request finished: {outcome}"
+            provider, model = parts
+            lines.append(RequestLine("INFO", name, event, end.correlation_id, provider, model, outcome, end.error_code,
+                                     None if seconds is None else round(seconds * 1000, 2), at(end.wall, utc)))
         text = redact.redact_known(_encode_lines(lines).decode())
         handler.acquire()
         try:

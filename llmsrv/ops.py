@@ -345,22 +345,22 @@ class Metrics:
 
     def count_ends(self, ends: list[RequestEnd]) -> None:
         """Count a batch of finished requests (a histogram's values sorted and bisected once per bucket)."""
-        finished: dict[tuple[str, str, str], int] = {}
+        finished: dict[tuple[str, str], int] = {}  # (spec, outcome): a batch has few
         durations: list[float] = []
         used: dict[str, list[float]] = {}
         for end in ends:
-            provider, _, model = end.spec.partition(":")
-            key = (provider, model, end.outcome)
+            key = (end.spec, end.outcome)
             finished[key] = finished.get(key, 0) + 1
             if end.seconds is not None:
                 durations.append(end.seconds)
             if end.prompt_tokens or end.completion_tokens or end.cost_cents:
-                found = used.setdefault(provider, [0, 0, 0.0])
+                found = used.setdefault(end.spec.partition(":")[0], [0, 0, 0.0])
                 found[0] += end.prompt_tokens
                 found[1] += end.completion_tokens
                 found[2] += end.cost_cents
-        for key, count in finished.items():
-            self._requests.inc(key, count)
+        for (spec, outcome), count in finished.items():
+            provider, _, model = spec.partition(":")
+            self._requests.inc((provider, model, outcome), count)
         self._request_duration.observe_all((), durations)
         for provider, (prompt_tokens, completion_tokens, cost_cents) in used.items():
             if prompt_tokens:
