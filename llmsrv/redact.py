@@ -126,6 +126,11 @@ def redact_known(text: str) -> str:
     return _known(text)
 
 
+def known() -> Redactor:
+    """The redactor of the secrets registered now (``register`` replaces it: take it again for each use)."""
+    return _known
+
+
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 

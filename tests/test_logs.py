@@ -185,6 +185,23 @@ def test_a_noted_request_keeps_nothing_the_garbage_collector_walks(captured: io.
     assert f'llmsrv_tokens_total{{direction="output",provider="mock"}} {float(4 * n)}' in metrics.render().decode()
 
 
+def test_request_lines_redact_the_callers_fields(captured: io.StringIO) -> None:
+    """The caller's words in a request line (its correlation id, the model it named) lose a registered secret,
+    whole or in part; llmsrv's own fields stay as they are."""
+    canary = f"tok-{uuid.uuid4().hex}"
+    redact.register(canary)
+    ends = logs.RequestEnds(logging.getLogger("llmsrv.service"), None)
+    ends.note(f"c-{canary[:20]}", f"mock:m_{canary[4:]}", "provider_error", "PROVIDER_ERROR", 0.25)
+    ends.note("c-plain", "mock:echo", "ok", None, 0.001)
+    ends.hand_on()
+    first, second = lines(captured)
+    assert canary[:8] not in captured.getvalue() and canary[-8:] not in captured.getvalue()
+    assert first["correlation_id"] == "c-***" and first["model"] == "m_***", first
+    assert (first["provider"], first["outcome"], first["error_code"], first["duration_ms"]) == (
+        "mock", "provider_error", "PROVIDER_ERROR", 250.0)
+    assert (second["correlation_id"], second["model"]) == ("c-plain", "echo")
+
+
 def test_ends_are_noted_only_while_something_wants_them(captured: io.StringIO) -> None:
     """Metrics off and the logger above info: nothing is noted (after the first hand-on finds it so); info
     again: noted again from the next hand-on."""

@@ -3,6 +3,8 @@
 One nats-server, one fake OTLP/HTTP collector (``_Collector``: accepts every export with 200, counts
 them) and one ``llmsrv serve`` per configuration, all up for the whole run:
 
+* every configuration has a provider key set (``OPENAI_API_KEY``, never used), as a deployment does: the logs
+  redact the registered secrets, and without one that costs nothing;
 * ``off``: ``log_level = "warning"`` (no per-request line), ``metrics = false``, no tracing; ``off, again``
   is the same in a second process: how far two identical processes differ is the noise floor;
 * ``logs``: JSON lines at info (one per finished request, to the process's log file);
@@ -59,6 +61,9 @@ OFF = "off"
 UPSTREAM = "upstream: "  # the names of the real-provider path's configurations start with it
 UPSTREAM_OFF = UPSTREAM + OFF
 UPSTREAM_MODEL = "openai_compat:m"
+# every configuration has a provider key, as a deployment does: the logs redact what is registered (never used:
+# the requests go to mock:echo or the fake upstream)
+BENCH_KEY = "sk-bench-" + "0123456789abcdefABCDEF" * 2
 AT_BASE = " @base"  # configurations run from the --base-tree checkout: a before/after in the same rounds
 
 
@@ -73,7 +78,7 @@ def model(name: str) -> str:
 def configurations(collector: str, upstream: str, base: bool = False) -> dict[str, dict[str, str]]:
     """Name -> the ``llmsrv serve`` environment of that configuration (on top of the bench's own); with
     ``base``, ``off`` and ``all, tracing 1%`` again from the ``--base-tree`` checkout (names ending ``@base``)."""
-    quiet = {"LLMSRV__SERVER__LOG_LEVEL": "warning", "LLMSRV__SERVER__METRICS": "false"}
+    quiet = {"LLMSRV__SERVER__LOG_LEVEL": "warning", "LLMSRV__SERVER__METRICS": "false", "OPENAI_API_KEY": BENCH_KEY}
     logs = {"LLMSRV__SERVER__LOG_LEVEL": "info", "LLMSRV__SERVER__LOG_FORMAT": "json"}
     metrics = {"LLMSRV__SERVER__METRICS": "true"}
     tracing = {"LLMSRV__TRACING__ENABLED": "true", "LLMSRV__TRACING__ENDPOINT": collector}
