@@ -9,9 +9,10 @@ Theory of operation
   remain next to a cut. Secrets of 4 to 7 characters are replaced whole; shorter ones are
   ignored (they would match everywhere). Replacing repeats until nothing matches, so a mask
   next to a secret containing ``*`` cannot form a new match.
-* The scan is linear: the text is sampled every 4 characters against the set of the secrets'
-  4-character pieces (every 8-character window contains such an aligned piece), and only around
-  a hit are the windows checked. A text without any secret costs ``len(text) / 4`` set lookups.
+* The scan is linear: the text is sampled every 5 characters against the set of the secrets'
+  4-character pieces (an 8-character window holds five, at five starts in a row: one is a multiple
+  of 5), and only around a hit are the windows checked. A text without any secret costs
+  ``len(text) / 5`` set lookups.
 * **Redact, then cut**: ``clip(text, limit, secrets)`` is the one way to shorten text that may
   hold a secret. It redacts a generous prefix (``SCAN_CHARS``, far more than any limit used)
   and cuts the result, never the other way round.
@@ -31,7 +32,8 @@ WINDOW = 8
 SHORT_MIN = 4  # shorter secrets are not redacted at all
 MASK = "***"
 SCAN_CHARS = 65536  # what ``clip`` redacts before it cuts (bounds the work on a huge text)
-_PIECE = WINDOW // 2  # every WINDOW-long match contains a _PIECE-long piece at a multiple of _PIECE
+_PIECE = WINDOW // 2  # the length of the pieces sampled
+_STRIDE = WINDOW - _PIECE + 1  # a WINDOW-long match holds a piece starting at a multiple of this
 
 
 class Redactor:
@@ -50,9 +52,9 @@ class Redactor:
         if self.windows:
             windows, pieces = self.windows, self.pieces
             checked = -1  # the last start position already tested
-            for j in range(0, len(text) - _PIECE + 1, _PIECE):
+            for j in range(0, len(text) - _PIECE + 1, _STRIDE):
                 if text[j:j + _PIECE] in pieces:
-                    for p in range(max(j - _PIECE, checked + 1, 0), j + 1):
+                    for p in range(max(j + _PIECE - WINDOW, checked + 1, 0), j + 1):
                         if text[p:p + WINDOW] in windows:
                             found.append((p, p + WINDOW))
                     checked = j
