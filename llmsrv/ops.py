@@ -11,7 +11,9 @@ import bisect
 import datetime as _dt
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -190,6 +192,7 @@ class LoopLag:
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the output for nothing
 MAX_PENDING = 4096  # provider calls noted and not yet counted: past this, they are counted at once
+_SPEC_OUTCOME, _SECONDS = attrgetter("spec", "outcome"), attrgetter("seconds")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -344,25 +347,23 @@ class Metrics:
             self._request_duration.observe((), seconds)
 
     def count_ends(self, ends: list[RequestEnd]) -> None:
-        """Count a batch of finished requests (a histogram's values sorted and bisected once per bucket)."""
-        finished: dict[tuple[str, str], int] = {}  # (spec, outcome): a batch has few
-        durations: list[float] = []
-        used: dict[str, list[float]] = {}
+        """Count a batch of finished requests (a histogram's values sorted and bisected once per bucket; labels
+        split once per (spec, outcome): a batch has few)."""
+        used: dict[str, list[float]] = {}  # spec -> [prompt tokens, completion tokens, cents]
         for end in ends:
-            key = (end.spec, end.outcome)
-            finished[key] = finished.get(key, 0) + 1
-            if end.seconds is not None:
-                durations.append(end.seconds)
             if end.prompt_tokens or end.completion_tokens or end.cost_cents:
-                found = used.setdefault(end.spec.partition(":")[0], [0, 0, 0.0])
+                found = used.get(end.spec)
+                if found is None:
+                    found = used[end.spec] = [0, 0, 0.0]
                 found[0] += end.prompt_tokens
                 found[1] += end.completion_tokens
                 found[2] += end.cost_cents
-        for (spec, outcome), count in finished.items():
+        for (spec, outcome), count in Counter(map(_SPEC_OUTCOME, ends)).items():
             provider, _, model = spec.partition(":")
             self._requests.inc((provider, model, outcome), count)
-        self._request_duration.observe_all((), durations)
-        for provider, (prompt_tokens, completion_tokens, cost_cents) in used.items():
+        self._request_duration.observe_all((), [s for s in map(_SECONDS, ends) if s is not None])
+        for spec, (prompt_tokens, completion_tokens, cost_cents) in used.items():
+            provider = spec.partition(":")[0]
             if prompt_tokens:
                 self._tokens.inc((provider, "input"), prompt_tokens)
             if completion_tokens:
