@@ -178,6 +178,8 @@ class RequestEnds:
         try:
             handler.stream.write(text)
             handler.flush()
+        except (OSError, ValueError):  # stderr full or gone: said as logging says it, never a request's failure
+            handler.handleError(logging.makeLogRecord({"msg": f"{len(lines)} request lines lost"}))
         finally:
             handler.release()
 

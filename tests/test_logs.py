@@ -202,6 +202,17 @@ def test_request_lines_redact_the_callers_fields(captured: io.StringIO) -> None:
     assert (second["correlation_id"], second["model"]) == ("c-plain", "echo")
 
 
+def test_request_lines_that_cannot_be_written_fail_no_request(captured: io.StringIO,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A full or closed stderr loses the lines (said on stderr as logging says it) and raises nothing: the hand-on
+    runs inside a request's task or the service's flush task."""
+    ends = logs.RequestEnds(logging.getLogger("llmsrv.service"), None)
+    ends.note("c-lost", "mock:echo", "ok", None, 0.001)
+    captured.close()  # write -> ValueError: I/O operation on closed file
+    ends.hand_on()
+    assert "1 request lines lost" in capsys.readouterr().err
+
+
 def test_ends_are_noted_only_while_something_wants_them(captured: io.StringIO) -> None:
     """Metrics off and the logger above info: nothing is noted (after the first hand-on finds it so); info
     again: noted again from the next hand-on."""
