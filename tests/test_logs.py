@@ -132,6 +132,26 @@ def test_text_lines_carry_the_request_fields() -> None:
                          "outcome=ok duration_ms=1.5"), line
 
 
+def test_text_request_lines_go_through_logging_as_they_are_handed_on(nats_url: str) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    cfg = test_config(nats_url)
+    handler = logs.setup(msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, log_format="text")),
+                         "info", buffer)
+    try:
+        ends = logs.RequestEnds(logging.getLogger("llmsrv.service"), None)
+        ends.note("c1", "mock:echo", "ok", None, 0.0015)
+        assert buffer.getvalue() == ""  # noted, not yet written
+        ends.hand_on()
+    finally:
+        logs.detach(handler)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert buffer.getvalue().rstrip().endswith("llmsrv.service: request finished: ok correlation_id=c1 provider=mock "
+                                               "model=echo outcome=ok duration_ms=1.5"), buffer.getvalue()
+
+
 async def test_llmsrv_serve_writes_json_lines_on_stderr(tmp_path: Path) -> None:
     server = NatsServer().start()
     prefix, log = f"l{uuid.uuid4().hex[:8]}", tmp_path / "llmsrv.log"
