@@ -95,11 +95,11 @@ class App:
 
     def __init__(self, backend: Backend | None, *, documents: Documents, metrics: ASGIApp | None = None,
                  server: ServerConfig | None = None, api_keys: Sequence[str] = (),
-                 rejected: Callable[[str], None] | None = None) -> None:
+                 rejected: Callable[[str, str], None] | None = None) -> None:
         self.backend, self.documents, self.metrics = backend, documents, metrics
         self.server = server or ServerConfig()
         self._keys = tuple(k.encode() for k in api_keys)
-        self._rejected = rejected  # told the outcome of each request refused before it reached the backend
+        self._rejected = rejected  # told (outcome, error code) of each request refused before it reached the backend
         self.created = int(time.time())
         # without keys, /v1/* must not be reachable from another host: serve() checks the bind
         self.requires_loopback = backend is not None and not api_keys
@@ -126,7 +126,7 @@ class App:
         headers = _Headers(scope)
         path, method = scope["path"], scope["method"]
         if not self._authorized(headers.get("authorization")):
-            self._count("unauthorized")
+            self._count("unauthorized", "INVALID_API_KEY")
             await _error(send, 401, "INVALID_API_KEY", "authentication_error",
                          "missing or invalid API key: send Authorization: Bearer <key>",
                          [("www-authenticate", "Bearer")])
@@ -159,9 +159,9 @@ class App:
             matched |= hmac.compare_digest(given, key)
         return matched and bool(given)
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, error_code: str) -> None:
         if self._rejected is not None:
-            self._rejected(outcome)
+            self._rejected(outcome, error_code)
 
     async def _chat(self, backend: Backend, headers: _Headers, receive: Receive, send: Send) -> None:
         cid = ""
@@ -174,7 +174,7 @@ class App:
                 body, max_depth=self.server.max_json_depth, correlation_id=cid or None,
                 timeout_ms=messages.header_int(headers, "Llm-Timeout-Ms", 1, 600000))
         except errors.LlmsrvError as exc:
-            self._count(exc.outcome)
+            self._count(exc.outcome, exc.error_code)
             await _llmsrv_error(send, exc, cid)
             return
         request = chat.request

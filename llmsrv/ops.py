@@ -340,12 +340,6 @@ class Metrics:
               registry=self.registry).set_function(lambda: snapshot().counters.inflight)
         self.registry.register(_Watched(snapshot, dropped))
 
-    def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
-        """One request refused before it was noted as a service's (the HTTP API's own refusals)."""
-        self._requests.inc((provider, model, outcome))
-        if seconds is not None:
-            self._request_duration.observe((), seconds)
-
     def count_ends(self, ends: list[RequestEnd]) -> None:
         """Count a batch of finished requests (a histogram's values sorted and bisected once per bucket; labels
         split once per (spec, outcome): a batch has few)."""
@@ -414,9 +408,6 @@ class UncountedMetrics(Metrics):
     """``[server] metrics = false``: the per-request series are not kept (the scrape-time ones still are)."""
 
     counting = False
-
-    def request(self, provider: str, model: str, outcome: str, seconds: float | None) -> None:
-        pass
 
     def count_ends(self, ends: list[RequestEnd]) -> None:
         pass

@@ -353,7 +353,7 @@ class Service:
         if server.http_port:
             app = httpapi.App(self, documents=lambda path: http_answer(path, self.statistics, self.metrics),
                               metrics=self.metrics.asgi_app(), server=server, api_keys=httpapi.http_api_keys(server),
-                              rejected=lambda outcome: self.metrics.request("", "", outcome, None))
+                              rejected=lambda outcome, code: self._ends.note("", "", outcome, code, None))
             self.http_port = await nursery.start(httpapi.serve, app, server.http_host, server.http_port)
             self._http_api = f"http://{server.http_host}:{self.http_port}/v1"
             log.info("OpenAI-compatible API, metrics and health on http://%s:%d (/v1, /metrics, /healthz)",

@@ -124,7 +124,8 @@ async def serving(handler: Callable[[Request], Any] = upstream, *, keys: tuple[s
 
         rejected: list[str] = []
         app = App(PipelineBackend(cfg, pipeline), documents=lambda path: http_answer(path, snapshot, pipeline.metrics),
-                  metrics=pipeline.metrics.asgi_app(), server=cfg.server, api_keys=keys, rejected=rejected.append)
+                  metrics=pipeline.metrics.asgi_app(), server=cfg.server, api_keys=keys,
+                  rejected=lambda outcome, code: rejected.append(outcome))
         try:
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(serve, app, "127.0.0.1", 0)

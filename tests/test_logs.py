@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import trio
@@ -24,7 +25,7 @@ import trio
 from llmsrv import logs, redact
 from llmsrv.client import Client
 from llmsrv.errors import LlmsrvError
-from llmsrv.natsserver import NatsServer
+from llmsrv.natsserver import NatsServer, free_port
 
 from .conftest import running, test_config, user
 from .test_fleet import serve_process, stop_process, wait_for_line, wait_instances
@@ -112,6 +113,18 @@ async def test_request_lines_are_batched_written_while_serving_and_redacted(nats
     finished = [r for r in lines(captured) if r["event"] == "request finished: ok"]
     assert [r["correlation_id"].split("-")[0] for r in finished] == ["c0", "c1", "c2"]
     assert canary not in captured.getvalue() and all(r["correlation_id"].endswith("***") for r in finished)
+
+
+async def test_an_http_request_refused_before_the_backend_writes_its_line(nats_url: str,
+                                                                         captured: io.StringIO) -> None:
+    async with running(nats_url, server={"http_port": free_port()}) as h:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{h.service.http_port}") as http:
+            refused = await http.post("/v1/chat/completions", content=b"{not json")
+        with trio.fail_after(10):
+            while "request finished: invalid_json" not in captured.getvalue():
+                await trio.sleep(0.05)
+    line, = [r for r in lines(captured) if r["event"] == "request finished: invalid_json"]
+    assert refused.status_code == 400 and line["error_code"] == refused.json()["error"]["code"], (line, refused.text)
 
 
 def test_text_for_a_terminal_json_otherwise() -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmsrv.client import ReplyError
+from llmsrv.logs import RequestEnd
 from llmsrv.natsserver import free_port
 from llmsrv.ops import LAG_BUCKETS, LAG_TICK_S, LATENCY_BUCKETS, LoopLag, _Histograms
 
@@ -47,6 +48,7 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
             await h.client.complete({"messages": user("a b c d"), "model": "mock:echo"})
             await h.client.stream({"messages": user("x y"), "model": "mock:echo"}, lambda c: None)
             await h.error_of(ENC({"messages": []}))
+            refused = await http.post("/v1/chat/completions", content=b"{not json")  # refused before the backend
             mock = h.service.providers["mock"]
             calls = mock.statistics().calls  # type: ignore[attr-defined]
             with trio.CancelScope() as scope:  # client cancel of a slow lorem stream, once the provider has it
@@ -68,6 +70,8 @@ async def test_metrics_count_what_happened(nats_url: str) -> None:
     ok = ("llmsrv_requests_total", (("model", "echo"), ("outcome", "ok"), ("provider", "mock")))
     assert s[ok] == 2
     assert s[("llmsrv_requests_total", (("model", ""), ("outcome", "validation_error"), ("provider", "")))] == 1
+    assert refused.status_code == 400
+    assert s[("llmsrv_requests_total", (("model", ""), ("outcome", "invalid_json"), ("provider", "")))] == 1
     assert s[("llmsrv_cancellations_total", (("reason", "client"),))] == 1
     assert s[("llmsrv_rate_limited_total", (("limit", "rpm"), ("provider", "mock")))] >= 1
     assert s[("llmsrv_time_to_first_chunk_seconds_count", (("provider", "mock"),))] >= 1
@@ -184,7 +188,7 @@ def test_counted_families_scrape_as_prometheus_clients_own() -> None:
         provider = ("mock", "claude")[i % 2]
         ours.provider_call(provider, v)
         calls.labels(provider).observe(v)
-        ours.request(provider, "m", "ok", None)
+        ours.count_ends([RequestEnd(f"c{i}", f"{provider}:m", "ok", None, None, 0.0)])
         requests.labels(provider, "m", "ok").inc()
 
     def samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
